@@ -1,0 +1,183 @@
+"""The device agent: dial out, announce presence, take tasks, train, upload in chunks.
+
+The agent never opens a port. Tasks arrive on its own task topic with QoS 1 and a persistent
+session, so a device that was offline gets its task when it returns. Updates are published
+as QoS 1 chunks; paho keeps unacknowledged chunks across a reconnect and the combiner ignores
+duplicates, so an upload cut by a network drop resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+
+import numpy as np
+
+from device_agent.config import AgentConfig
+from device_agent.trainers.base import Trainer, TrainTask
+from edgefl.protocol import ChunkError, MessageError, Topics, decode, encode
+from edgefl.protocol.chunking import MIN_CHUNK_SIZE, Reassembler, split_payload
+from edgefl.protocol.messages import clean_metrics
+from edgefl.protocol.tensors import encode_tensors, loads_tensors
+from edgefl.transport import MqttConnection
+
+log = logging.getLogger(__name__)
+
+AGENT_VERSION = "0.1.0"
+
+
+class DeviceAgent:
+    def __init__(self, config: AgentConfig, trainer: Trainer) -> None:
+        self.config = config
+        self.trainer = trainer
+        self.topics = Topics(config.project)
+        self._tasks: queue.Queue[dict | None] = queue.Queue()
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._model_cache: tuple[str, dict[str, np.ndarray]] | None = None
+        self._worker: threading.Thread | None = None
+        self.completed = 0
+        self.last_error: str | None = None
+        c = config
+        self.status_topic = self.topics.device(c.region, c.device_id, "status")
+        offline = encode("status", state="offline", ts=time.time(), device=c.device_id)
+        self.conn = MqttConnection(
+            c.broker_url,
+            client_id=f"edgefl-{c.project}-{c.device_id}",
+            username=c.username,
+            password=c.password,
+            clean_session=False,
+            will=(self.status_topic, offline, 1, True),
+            keepalive=c.keepalive,
+            min_backoff_s=c.min_backoff_s,
+            max_backoff_s=c.max_backoff_s,
+            on_connect=self._announce,
+        )
+
+    # lifecycle -------------------------------------------------------------------------
+    def start(self, timeout: float | None = 10.0) -> DeviceAgent:
+        c = self.config
+        self.conn.subscribe(self.topics.device(c.region, c.device_id, "task"), self._on_task)
+        self._worker = threading.Thread(target=self._work, name=f"agent-{c.device_id}", daemon=True)
+        self._worker.start()
+        self.conn.start(timeout)
+        return self
+
+    def stop(self) -> None:
+        self._tasks.put(None)
+        offline = encode("status", state="offline", ts=time.time(), device=self.config.device_id)
+        self.conn.stop(publish_first=(self.status_topic, offline, 1, True))
+        if self._worker:
+            self._worker.join(timeout=5)
+
+    def run_forever(self) -> None:
+        try:
+            while self._worker and self._worker.is_alive():
+                self._worker.join(timeout=1.0)
+        except KeyboardInterrupt:
+            log.info("stopping agent %s", self.config.device_id)
+        finally:
+            self.stop()
+
+    def _announce(self) -> None:
+        c = self.config
+        msg = encode("status", state="online", ts=time.time(), device=c.device_id,
+                     region=c.region, agent=AGENT_VERSION)
+        self.conn.publish(self.status_topic, msg, qos=1, retain=True)
+
+    # tasks -----------------------------------------------------------------------------
+    def _on_task(self, _topic: str, payload: bytes) -> None:
+        try:
+            task = decode(payload, "task")
+        except MessageError as exc:
+            log.error("%s: ignoring bad task: %s", self.config.device_id, exc)
+            return
+        if task["task_id"] in self._seen:
+            return  # QoS 1 redelivery after a reconnect
+        self._seen[task["task_id"]] = None
+        while len(self._seen) > 256:
+            self._seen.popitem(last=False)
+        self._tasks.put(task)
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            try:
+                self._run_task(task)
+            except Exception as exc:  # one failed task must not kill the agent
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("%s: task %s failed", self.config.device_id, task.get("task_id"))
+
+    def _run_task(self, task: dict) -> None:
+        c = self.config
+        if time.time() > task["deadline"]:
+            log.warning("%s: task %s arrived after its deadline; skipped", c.device_id, task["task_id"])
+            return
+        weights = self._fetch_model(task["model_version"], task["model_digest"], task["deadline"])
+        t0 = time.perf_counter()
+        result = self.trainer.train(
+            weights, TrainTask(round=task["round"], config=task["train"], seed=int(c.seed),
+                               task_id=task["task_id"])
+        )
+        train_s = time.perf_counter() - t0
+        update = encode(
+            "update",
+            task_id=task["task_id"],
+            model_version=task["model_version"],
+            num_examples=int(result.num_examples),
+            metrics=clean_metrics(result.metrics),
+            tensors=encode_tensors(result.weights),
+        )
+        chunk_size = max(MIN_CHUNK_SIZE, min(int(task["chunk_size"]), c.max_chunk_size))
+        topic = self.topics.device(c.region, c.device_id, "update")
+        infos = [
+            self.conn.publish(topic, ch.to_bytes(), qos=1)
+            for ch in split_payload(update, chunk_size, meta={"task_id": task["task_id"]})
+        ]
+        while not all(i.is_published() for i in infos):
+            if time.time() > task["deadline"] + 30:
+                raise TimeoutError(f"upload of {task['task_id']} not acknowledged in time")
+            time.sleep(0.005)
+        self.completed += 1
+        tele = encode("telemetry", ts=time.time(),
+                      metrics={"train_s": train_s, "update_bytes": len(update), **clean_metrics(result.metrics)})
+        self.conn.publish(self.topics.device(c.region, c.device_id, "telemetry"), tele, qos=0)
+
+    # model download --------------------------------------------------------------------
+    def _fetch_model(self, version: str, digest: bytes, deadline: float) -> dict[str, np.ndarray]:
+        if self._model_cache and self._model_cache[0] == version:
+            return self._model_cache[1]
+        reasm = Reassembler(ttl_s=self.config.download_timeout_s)
+        done = threading.Event()
+        result: dict[str, bytes] = {}
+
+        def on_chunk(topic: str, payload: bytes) -> None:
+            if done.is_set():
+                return
+            try:
+                got = reasm.feed("controller", payload)
+            except ChunkError as exc:
+                log.warning("%s: bad model chunk on %s: %s", self.config.device_id, topic, exc)
+                return
+            if got is not None:
+                result["payload"] = got.payload
+                done.set()
+
+        flt = self.topics.model_filter(version)
+        self.conn.subscribe(flt, on_chunk)
+        try:
+            wait = max(0.1, min(self.config.download_timeout_s, deadline - time.time()))
+            if not done.wait(wait):
+                raise TimeoutError(f"model {version} did not arrive within {wait:.1f}s")
+        finally:
+            self.conn.unsubscribe(flt)
+        if hashlib.sha256(result["payload"]).digest() != digest:
+            raise ValueError(f"model {version} does not match the digest in the task")
+        weights = loads_tensors(result["payload"])
+        self._model_cache = (version, weights)
+        return weights

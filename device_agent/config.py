@@ -1,0 +1,83 @@
+"""Agent configuration from a file, the environment and flags (later sources win).
+
+Plain dataclass + stdlib parsing on purpose: the agent must not need pydantic on a device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "EDGEFL_"
+
+
+@dataclass
+class AgentConfig:
+    broker_url: str = "mqtt://127.0.0.1:1883"
+    project: str = "default"
+    region: str = "region-0"
+    device_id: str = ""
+    username: str | None = None     # defaults to device_id when a password/token is given
+    password: str | None = None     # the device's JWT (or broker password)
+    trainer: str = "numpy"
+    data_path: str | None = None    # local training data (.npz with X and y) for the numpy trainer
+    seed: int | None = None         # shuffling seed index; defaults to a hash of device_id
+    max_chunk_size: int = 1024 * 1024
+    keepalive: int = 30
+    min_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    download_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.device_id:
+            raise ValueError("device_id is required (flag --device-id, env EDGEFL_DEVICE_ID, or config file)")
+        if self.seed is None:
+            self.seed = zlib.crc32(self.device_id.encode()) & 0x7FFFFFFF
+        if self.password is not None and self.username is None:
+            self.username = self.device_id
+
+    def redacted(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d.get("password"):
+            d["password"] = "***"
+        return d
+
+
+def _coerce(name: str, raw: str) -> Any:
+    kind = {f.name: f.type for f in fields(AgentConfig)}[name]
+    kind = str(kind)
+    if "int" in kind and "str" not in kind:
+        return int(raw)
+    if "float" in kind:
+        return float(raw)
+    return raw
+
+
+def load_config(path: str | Path | None = None, env: dict[str, str] | None = None,
+                **overrides: Any) -> AgentConfig:
+    """Merge a JSON or TOML file, ``EDGEFL_*`` environment variables and explicit overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        text = p.read_text()
+        if p.suffix == ".toml":
+            import tomllib
+
+            values.update(tomllib.loads(text))
+        else:
+            values.update(json.loads(text))
+    names = {f.name for f in fields(AgentConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown agent config keys {unknown}; known: {sorted(names)}")
+    env = os.environ if env is None else env
+    for name in names:
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            values[name] = _coerce(name, env[key])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return AgentConfig(**values)

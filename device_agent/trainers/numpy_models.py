@@ -1,0 +1,96 @@
+"""Reference models in pure numpy: softmax regression and a one-hidden-layer MLP.
+
+They are shared by the device trainer and by server-side evaluation, so both sides compute
+exactly the same function. float64 throughout: the canonical digits task is bit-reproducible.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+MODELS = ("softmax", "mlp")
+
+
+def init_weights(model: str, n_in: int, n_out: int, hidden: int = 32, seed: int = 0) -> Weights:
+    if model == "softmax":
+        return {"W": np.zeros((n_in, n_out)), "b": np.zeros(n_out)}
+    if model == "mlp":
+        rng = np.random.default_rng(seed)
+        return {
+            "W1": rng.normal(0.0, np.sqrt(2.0 / n_in), (n_in, hidden)),
+            "b1": np.zeros(hidden),
+            "W2": rng.normal(0.0, np.sqrt(1.0 / hidden), (hidden, n_out)),
+            "b2": np.zeros(n_out),
+        }
+    raise ValueError(f"unknown model {model!r}; choose one of {MODELS}")
+
+
+def model_kind(weights: Weights) -> str:
+    if set(weights) == {"W", "b"}:
+        return "softmax"
+    if set(weights) == {"W1", "b1", "W2", "b2"}:
+        return "mlp"
+    raise ValueError(f"weights {sorted(weights)} match no numpy reference model")
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def logits(weights: Weights, X: np.ndarray) -> np.ndarray:
+    if "W" in weights:
+        return X @ weights["W"] + weights["b"]
+    h = np.maximum(X @ weights["W1"] + weights["b1"], 0.0)
+    return h @ weights["W2"] + weights["b2"]
+
+
+def evaluate(weights: Weights, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    z = logits(weights, X)
+    p = _softmax(z)
+    loss = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))))
+    acc = float(np.mean(np.argmax(z, axis=1) == y))
+    return {"accuracy": acc, "loss": loss}
+
+
+def train_epochs(
+    weights: Weights,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    round_: int,
+    seed: int,
+    lr: float = 0.1,
+    batch_size: int = 32,
+    epochs: int = 1,
+) -> Weights:
+    """Minibatch SGD as fixed by the digits protocol (shuffle with default_rng([seed, round]))."""
+    w = {k: np.array(v, dtype=np.float64, copy=True) for k, v in weights.items()}
+    n = len(y)
+    rng = np.random.default_rng([seed, round_])
+    for _ in range(epochs):
+        perm = rng.permutation(n)
+        for s in range(0, n, batch_size):
+            idx = perm[s : s + batch_size]
+            Xb, yb = X[idx], y[idx]
+            B = len(idx)
+            if "W" in w:
+                P = _softmax(Xb @ w["W"] + w["b"])
+                P[np.arange(B), yb] -= 1
+                P /= B
+                w["W"] -= lr * (Xb.T @ P)
+                w["b"] -= lr * P.sum(0)
+            else:
+                pre = Xb @ w["W1"] + w["b1"]
+                h = np.maximum(pre, 0.0)
+                P = _softmax(h @ w["W2"] + w["b2"])
+                P[np.arange(B), yb] -= 1
+                P /= B
+                dh = (P @ w["W2"].T) * (pre > 0)
+                w["W2"] -= lr * (h.T @ P)
+                w["b2"] -= lr * P.sum(0)
+                w["W1"] -= lr * (Xb.T @ dh)
+                w["b1"] -= lr * dh.sum(0)
+    return w

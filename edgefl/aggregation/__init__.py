@@ -1,0 +1,15 @@
+"""Aggregation: combiner-side sufficient statistics and controller-side server aggregators."""
+
+from edgefl.aggregation.base import ServerAggregator, available_aggregators, make_aggregator
+from edgefl.aggregation.spec import UpdateRejected, spec_of, validate_update
+from edgefl.aggregation.weighted_sum import WeightedSum
+
+__all__ = [
+    "ServerAggregator",
+    "UpdateRejected",
+    "WeightedSum",
+    "available_aggregators",
+    "make_aggregator",
+    "spec_of",
+    "validate_update",
+]

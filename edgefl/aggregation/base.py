@@ -1,0 +1,51 @@
+"""Server-side aggregator interface and registry.
+
+Aggregation is split in two: combiners compute sufficient statistics (``WeightedSum``), and the
+controller runs one ``ServerAggregator`` on the merged weighted mean. FedAvg takes the mean;
+the FedOpt family treats ``mean - global`` as a pseudo-gradient for a server optimizer.
+Plug-ins register under the ``edgefl.aggregators`` entry-point group.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any, Protocol
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+
+
+class ServerAggregator(Protocol):
+    name: str
+
+    def step(self, global_weights: Weights, mean: Weights) -> Weights:
+        """Return the next global model from the current one and the clients' weighted mean."""
+
+    def state_dict(self) -> Weights:
+        """Optimizer state to persist with each model version (restart safety)."""
+
+    def load_state_dict(self, state: Weights) -> None: ...
+
+
+def _builtin() -> dict[str, type]:
+    from edgefl.aggregation.fedavg import FedAvg
+    from edgefl.aggregation.fedopt import FedAdaGrad, FedAdam, FedYogi
+
+    return {"fedavg": FedAvg, "fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdaGrad}
+
+
+def available_aggregators() -> list[str]:
+    names = set(_builtin())
+    names.update(ep.name for ep in entry_points(group="edgefl.aggregators"))
+    return sorted(names)
+
+
+def make_aggregator(name: str, **params: Any) -> ServerAggregator:
+    builtin = _builtin()
+    if name in builtin:
+        return builtin[name](**params)
+    for ep in entry_points(group="edgefl.aggregators"):
+        if ep.name == name:
+            return ep.load()(**params)
+    raise ValueError(f"unknown aggregator {name!r}; available: {available_aggregators()}")

@@ -1,0 +1,271 @@
+"""The regional combiner.
+
+It subscribes to its region's topic tree, dispatches round tasks to the region's selected
+devices, reassembles chunked updates, validates each one and folds it into a running weighted
+sum the moment it is complete. When every assigned device has reported — or the controller
+closes the round (deadline or buffer full) — it sends the sufficient statistics upward.
+
+All message handling runs on the connection's network thread; the deadline timer takes the
+same lock, so the state needs no other synchronisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from edgefl.aggregation import UpdateRejected, WeightedSum, validate_update
+from edgefl.aggregation.spec import spec_from_wire
+from edgefl.protocol import ChunkError, CodecError, MessageError, Topics, decode, encode
+from edgefl.protocol.chunking import DEFAULT_CHUNK_SIZE, Reassembler, split_payload
+from edgefl.protocol.messages import clean_metrics
+from edgefl.protocol.tensors import decode_tensors, encode_tensors
+from edgefl.transport import MqttConnection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CombinerConfig:
+    broker_url: str
+    project: str = "default"
+    region: str = "region-0"
+    combiner_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    max_update_bytes: int = 256 * 1024 * 1024
+    memory_budget_bytes: int = 64 * 1024 * 1024
+    max_examples: int = 10**9          # an update claiming more examples is rejected
+    transfer_ttl_s: float = 600.0
+    partial_chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    @property
+    def name(self) -> str:
+        return self.combiner_id or f"combiner-{self.region}"
+
+
+@dataclass
+class _Round:
+    task_id: str
+    plan: dict
+    devices: set[str]
+    spec: dict
+    acc: WeightedSum
+    reported: set[str] = field(default_factory=set)
+    participants: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    flushed: bool = False
+    timer: threading.Timer | None = None
+
+
+class Combiner:
+    def __init__(self, config: CombinerConfig) -> None:
+        self.config = config
+        self.topics = Topics(config.project)
+        self._lock = threading.RLock()
+        self._round: _Round | None = None
+        self._closed_ids: list[str] = []
+        self.reassembler = Reassembler(
+            max_payload=config.max_update_bytes,
+            memory_budget=config.memory_budget_bytes,
+            ttl_s=config.transfer_ttl_s,
+        )
+        self.stats = {"accepted": 0, "rejected": 0, "partials": 0}
+        status = self.topics.combiner(config.region, "status")
+        self.conn = MqttConnection(
+            config.broker_url,
+            client_id=f"edgefl-{config.project}-{config.name}",
+            username=config.username,
+            password=config.password,
+            clean_session=False,
+            will=(status, encode("status", state="offline", ts=time.time(), combiner=config.name), 1, True),
+            on_connect=self._announce,
+        )
+
+    # lifecycle -------------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> Combiner:
+        c, t = self.config, self.topics
+        self.conn.subscribe(t.combiner(c.region, "round"), self._on_round)
+        self.conn.subscribe(t.device_wildcard(c.region, "update"), self._on_update_chunk)
+        self.conn.start(timeout)
+        log.info("combiner %s serving region %s on %s", c.name, c.region, self.conn.address.url)
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._round and self._round.timer:
+                self._round.timer.cancel()
+        status = self.topics.combiner(self.config.region, "status")
+        offline = encode("status", state="offline", ts=time.time(), combiner=self.config.name)
+        self.conn.stop(publish_first=(status, offline, 1, True))
+
+    def _announce(self) -> None:
+        status = self.topics.combiner(self.config.region, "status")
+        online = encode("status", state="online", ts=time.time(), combiner=self.config.name)
+        self.conn.publish(status, online, qos=1, retain=True)
+
+    # round control ---------------------------------------------------------------------
+    def _on_round(self, _topic: str, payload: bytes) -> None:
+        try:
+            msg = decode(payload, ("round", "close"))
+        except MessageError as exc:
+            log.error("combiner %s: bad control message: %s", self.config.name, exc)
+            return
+        if msg["type"] == "close":
+            with self._lock:
+                if self._round and self._round.task_id == msg["task_id"]:
+                    self._flush("closed by controller")
+            return
+        self._start_round(msg)
+
+    def _start_round(self, plan: dict) -> None:
+        with self._lock:
+            if plan["task_id"] in self._closed_ids or (
+                self._round and self._round.task_id == plan["task_id"]
+            ):
+                return  # a redelivered plan (QoS 1 is at-least-once)
+            if self._round and not self._round.flushed:
+                log.warning("combiner %s: round %s superseded by %s", self.config.name,
+                            self._round.task_id, plan["task_id"])
+                if self._round.timer:
+                    self._round.timer.cancel()
+            old = self._round.task_id if self._round else None
+            if old:
+                self.reassembler.discard(lambda meta, old=old: meta.get("task_id") == old)
+            try:
+                spec = spec_from_wire(plan.get("spec"))
+            except (ValueError, TypeError) as exc:
+                log.error("combiner %s: round %s has a bad model spec: %s",
+                          self.config.name, plan["task_id"], exc)
+                return
+            devices = {str(d) for d in plan["devices"]}
+            rnd = _Round(plan["task_id"], plan, devices, spec, WeightedSum(spec))
+            delay = max(0.0, float(plan["deadline"]) - time.time())
+            rnd.timer = threading.Timer(delay, self._deadline, args=(plan["task_id"],))
+            rnd.timer.daemon = True
+            self._round = rnd
+            rnd.timer.start()
+        task_fields = {k: plan[k] for k in ("task_id", "session", "round", "model_version",
+                                             "model_digest", "deadline", "train", "chunk_size")}
+        task = encode("task", **task_fields)
+        for dev in sorted(devices):
+            self.conn.publish(self.topics.device(self.config.region, dev, "task"), task, qos=1)
+        log.debug("combiner %s: round %s dispatched to %d devices", self.config.name,
+                  plan["task_id"], len(devices))
+        if not devices:
+            with self._lock:
+                self._flush("no devices assigned")
+
+    def _deadline(self, task_id: str) -> None:
+        with self._lock:
+            if self._round and self._round.task_id == task_id:
+                self._flush("deadline")
+
+    # updates ---------------------------------------------------------------------------
+    def _on_update_chunk(self, topic: str, payload: bytes) -> None:
+        try:
+            _region, device, _ = self.topics.parse_device_topic(topic)
+        except ValueError as exc:
+            log.warning("combiner %s: %s", self.config.name, exc)
+            return
+        with self._lock:
+            try:
+                done = self.reassembler.feed(device, payload)
+            except ChunkError as exc:
+                self._reject(device, f"bad chunk: {exc}")
+                return
+            if done is not None:
+                self._accept(device, done.payload, done.meta)
+
+    def _accept(self, device: str, payload: bytes, meta: dict) -> None:
+        rnd = self._round
+        try:
+            msg = decode(payload, "update")
+        except MessageError as exc:
+            self._reject(device, f"bad update message: {exc}")
+            return
+        if rnd is None or msg["task_id"] != rnd.task_id:
+            self._reject(device, f"update for {msg['task_id']}, which is not the open round", quiet=True)
+            return
+        if rnd.flushed:
+            self._reject(device, "update arrived after the round closed")
+            return
+        if device not in rnd.devices:
+            self._reject(device, "device was not selected for this round")
+            return
+        if device in rnd.reported:
+            self._reject(device, "duplicate update for this round", quiet=True)
+            return
+        n = msg["num_examples"]
+        try:
+            if msg["model_version"] != rnd.plan["model_version"]:
+                raise UpdateRejected(f"trained on model {msg['model_version']}, round uses "
+                                     f"{rnd.plan['model_version']}")
+            if not 0 < n <= self.config.max_examples:
+                raise UpdateRejected(f"num_examples {n} outside 1..{self.config.max_examples}")
+            tensors = decode_tensors(msg["tensors"])
+            validate_update(tensors, rnd.spec)
+        except (UpdateRejected, CodecError) as exc:
+            rnd.reported.add(device)
+            self._reject(device, str(exc))
+            self._maybe_complete()
+            return
+        rnd.acc.fold(tensors, float(n))
+        rnd.reported.add(device)
+        rnd.participants.append({"device": device, "region": self.config.region,
+                                 "n": int(n), "metrics": clean_metrics(msg["metrics"])})
+        self.stats["accepted"] += 1
+        self._progress()
+        self._maybe_complete()
+
+    def _maybe_complete(self) -> None:
+        rnd = self._round
+        if rnd and not rnd.flushed and rnd.reported >= rnd.devices:
+            self._flush("all devices reported")
+
+    def _reject(self, device: str, reason: str, quiet: bool = False) -> None:
+        self.stats["rejected"] += 1
+        (log.debug if quiet else log.warning)(
+            "combiner %s: rejected update from %s: %s", self.config.name, device, reason)
+        rnd = self._round
+        if rnd is not None and not rnd.flushed and not quiet:
+            rnd.rejected.append({"device": device, "reason": reason})
+            self._progress()
+
+    def _progress(self) -> None:
+        rnd = self._round
+        msg = encode("progress", task_id=rnd.task_id, region=self.config.region,
+                     accepted=len(rnd.participants), rejected=len(rnd.rejected))
+        self.conn.publish(self.topics.combiner(self.config.region, "progress"), msg, qos=1)
+
+    def _flush(self, why: str) -> None:
+        rnd = self._round
+        if rnd is None or rnd.flushed:
+            return
+        rnd.flushed = True
+        if rnd.timer:
+            rnd.timer.cancel()
+        self._closed_ids = (self._closed_ids + [rnd.task_id])[-16:]
+        payload = encode(
+            "partial",
+            task_id=rnd.task_id,
+            region=self.config.region,
+            combiner=self.config.name,
+            count=rnd.acc.count,
+            weight=rnd.acc.weight,
+            devices=rnd.participants,
+            rejected=rnd.rejected,
+            sums=encode_tensors(rnd.acc.sums),
+        )
+        topic = self.topics.combiner(self.config.region, "partial")
+        for chunk in split_payload(payload, self.config.partial_chunk_size,
+                                   meta={"task_id": rnd.task_id}):
+            self.conn.publish(topic, chunk.to_bytes(), qos=1)
+        self.stats["partials"] += 1
+        self.reassembler.discard(lambda meta: meta.get("task_id") == rnd.task_id)
+        log.info("combiner %s: round %s partial sent (%d updates, %d rejected; %s)",
+                 self.config.name, rnd.task_id, rnd.acc.count, len(rnd.rejected), why)
+        # free the model-sized sums now; the round record stays for late-update diagnostics
+        rnd.acc = WeightedSum({})

@@ -1,0 +1,41 @@
+"""Session configuration: everything that defines a federated training session."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from edgefl.protocol.chunking import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+
+
+def _default_session_id() -> str:
+    return time.strftime("s%Y%m%d-%H%M%S")
+
+
+class SessionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str = Field(default_factory=_default_session_id, pattern=r"^[A-Za-z0-9_.-]{1,48}$")
+    rounds: int = Field(10, ge=1, description="successful rounds to run")
+    min_devices: int = Field(1, ge=1, description="quorum: fewer accepted updates fail the round")
+    max_devices: int | None = Field(None, ge=1, description="cap on devices selected per round")
+    round_timeout_s: float = Field(60.0, gt=0, description="deadline for updates after a round starts")
+    buffer_size: int | None = Field(
+        None, ge=1, description="close the round as soon as this many updates are accepted"
+    )
+    aggregator: str = "fedavg"
+    aggregator_params: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict, description="settings passed to devices")
+    chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)
+    wait_for_devices_s: float = Field(60.0, ge=0, description="how long to wait for a quorum online")
+    max_attempts: int = Field(3, ge=1, description="tries per round before the session fails")
+    close_grace_s: float = Field(5.0, ge=0, description="wait for partials after closing a round")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SessionConfig:
+        if self.max_devices is not None and self.max_devices < self.min_devices:
+            raise ValueError("max_devices must be at least min_devices")
+        return self

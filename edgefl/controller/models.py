@@ -1,0 +1,66 @@
+"""Model versions: blobs in the blob store, records with lineage in the state store."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+
+from edgefl.protocol.tensors import dumps_tensors, loads_tensors
+from edgefl.store.base import BlobStore, ModelRecord, Store
+
+Weights = dict[str, np.ndarray]
+
+
+def version_name(session_id: str, round_: int) -> str:
+    return f"{session_id}-r{round_:04d}"
+
+
+class ModelRepository:
+    def __init__(self, store: Store, blobs: BlobStore) -> None:
+        self.store = store
+        self.blobs = blobs
+
+    def save(
+        self,
+        version: str,
+        weights: Weights,
+        *,
+        parent: str | None,
+        session_id: str | None,
+        round_: int | None,
+        optimizer_state: Weights | None = None,
+        meta: dict | None = None,
+    ) -> tuple[ModelRecord, bytes]:
+        """Write blob(s) first and the record last, so a record never points at nothing."""
+        blob = dumps_tensors(weights)
+        self.blobs.put(version, blob)
+        if optimizer_state:
+            self.blobs.put(f"{version}.opt", dumps_tensors(optimizer_state))
+        record = ModelRecord(
+            version=version,
+            parent=parent,
+            session_id=session_id,
+            round=round_,
+            digest=hashlib.sha256(blob).hexdigest(),
+            size=len(blob),
+            created=time.time(),
+            meta=dict(meta or {}),
+        )
+        if self.store.get_model(version) is None:
+            self.store.add_model(record)
+        return record, blob
+
+    def load(self, version: str) -> tuple[Weights, bytes]:
+        record = self.store.get_model(version)
+        if record is None:
+            raise KeyError(f"unknown model version {version!r}")
+        blob = self.blobs.get(version)
+        if hashlib.sha256(blob).hexdigest() != record.digest:
+            raise ValueError(f"model blob {version!r} is corrupt (digest mismatch)")
+        return loads_tensors(blob), blob
+
+    def load_optimizer_state(self, version: str) -> Weights:
+        key = f"{version}.opt"
+        return loads_tensors(self.blobs.get(key)) if self.blobs.exists(key) else {}

@@ -1,0 +1,63 @@
+"""Who is online: devices and combiners, from retained status messages and last wills."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from edgefl.protocol import MessageError, TopicError, Topics, decode
+
+log = logging.getLogger(__name__)
+
+
+class Presence:
+    def __init__(self, topics: Topics) -> None:
+        self.topics = topics
+        self._lock = threading.Lock()
+        self._devices: dict[str, tuple[str, str]] = {}    # device -> (region, state)
+        self._combiners: dict[str, str] = {}              # region -> state
+        self.changed = threading.Condition(self._lock)
+
+    def on_device_status(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained status
+        try:
+            region, device, _ = self.topics.parse_device_topic(topic)
+            msg = decode(payload, "status")
+        except (TopicError, MessageError) as exc:
+            log.warning("ignoring bad device status on %s: %s", topic, exc)
+            return
+        with self._lock:
+            self._devices[device] = (region, msg["state"])
+            self.changed.notify_all()
+
+    def on_combiner_status(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        try:
+            region, _ = self.topics.parse_combiner_topic(topic)
+            msg = decode(payload, "status")
+        except (TopicError, MessageError) as exc:
+            log.warning("ignoring bad combiner status on %s: %s", topic, exc)
+            return
+        with self._lock:
+            self._combiners[region] = msg["state"]
+            self.changed.notify_all()
+
+    def eligible(self) -> dict[str, str]:
+        """Online devices in regions that have an online combiner: device -> region."""
+        with self._lock:
+            return self._eligible_locked()
+
+    def wait_for(self, n: int, timeout: float) -> dict[str, str]:
+        with self.changed:
+            self.changed.wait_for(lambda: len(self._eligible_locked()) >= n, timeout=timeout)
+            return self._eligible_locked()
+
+    def _eligible_locked(self) -> dict[str, str]:
+        regions = {r for r, s in self._combiners.items() if s == "online"}
+        return {d: r for d, (r, s) in self._devices.items() if s == "online" and r in regions}
+
+    def snapshot(self) -> dict[str, object]:
+        with self._lock:
+            return {"devices": dict(self._devices), "combiners": dict(self._combiners)}

@@ -1,0 +1,321 @@
+"""Chunked transfer of large payloads over MQTT.
+
+A payload (a model or an update, already CBOR-encoded) is cut into chunks. Each chunk is a
+CBOR map carrying the transfer id, its index, the total count, the payload size, the nominal
+chunk size and the SHA-256 of the whole payload, so that a receiver can:
+
+* place chunks that arrive out of order (offset = index * chunk_size),
+* ignore duplicates,
+* resume after a reconnect (partial state is kept until it expires),
+* reject a payload whose digest does not match,
+* expire incomplete transfers so memory never grows without bound.
+
+Reassembly buffers live in memory up to a byte budget and spill to temporary files past it,
+so a combiner facing a burst of uploads keeps its RSS near O(model size).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import cbor2
+
+log = logging.getLogger(__name__)
+
+CHUNK_FORMAT = 1
+DEFAULT_CHUNK_SIZE = 256 * 1024
+MIN_CHUNK_SIZE = 1024
+MAX_CHUNK_SIZE = 8 * 1024 * 1024
+DIGEST_ALG = "sha256"
+
+
+class ChunkError(ValueError):
+    """A chunk or a reassembled payload that must be rejected."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    transfer: str
+    index: int
+    count: int
+    size: int
+    chunk_size: int
+    digest: bytes
+    data: bytes
+    meta: dict = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return cbor2.dumps(
+            {
+                "v": CHUNK_FORMAT,
+                "xfer": self.transfer,
+                "i": self.index,
+                "n": self.count,
+                "size": self.size,
+                "csz": self.chunk_size,
+                "alg": DIGEST_ALG,
+                "digest": self.digest,
+                "meta": self.meta,
+                "data": self.data,
+            }
+        )
+
+
+def _req(msg: dict, key: str, kind: type | tuple[type, ...]) -> object:
+    value = msg.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ChunkError(f"chunk field {key!r} missing or of the wrong type")
+    return value
+
+
+def parse_chunk(payload: bytes, max_chunk_size: int = MAX_CHUNK_SIZE) -> Chunk:
+    """Decode and structurally check one chunk message."""
+    if len(payload) > max_chunk_size + 4096:
+        raise ChunkError(f"chunk message of {len(payload)} bytes exceeds the limit")
+    try:
+        msg = cbor2.loads(payload)
+    except Exception as exc:
+        raise ChunkError(f"malformed CBOR in chunk: {exc}") from exc
+    if not isinstance(msg, dict):
+        raise ChunkError("chunk must be a CBOR map")
+    if msg.get("v") != CHUNK_FORMAT:
+        raise ChunkError(f"unsupported chunk format {msg.get('v')!r}")
+    if msg.get("alg") != DIGEST_ALG:
+        raise ChunkError(f"unsupported digest algorithm {msg.get('alg')!r}")
+    transfer = _req(msg, "xfer", str)
+    index = _req(msg, "i", int)
+    count = _req(msg, "n", int)
+    size = _req(msg, "size", int)
+    csz = _req(msg, "csz", int)
+    digest = _req(msg, "digest", bytes)
+    data = _req(msg, "data", bytes)
+    meta = msg.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise ChunkError("chunk field 'meta' must be a map")
+    if not 0 < len(transfer) <= 128:
+        raise ChunkError("transfer id must be 1-128 characters")
+    if not MIN_CHUNK_SIZE <= csz <= max_chunk_size and not (count == 1 and csz >= size):
+        raise ChunkError(f"chunk size {csz} outside [{MIN_CHUNK_SIZE}, {max_chunk_size}]")
+    if size < 0 or count != max(1, -(-size // csz)):
+        raise ChunkError(f"count {count} does not match size {size} / chunk size {csz}")
+    if not 0 <= index < count:
+        raise ChunkError(f"chunk index {index} outside 0..{count - 1}")
+    expected = min(csz, size - index * csz) if size else 0
+    if len(data) != expected:
+        raise ChunkError(f"chunk {index} carries {len(data)} bytes, expected {expected}")
+    if len(digest) != 32:
+        raise ChunkError("digest must be 32 bytes of SHA-256")
+    return Chunk(transfer, index, count, size, csz, digest, data, meta)
+
+
+def split_payload(
+    payload: bytes,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    transfer: str | None = None,
+    meta: dict | None = None,
+) -> list[Chunk]:
+    """Cut a payload into chunks; ``meta`` travels in every chunk (e.g. the round id)."""
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size must be in [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]")
+    transfer = transfer or uuid.uuid4().hex
+    digest = hashlib.sha256(payload).digest()
+    size = len(payload)
+    count = max(1, -(-size // chunk_size))
+    view = memoryview(payload)
+    return [
+        Chunk(
+            transfer,
+            i,
+            count,
+            size,
+            chunk_size,
+            digest,
+            bytes(view[i * chunk_size : (i + 1) * chunk_size]),
+            dict(meta or {}),
+        )
+        for i in range(count)
+    ]
+
+
+class _Buffer:
+    """Where one transfer's bytes are placed: memory, or a temporary file past the budget."""
+
+    def __init__(self, size: int, spill: bool) -> None:
+        self.size = size
+        self.spilled = spill
+        if spill:
+            self._file = tempfile.TemporaryFile(prefix="edgefl-xfer-")
+            self._file.truncate(size)
+            self._mem: bytearray | None = None
+        else:
+            self._file = None
+            self._mem = bytearray(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if self._mem is not None:
+            self._mem[offset : offset + len(data)] = data
+        else:
+            self._file.seek(offset)
+            self._file.write(data)
+
+    def read_all(self) -> bytes:
+        if self._mem is not None:
+            return bytes(self._mem)
+        self._file.seek(0)
+        return self._file.read()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._mem = None
+
+
+@dataclass
+class _Partial:
+    first: Chunk
+    buffer: _Buffer
+    received: set[int]
+    created: float
+    touched: float
+
+
+@dataclass
+class Completed:
+    transfer: str
+    payload: bytes
+    meta: dict
+    source: str
+
+
+class Reassembler:
+    """Collects chunks from many senders; yields each payload once, complete and verified.
+
+    ``key`` separates senders: the same transfer id from two devices never mixes, because a
+    device's identity comes from its topic.
+    """
+
+    def __init__(
+        self,
+        max_payload: int = 256 * 1024 * 1024,
+        max_chunk_size: int = MAX_CHUNK_SIZE,
+        memory_budget: int = 64 * 1024 * 1024,
+        ttl_s: float = 600.0,
+        max_transfers: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_payload = max_payload
+        self.max_chunk_size = max_chunk_size
+        self.memory_budget = memory_budget
+        self.ttl_s = ttl_s
+        self.max_transfers = max_transfers
+        self._clock = clock
+        self._partials: dict[tuple[str, str], _Partial] = {}
+        self._done: dict[tuple[str, str], float] = {}
+        self._mem_bytes = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._partials)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._mem_bytes
+
+    def feed(self, source: str, payload: bytes) -> Completed | None:
+        """Add one raw chunk message; return the payload when this chunk completes it.
+
+        Raises ChunkError for chunks that must be rejected; a completed payload whose digest
+        does not match raises too, and its state is dropped so a clean resend can succeed.
+        """
+        chunk = parse_chunk(payload, self.max_chunk_size)
+        return self.feed_chunk(source, chunk)
+
+    def feed_chunk(self, source: str, chunk: Chunk) -> Completed | None:
+        now = self._clock()
+        self.expire(now)
+        key = (source, chunk.transfer)
+        if key in self._done:
+            return None  # a duplicate of a transfer already delivered
+        if chunk.size > self.max_payload:
+            raise ChunkError(
+                f"payload of {chunk.size} bytes exceeds the limit of {self.max_payload}"
+            )
+        part = self._partials.get(key)
+        if part is None:
+            if len(self._partials) >= self.max_transfers:
+                raise ChunkError("too many transfers in flight; try again later")
+            spill = self._mem_bytes + chunk.size > self.memory_budget
+            buf = _Buffer(chunk.size, spill)
+            if not spill:
+                self._mem_bytes += chunk.size
+            part = _Partial(chunk, buf, set(), now, now)
+            self._partials[key] = part
+        else:
+            f = part.first
+            if (f.count, f.size, f.chunk_size, f.digest) != (
+                chunk.count,
+                chunk.size,
+                chunk.chunk_size,
+                chunk.digest,
+            ):
+                raise ChunkError(f"chunk {chunk.index} disagrees with earlier chunks of its transfer")
+        part.touched = now
+        if chunk.index in part.received:
+            return None
+        part.buffer.write(chunk.index * chunk.chunk_size, chunk.data)
+        part.received.add(chunk.index)
+        if len(part.received) < chunk.count:
+            return None
+        data = part.buffer.read_all()
+        self._drop(key)
+        if hashlib.sha256(data).digest() != chunk.digest:
+            raise ChunkError(f"transfer {chunk.transfer} from {source}: digest mismatch, rejected")
+        self._done[key] = now
+        return Completed(chunk.transfer, data, dict(part.first.meta), source)
+
+    def missing(self, source: str, transfer: str) -> list[int] | None:
+        part = self._partials.get((source, transfer))
+        if part is None:
+            return None
+        return [i for i in range(part.first.count) if i not in part.received]
+
+    def discard(self, predicate: Callable[[dict], bool]) -> int:
+        """Drop partial transfers whose meta matches (e.g. all of a finished round)."""
+        keys = [k for k, p in self._partials.items() if predicate(p.first.meta)]
+        for k in keys:
+            self._drop(k)
+        return len(keys)
+
+    def expire(self, now: float | None = None) -> int:
+        now = self._clock() if now is None else now
+        stale = [k for k, p in self._partials.items() if now - p.touched > self.ttl_s]
+        for k in stale:
+            log.warning("transfer %s from %s expired incomplete", k[1], k[0])
+            self._drop(k)
+        for k in [k for k, t in self._done.items() if now - t > self.ttl_s]:
+            del self._done[k]
+        return len(stale)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        part = self._partials.pop(key, None)
+        if part is None:
+            return
+        if not part.buffer.spilled:
+            self._mem_bytes -= part.buffer.size
+        part.buffer.close()
+
+
+def iter_chunk_messages(chunks: list[Chunk]) -> Iterator[bytes]:
+    for c in chunks:
+        yield c.to_bytes()
+
+
+def new_transfer_id() -> str:
+    return uuid.uuid4().hex + os.urandom(2).hex()

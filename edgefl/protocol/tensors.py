@@ -1,0 +1,117 @@
+"""Named-tensor codec: RFC 8746 typed arrays inside CBOR, never pickle.
+
+A tensor is ``Tag(40, [shape, Tag(T, raw_little_endian_bytes)])`` where 40 is the RFC 8746
+row-major multi-dimensional array tag and ``T`` is the typed-array tag for its dtype. A tensor
+set is a CBOR map from name to tensor. Any CBOR library can decode this without edgefl code,
+which is the point: C and MicroPython clients speak it with a table lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import cbor2
+import numpy as np
+
+MULTIDIM_TAG = 40
+
+# RFC 8746 typed-array tags, little-endian variants.
+DTYPE_TO_TAG: dict[str, int] = {
+    "uint8": 64,
+    "uint16": 69,
+    "uint32": 70,
+    "uint64": 71,
+    "int8": 72,
+    "int16": 77,
+    "int32": 78,
+    "int64": 79,
+    "float16": 84,
+    "float32": 85,
+    "float64": 86,
+}
+TAG_TO_DTYPE: dict[int, np.dtype] = {
+    tag: np.dtype(name).newbyteorder("<") for name, tag in DTYPE_TO_TAG.items()
+}
+
+MAX_NDIM = 8
+
+
+class CodecError(ValueError):
+    """A payload that is not a valid edgefl tensor encoding."""
+
+
+def tensor_to_cbor(array: np.ndarray) -> cbor2.CBORTag:
+    """Wrap one array as an RFC 8746 tagged value (little-endian, C order)."""
+    arr = np.asarray(array)
+    name = arr.dtype.name
+    if name not in DTYPE_TO_TAG:
+        raise CodecError(f"dtype {arr.dtype} is not supported; use one of {sorted(DTYPE_TO_TAG)}")
+    if arr.ndim > MAX_NDIM:
+        raise CodecError(f"tensor has {arr.ndim} dimensions; at most {MAX_NDIM} are allowed")
+    le = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    data = np.ascontiguousarray(le).tobytes()
+    return cbor2.CBORTag(MULTIDIM_TAG, [list(arr.shape), cbor2.CBORTag(DTYPE_TO_TAG[name], data)])
+
+
+def tensor_from_cbor(value: object, name: str = "tensor") -> np.ndarray:
+    """Decode one tagged tensor, checking that the byte count matches the shape."""
+    if not isinstance(value, cbor2.CBORTag) or value.tag != MULTIDIM_TAG:
+        raise CodecError(f"{name}: expected CBOR tag {MULTIDIM_TAG} (multi-dimensional array)")
+    body = value.value
+    if not isinstance(body, (list, tuple)) or len(body) != 2:
+        raise CodecError(f"{name}: tag {MULTIDIM_TAG} must hold [shape, typed array]")
+    shape, typed = body
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM:
+        raise CodecError(f"{name}: shape must be a list of at most {MAX_NDIM} sizes")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CodecError(f"{name}: shape entries must be non-negative integers, got {shape!r}")
+    if not isinstance(typed, cbor2.CBORTag) or typed.tag not in TAG_TO_DTYPE:
+        raise CodecError(f"{name}: expected an RFC 8746 little-endian typed array tag")
+    if not isinstance(typed.value, (bytes, bytearray)):
+        raise CodecError(f"{name}: typed array content must be a byte string")
+    dtype = TAG_TO_DTYPE[typed.tag]
+    count = 1
+    for d in shape:
+        count *= d
+    if count * dtype.itemsize != len(typed.value):
+        raise CodecError(
+            f"{name}: shape {tuple(shape)} of {dtype.name} needs {count * dtype.itemsize} bytes,"
+            f" got {len(typed.value)}"
+        )
+    arr = np.frombuffer(typed.value, dtype=dtype).reshape(tuple(shape))
+    # Native byte order for arithmetic; a no-op view on little-endian hosts.
+    return arr.astype(arr.dtype.newbyteorder("="), copy=False)
+
+
+def encode_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, cbor2.CBORTag]:
+    """Turn a name->array mapping into the CBOR-ready map (for embedding in a message)."""
+    out: dict[str, cbor2.CBORTag] = {}
+    for name, arr in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise CodecError(f"tensor names must be non-empty strings, got {name!r}")
+        out[name] = tensor_to_cbor(arr)
+    return out
+
+
+def decode_tensors(value: object) -> dict[str, np.ndarray]:
+    if not isinstance(value, Mapping):
+        raise CodecError("tensors must be a CBOR map from name to tensor")
+    out: dict[str, np.ndarray] = {}
+    for name, tagged in value.items():
+        if not isinstance(name, str) or not name:
+            raise CodecError(f"tensor names must be non-empty strings, got {name!r}")
+        out[name] = tensor_from_cbor(tagged, name)
+    return out
+
+
+def dumps_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """Serialize a tensor set to standalone CBOR bytes (the on-disk model format too)."""
+    return cbor2.dumps(encode_tensors(tensors))
+
+
+def loads_tensors(data: bytes) -> dict[str, np.ndarray]:
+    try:
+        value = cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises several types for malformed input
+        raise CodecError(f"malformed CBOR: {exc}") from exc
+    return decode_tensors(value)

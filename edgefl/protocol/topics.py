@@ -1,0 +1,129 @@
+"""The versioned MQTT topic tree (protocol v1).
+
+Every topic the system uses is built here, so the tree is defined in one place and the
+broker ACLs in ``broker_config/`` can be derived from it.
+
+    edgefl/v1/{project}/{region}/dev/{device}/{task|update|status|telemetry}
+    edgefl/v1/{project}/{region}/comb/{round|partial|progress|status}
+    edgefl/v1/{project}/model/{version}/{chunk_index}
+    edgefl/v1/{project}/ctl/status
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PROTOCOL_VERSION = 1
+ROOT = f"edgefl/v{PROTOCOL_VERSION}"
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+DEVICE_CHANNELS = ("task", "update", "status", "telemetry")
+COMBINER_CHANNELS = ("round", "partial", "progress", "status")
+
+
+class TopicError(ValueError):
+    """A topic or topic segment that the protocol does not allow."""
+
+
+def check_segment(kind: str, value: str) -> str:
+    """Reject segments that would break the tree (wildcards, slashes, empty strings)."""
+    if not isinstance(value, str) or not _SEGMENT.match(value):
+        raise TopicError(
+            f"invalid {kind} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ . -"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic builder for one project."""
+
+    project: str
+
+    def __post_init__(self) -> None:
+        check_segment("project", self.project)
+
+    @property
+    def base(self) -> str:
+        return f"{ROOT}/{self.project}"
+
+    # device subtree -------------------------------------------------------------------
+    def device(self, region: str, device: str, channel: str) -> str:
+        if channel not in DEVICE_CHANNELS:
+            raise TopicError(f"unknown device channel {channel!r}")
+        check_segment("region", region)
+        check_segment("device", device)
+        return f"{self.base}/{region}/dev/{device}/{channel}"
+
+    def device_wildcard(self, region: str | None, channel: str) -> str:
+        """Filter for one channel of every device, in one region or (None) in all."""
+        if channel not in DEVICE_CHANNELS:
+            raise TopicError(f"unknown device channel {channel!r}")
+        reg = "+" if region is None else check_segment("region", region)
+        return f"{self.base}/{reg}/dev/+/{channel}"
+
+    # combiner subtree -----------------------------------------------------------------
+    def combiner(self, region: str, channel: str) -> str:
+        if channel not in COMBINER_CHANNELS:
+            raise TopicError(f"unknown combiner channel {channel!r}")
+        check_segment("region", region)
+        return f"{self.base}/{region}/comb/{channel}"
+
+    def combiner_wildcard(self, channel: str) -> str:
+        if channel not in COMBINER_CHANNELS:
+            raise TopicError(f"unknown combiner channel {channel!r}")
+        return f"{self.base}/+/comb/{channel}"
+
+    # models ---------------------------------------------------------------------------
+    def model_chunk(self, version: str, index: int) -> str:
+        check_segment("model version", version)
+        return f"{self.base}/model/{version}/{int(index)}"
+
+    def model_filter(self, version: str) -> str:
+        check_segment("model version", version)
+        return f"{self.base}/model/{version}/+"
+
+    def controller_status(self) -> str:
+        return f"{self.base}/ctl/status"
+
+    # parsing --------------------------------------------------------------------------
+    def parse_device_topic(self, topic: str) -> tuple[str, str, str]:
+        """Return (region, device, channel) for a device-subtree topic.
+
+        The topic is proof of identity: the broker ACL lets a device publish only under its
+        own subtree, so the device id is taken from here, never from the payload.
+        """
+        parts = topic.split("/")
+        prefix = self.base.split("/")
+        if (
+            len(parts) != len(prefix) + 4
+            or parts[: len(prefix)] != prefix
+            or parts[len(prefix) + 1] != "dev"
+            or parts[-1] not in DEVICE_CHANNELS
+        ):
+            raise TopicError(f"not a device topic of project {self.project!r}: {topic!r}")
+        return parts[len(prefix)], parts[len(prefix) + 2], parts[-1]
+
+    def parse_combiner_topic(self, topic: str) -> tuple[str, str]:
+        """Return (region, channel) for a combiner-subtree topic."""
+        parts = topic.split("/")
+        prefix = self.base.split("/")
+        if (
+            len(parts) != len(prefix) + 3
+            or parts[: len(prefix)] != prefix
+            or parts[len(prefix) + 1] != "comb"
+        ):
+            raise TopicError(f"not a combiner topic of project {self.project!r}: {topic!r}")
+        return parts[len(prefix)], parts[-1]
+
+    def parse_model_chunk(self, topic: str) -> tuple[str, int]:
+        parts = topic.split("/")
+        prefix = self.base.split("/")
+        if len(parts) != len(prefix) + 3 or parts[len(prefix)] != "model":
+            raise TopicError(f"not a model topic of project {self.project!r}: {topic!r}")
+        try:
+            return parts[-2], int(parts[-1])
+        except ValueError as exc:
+            raise TopicError(f"bad chunk index in {topic!r}") from exc

@@ -1,0 +1,97 @@
+"""Store interfaces: control-plane state (sessions, rounds, model versions) and model blobs.
+
+The controller talks only to these protocols. The default is SQLite plus the filesystem;
+PostgreSQL (same SQL store, another URL) and S3-compatible blob storage slot in behind them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class SessionRecord:
+    session_id: str
+    project: str
+    config: dict[str, Any]          # the full SessionConfig as a JSON-able dict
+    status: str                     # "running" | "completed" | "failed" | "stopped"
+    current_round: int              # last *completed* round number (0 before the first)
+    model_version: str              # current global model version
+    created: float                  # unix seconds
+    updated: float
+
+
+@dataclass
+class RoundRecord:
+    task_id: str                    # "<session>:<round>:<attempt>", unique
+    session_id: str
+    round: int                      # 1-based
+    attempt: int                    # 0-based retry counter for the same round number
+    status: str                     # "running" | "completed" | "failed"
+    model_in: str
+    model_out: str | None
+    devices: list[str]              # selected devices
+    participants: list[dict[str, Any]] = field(default_factory=list)  # [{device, region, n, metrics}]
+    metrics: dict[str, float] = field(default_factory=dict)           # e.g. accuracy, loss
+    reason: str = ""                # why a round failed
+    started: float = 0.0
+    finished: float | None = None
+
+
+@dataclass
+class ModelRecord:
+    version: str                    # unique id, e.g. "m000012-<digest prefix>"
+    parent: str | None              # lineage: the version this one was aggregated from
+    session_id: str | None
+    round: int | None
+    digest: str                     # hex sha256 of the CBOR blob
+    size: int                       # bytes
+    created: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Store(Protocol):
+    """Durable control-plane state. Implementations must be safe to call from several threads."""
+
+    def create_session(self, record: SessionRecord) -> None: ...
+    def get_session(self, session_id: str) -> SessionRecord | None: ...
+    def list_sessions(self) -> list[SessionRecord]: ...
+    def update_session(
+        self,
+        session_id: str,
+        *,
+        status: str | None = None,
+        current_round: int | None = None,
+        model_version: str | None = None,
+    ) -> None: ...
+
+    def add_model(self, record: ModelRecord) -> None: ...
+    def get_model(self, version: str) -> ModelRecord | None: ...
+    def list_models(self, session_id: str | None = None) -> list[ModelRecord]: ...
+
+    def start_round(self, record: RoundRecord) -> None: ...
+    def finish_round(
+        self,
+        task_id: str,
+        *,
+        status: str,
+        model_out: str | None,
+        participants: list[dict[str, Any]],
+        metrics: dict[str, float],
+        reason: str = "",
+        finished: float,
+    ) -> None: ...
+    def get_round(self, task_id: str) -> RoundRecord | None: ...
+    def list_rounds(self, session_id: str) -> list[RoundRecord]: ...  # ordered by start
+
+    def close(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    """Content-addressed storage of model blobs (CBOR tensor sets)."""
+
+    def put(self, key: str, data: bytes) -> None: ...
+    def get(self, key: str) -> bytes: ...           # KeyError when absent
+    def exists(self, key: str) -> bool: ...
+    def delete(self, key: str) -> None: ...

@@ -1,0 +1,1 @@
+"""Built-in learning tasks (data, partition, evaluation) for demos, tests and benchmarks."""
