@@ -230,7 +230,9 @@ class Combiner:
         (log.debug if quiet else log.warning)(
             "combiner %s: rejected update from %s: %s", self.config.name, device, reason)
         rnd = self._round
-        if rnd is not None and not rnd.flushed and not quiet:
+        if rnd is not None and not rnd.flushed and not quiet and all(
+            r["device"] != device for r in rnd.rejected
+        ):
             rnd.rejected.append({"device": device, "reason": reason})
             self._progress()
 

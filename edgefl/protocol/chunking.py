@@ -218,6 +218,7 @@ class Reassembler:
         self._clock = clock
         self._partials: dict[tuple[str, str], _Partial] = {}
         self._done: dict[tuple[str, str], float] = {}
+        self._refused: dict[tuple[str, str], float] = {}
         self._mem_bytes = 0
 
     @property
@@ -241,9 +242,10 @@ class Reassembler:
         now = self._clock()
         self.expire(now)
         key = (source, chunk.transfer)
-        if key in self._done:
-            return None  # a duplicate of a transfer already delivered
+        if key in self._done or key in self._refused:
+            return None  # a duplicate of a delivered transfer, or the rest of a refused one
         if chunk.size > self.max_payload:
+            self._refused[key] = now
             raise ChunkError(
                 f"payload of {chunk.size} bytes exceeds the limit of {self.max_payload}"
             )
@@ -299,8 +301,9 @@ class Reassembler:
         for k in stale:
             log.warning("transfer %s from %s expired incomplete", k[1], k[0])
             self._drop(k)
-        for k in [k for k, t in self._done.items() if now - t > self.ttl_s]:
-            del self._done[k]
+        for seen in (self._done, self._refused):
+            for k in [k for k, t in seen.items() if now - t > self.ttl_s]:
+                del seen[k]
         return len(stale)
 
     def _drop(self, key: tuple[str, str]) -> None:

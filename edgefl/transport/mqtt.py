@@ -8,6 +8,7 @@ default (amqtt and most microcontroller clients speak nothing newer).
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -174,6 +175,10 @@ class MqttConnection:
             log.error("%s: broker refused connection: %s", self.client_id, reason_code)
             return
         self.connect_count += 1
+        sock = client.socket()
+        if sock is not None and hasattr(sock, "setsockopt"):
+            # Small control messages must not wait for Nagle + delayed ACK (~40 ms each hop).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             subs = list(self._subs.items())
         if subs:
