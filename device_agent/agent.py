@@ -84,8 +84,14 @@ class DeviceAgent:
 
     def _announce(self) -> None:
         c = self.config
-        msg = encode("status", state="online", ts=time.time(), device=c.device_id,
-                     region=c.region, agent=AGENT_VERSION)
+        msg = encode(
+            "status",
+            state="online",
+            ts=time.time(),
+            device=c.device_id,
+            region=c.region,
+            agent=AGENT_VERSION,
+        )
         self.conn.publish(self.status_topic, msg, qos=1, retain=True)
 
     # tasks -----------------------------------------------------------------------------
@@ -116,13 +122,17 @@ class DeviceAgent:
     def _run_task(self, task: dict) -> None:
         c = self.config
         if time.time() > task["deadline"]:
-            log.warning("%s: task %s arrived after its deadline; skipped", c.device_id, task["task_id"])
+            log.warning(
+                "%s: task %s arrived after its deadline; skipped", c.device_id, task["task_id"]
+            )
             return
         weights = self._fetch_model(task["model_version"], task["model_digest"], task["deadline"])
         t0 = time.perf_counter()
         result = self.trainer.train(
-            weights, TrainTask(round=task["round"], config=task["train"], seed=int(c.seed),
-                               task_id=task["task_id"])
+            weights,
+            TrainTask(
+                round=task["round"], config=task["train"], seed=int(c.seed), task_id=task["task_id"]
+            ),
         )
         train_s = time.perf_counter() - t0
         update = encode(
@@ -144,8 +154,15 @@ class DeviceAgent:
                 raise TimeoutError(f"upload of {task['task_id']} not acknowledged in time")
             time.sleep(0.005)
         self.completed += 1
-        tele = encode("telemetry", ts=time.time(),
-                      metrics={"train_s": train_s, "update_bytes": len(update), **clean_metrics(result.metrics)})
+        tele = encode(
+            "telemetry",
+            ts=time.time(),
+            metrics={
+                "train_s": train_s,
+                "update_bytes": len(update),
+                **clean_metrics(result.metrics),
+            },
+        )
         self.conn.publish(self.topics.device(c.region, c.device_id, "telemetry"), tele, qos=0)
 
     # model download --------------------------------------------------------------------

@@ -21,11 +21,11 @@ class AgentConfig:
     project: str = "default"
     region: str = "region-0"
     device_id: str = ""
-    username: str | None = None     # defaults to device_id when a password/token is given
-    password: str | None = None     # the device's JWT (or broker password)
+    username: str | None = None  # defaults to device_id when a password/token is given
+    password: str | None = None  # the device's JWT (or broker password)
     trainer: str = "numpy"
-    data_path: str | None = None    # local training data (.npz with X and y) for the numpy trainer
-    seed: int | None = None         # shuffling seed index; defaults to a hash of device_id
+    data_path: str | None = None  # local training data (.npz with X and y) for the numpy trainer
+    seed: int | None = None  # shuffling seed index; defaults to a hash of device_id
     max_chunk_size: int = 1024 * 1024
     keepalive: int = 30
     min_backoff_s: float = 0.5
@@ -34,7 +34,9 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         if not self.device_id:
-            raise ValueError("device_id is required (flag --device-id, env EDGEFL_DEVICE_ID, or config file)")
+            raise ValueError(
+                "device_id is required (flag --device-id, env EDGEFL_DEVICE_ID, or config file)"
+            )
         if self.seed is None:
             self.seed = zlib.crc32(self.device_id.encode()) & 0x7FFFFFFF
         if self.password is not None and self.username is None:
@@ -57,8 +59,9 @@ def _coerce(name: str, raw: str) -> Any:
     return raw
 
 
-def load_config(path: str | Path | None = None, env: dict[str, str] | None = None,
-                **overrides: Any) -> AgentConfig:
+def load_config(
+    path: str | Path | None = None, env: dict[str, str] | None = None, **overrides: Any
+) -> AgentConfig:
     """Merge a JSON or TOML file, ``EDGEFL_*`` environment variables and explicit overrides."""
     values: dict[str, Any] = {}
     if path is not None:

@@ -20,9 +20,9 @@ Weights = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class TrainTask:
-    round: int                      # 1-based round number of the session
-    config: Mapping[str, Any]       # training settings sent by the controller (lr, epochs, ...)
-    seed: int                       # the device's seed index, for reproducible shuffling
+    round: int  # 1-based round number of the session
+    config: Mapping[str, Any]  # training settings sent by the controller (lr, epochs, ...)
+    seed: int  # the device's seed index, for reproducible shuffling
     task_id: str = ""
 
 
@@ -52,7 +52,7 @@ class CallableTrainer:
 
 
 def load_trainer(name: str, **kwargs: Any) -> Trainer:
-    """Find a trainer by its ``edgefl.trainers`` entry-point name (third parties register theirs)."""
+    """Find a trainer by its ``edgefl.trainers`` entry point (third parties register theirs)."""
     for ep in entry_points(group="edgefl.trainers"):
         if ep.name == name:
             return ep.load()(**kwargs)

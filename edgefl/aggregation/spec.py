@@ -39,7 +39,9 @@ def validate_update(tensors: Mapping[str, np.ndarray], spec: Spec) -> None:
     missing = sorted(set(spec) - set(tensors))
     extra = sorted(set(tensors) - set(spec))
     if missing or extra:
-        raise UpdateRejected(f"tensor names differ from the model: missing {missing}, unexpected {extra}")
+        raise UpdateRejected(
+            f"tensor names differ from the model: missing {missing}, unexpected {extra}"
+        )
     for name, (dtype, shape) in spec.items():
         arr = tensors[name]
         if arr.dtype.name != dtype:

@@ -37,7 +37,7 @@ class CombinerConfig:
     password: str | None = None
     max_update_bytes: int = 256 * 1024 * 1024
     memory_budget_bytes: int = 64 * 1024 * 1024
-    max_examples: int = 10**9          # an update claiming more examples is rejected
+    max_examples: int = 10**9  # an update claiming more examples is rejected
     transfer_ttl_s: float = 600.0
     partial_chunk_size: int = DEFAULT_CHUNK_SIZE
 
@@ -80,7 +80,12 @@ class Combiner:
             username=config.username,
             password=config.password,
             clean_session=False,
-            will=(status, encode("status", state="offline", ts=time.time(), combiner=config.name), 1, True),
+            will=(
+                status,
+                encode("status", state="offline", ts=time.time(), combiner=config.name),
+                1,
+                True,
+            ),
             on_connect=self._announce,
         )
 
@@ -127,8 +132,12 @@ class Combiner:
             ):
                 return  # a redelivered plan (QoS 1 is at-least-once)
             if self._round and not self._round.flushed:
-                log.warning("combiner %s: round %s superseded by %s", self.config.name,
-                            self._round.task_id, plan["task_id"])
+                log.warning(
+                    "combiner %s: round %s superseded by %s",
+                    self.config.name,
+                    self._round.task_id,
+                    plan["task_id"],
+                )
                 if self._round.timer:
                     self._round.timer.cancel()
             old = self._round.task_id if self._round else None
@@ -137,8 +146,12 @@ class Combiner:
             try:
                 spec = spec_from_wire(plan.get("spec"))
             except (ValueError, TypeError) as exc:
-                log.error("combiner %s: round %s has a bad model spec: %s",
-                          self.config.name, plan["task_id"], exc)
+                log.error(
+                    "combiner %s: round %s has a bad model spec: %s",
+                    self.config.name,
+                    plan["task_id"],
+                    exc,
+                )
                 return
             devices = {str(d) for d in plan["devices"]}
             rnd = _Round(plan["task_id"], plan, devices, spec, WeightedSum(spec))
@@ -147,13 +160,28 @@ class Combiner:
             rnd.timer.daemon = True
             self._round = rnd
             rnd.timer.start()
-        task_fields = {k: plan[k] for k in ("task_id", "session", "round", "model_version",
-                                             "model_digest", "deadline", "train", "chunk_size")}
+        task_fields = {
+            k: plan[k]
+            for k in (
+                "task_id",
+                "session",
+                "round",
+                "model_version",
+                "model_digest",
+                "deadline",
+                "train",
+                "chunk_size",
+            )
+        }
         task = encode("task", **task_fields)
         for dev in sorted(devices):
             self.conn.publish(self.topics.device(self.config.region, dev, "task"), task, qos=1)
-        log.debug("combiner %s: round %s dispatched to %d devices", self.config.name,
-                  plan["task_id"], len(devices))
+        log.debug(
+            "combiner %s: round %s dispatched to %d devices",
+            self.config.name,
+            plan["task_id"],
+            len(devices),
+        )
         if not devices:
             with self._lock:
                 self._flush("no devices assigned")
@@ -187,7 +215,9 @@ class Combiner:
             self._reject(device, f"bad update message: {exc}")
             return
         if rnd is None or msg["task_id"] != rnd.task_id:
-            self._reject(device, f"update for {msg['task_id']}, which is not the open round", quiet=True)
+            self._reject(
+                device, f"update for {msg['task_id']}, which is not the open round", quiet=True
+            )
             return
         if rnd.flushed:
             self._reject(device, "update arrived after the round closed")
@@ -201,8 +231,10 @@ class Combiner:
         n = msg["num_examples"]
         try:
             if msg["model_version"] != rnd.plan["model_version"]:
-                raise UpdateRejected(f"trained on model {msg['model_version']}, round uses "
-                                     f"{rnd.plan['model_version']}")
+                raise UpdateRejected(
+                    f"trained on model {msg['model_version']}, round uses "
+                    f"{rnd.plan['model_version']}"
+                )
             if not 0 < n <= self.config.max_examples:
                 raise UpdateRejected(f"num_examples {n} outside 1..{self.config.max_examples}")
             tensors = decode_tensors(msg["tensors"])
@@ -214,8 +246,14 @@ class Combiner:
             return
         rnd.acc.fold(tensors, float(n))
         rnd.reported.add(device)
-        rnd.participants.append({"device": device, "region": self.config.region,
-                                 "n": int(n), "metrics": clean_metrics(msg["metrics"])})
+        rnd.participants.append(
+            {
+                "device": device,
+                "region": self.config.region,
+                "n": int(n),
+                "metrics": clean_metrics(msg["metrics"]),
+            }
+        )
         self.stats["accepted"] += 1
         self._progress()
         self._maybe_complete()
@@ -228,18 +266,27 @@ class Combiner:
     def _reject(self, device: str, reason: str, quiet: bool = False) -> None:
         self.stats["rejected"] += 1
         (log.debug if quiet else log.warning)(
-            "combiner %s: rejected update from %s: %s", self.config.name, device, reason)
+            "combiner %s: rejected update from %s: %s", self.config.name, device, reason
+        )
         rnd = self._round
-        if rnd is not None and not rnd.flushed and not quiet and all(
-            r["device"] != device for r in rnd.rejected
+        if (
+            rnd is not None
+            and not rnd.flushed
+            and not quiet
+            and all(r["device"] != device for r in rnd.rejected)
         ):
             rnd.rejected.append({"device": device, "reason": reason})
             self._progress()
 
     def _progress(self) -> None:
         rnd = self._round
-        msg = encode("progress", task_id=rnd.task_id, region=self.config.region,
-                     accepted=len(rnd.participants), rejected=len(rnd.rejected))
+        msg = encode(
+            "progress",
+            task_id=rnd.task_id,
+            region=self.config.region,
+            accepted=len(rnd.participants),
+            rejected=len(rnd.rejected),
+        )
         self.conn.publish(self.topics.combiner(self.config.region, "progress"), msg, qos=1)
 
     def _flush(self, why: str) -> None:
@@ -262,12 +309,19 @@ class Combiner:
             sums=encode_tensors(rnd.acc.sums),
         )
         topic = self.topics.combiner(self.config.region, "partial")
-        for chunk in split_payload(payload, self.config.partial_chunk_size,
-                                   meta={"task_id": rnd.task_id}):
+        for chunk in split_payload(
+            payload, self.config.partial_chunk_size, meta={"task_id": rnd.task_id}
+        ):
             self.conn.publish(topic, chunk.to_bytes(), qos=1)
         self.stats["partials"] += 1
         self.reassembler.discard(lambda meta: meta.get("task_id") == rnd.task_id)
-        log.info("combiner %s: round %s partial sent (%d updates, %d rejected; %s)",
-                 self.config.name, rnd.task_id, rnd.acc.count, len(rnd.rejected), why)
+        log.info(
+            "combiner %s: round %s partial sent (%d updates, %d rejected; %s)",
+            self.config.name,
+            rnd.task_id,
+            rnd.acc.count,
+            len(rnd.rejected),
+            why,
+        )
         # free the model-sized sums now; the round record stays for late-update diagnostics
         rnd.acc = WeightedSum({})

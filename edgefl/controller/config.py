@@ -21,7 +21,9 @@ class SessionConfig(BaseModel):
     rounds: int = Field(10, ge=1, description="successful rounds to run")
     min_devices: int = Field(1, ge=1, description="quorum: fewer accepted updates fail the round")
     max_devices: int | None = Field(None, ge=1, description="cap on devices selected per round")
-    round_timeout_s: float = Field(60.0, gt=0, description="deadline for updates after a round starts")
+    round_timeout_s: float = Field(
+        60.0, gt=0, description="deadline for updates after a round starts"
+    )
     buffer_size: int | None = Field(
         None, ge=1, description="close the round as soon as this many updates are accepted"
     )
@@ -29,7 +31,9 @@ class SessionConfig(BaseModel):
     aggregator_params: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict, description="settings passed to devices")
     chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)
-    wait_for_devices_s: float = Field(60.0, ge=0, description="how long to wait for a quorum online")
+    wait_for_devices_s: float = Field(
+        60.0, ge=0, description="how long to wait for a quorum online"
+    )
     max_attempts: int = Field(3, ge=1, description="tries per round before the session fails")
     close_grace_s: float = Field(5.0, ge=0, description="wait for partials after closing a round")
     seed: int = 0

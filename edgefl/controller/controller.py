@@ -45,7 +45,7 @@ class SessionFailed(RuntimeError):
 
 @dataclass
 class _Event:
-    kind: str          # "partial" | "progress"
+    kind: str  # "partial" | "progress"
     region: str
     msg: dict
 
@@ -72,7 +72,7 @@ class Controller:
         self._events: queue.Queue[_Event] = queue.Queue()
         self._partials = Reassembler(ttl_s=600)
         self._stop = threading.Event()
-        self._published: list[tuple[str, int]] = []   # (version, chunk count) on the broker
+        self._published: list[tuple[str, int]] = []  # (version, chunk count) on the broker
         self.conn = MqttConnection(
             broker_url,
             client_id=f"edgefl-{project}-{controller_id}",
@@ -127,7 +127,9 @@ class Controller:
             raise ValueError(f"session {config.session_id!r} exists; resume it or pick another id")
         make_aggregator(config.aggregator, **config.aggregator_params)  # fail early on typos
         version = version_name(config.session_id, 0)
-        self.models.save(version, initial_weights, parent=None, session_id=config.session_id, round_=0)
+        self.models.save(
+            version, initial_weights, parent=None, session_id=config.session_id, round_=0
+        )
         now = time.time()
         record = SessionRecord(
             session_id=config.session_id,
@@ -140,8 +142,12 @@ class Controller:
             updated=now,
         )
         self.store.create_session(record)
-        log.info("session %s created: %d rounds, aggregator %s", config.session_id,
-                 config.rounds, config.aggregator)
+        log.info(
+            "session %s created: %d rounds, aggregator %s",
+            config.session_id,
+            config.rounds,
+            config.aggregator,
+        )
         return record
 
     def run(self, session_id: str, on_round: RoundCallback | None = None) -> SessionRecord:
@@ -154,9 +160,15 @@ class Controller:
         config = SessionConfig(**sess.config)
         for rec in self.store.list_rounds(session_id):
             if rec.status == "running":  # left behind by a controller that died
-                self.store.finish_round(rec.task_id, status="failed", model_out=None,
-                                        participants=[], metrics={},
-                                        reason="controller restarted", finished=time.time())
+                self.store.finish_round(
+                    rec.task_id,
+                    status="failed",
+                    model_out=None,
+                    participants=[],
+                    metrics={},
+                    reason="controller restarted",
+                    finished=time.time(),
+                )
         if sess.status != "running":
             self.store.update_session(session_id, status="running")
         aggregator = make_aggregator(config.aggregator, **config.aggregator_params)
@@ -164,8 +176,12 @@ class Controller:
         aggregator.load_state_dict(self.models.load_optimizer_state(sess.model_version))
         version = sess.model_version
         if sess.current_round > 0:
-            log.info("session %s: resuming after round %d (model %s)", session_id,
-                     sess.current_round, version)
+            log.info(
+                "session %s: resuming after round %d (model %s)",
+                session_id,
+                sess.current_round,
+                version,
+            )
         self._publish_model(version, blob, config.chunk_size)
         attempts = self._attempts_so_far(session_id)
         r = sess.current_round + 1
@@ -176,7 +192,9 @@ class Controller:
             attempt = attempts.get(r, 0)
             if attempt >= config.max_attempts:
                 self.store.update_session(session_id, status="failed")
-                raise SessionFailed(f"round {r} failed {attempt} times; session {session_id} failed")
+                raise SessionFailed(
+                    f"round {r} failed {attempt} times; session {session_id} failed"
+                )
             attempts[r] = attempt + 1
             outcome = self._run_round(config, r, attempt, weights, version, blob, aggregator)
             if outcome is None:
@@ -210,8 +228,16 @@ class Controller:
         task_id = f"{sid}:{r}:{attempt}"
         online = self.presence.wait_for(config.min_devices, config.wait_for_devices_s)
         if len(online) < config.min_devices:
-            self._record_failure(task_id, sid, r, attempt, version, [], time.time(),
-                                 f"only {len(online)} of {config.min_devices} devices online")
+            self._record_failure(
+                task_id,
+                sid,
+                r,
+                attempt,
+                version,
+                [],
+                time.time(),
+                f"only {len(online)} of {config.min_devices} devices online",
+            )
             return None
         selected = self._select(online, config, r, attempt)
         by_region: dict[str, list[str]] = {}
@@ -219,17 +245,36 @@ class Controller:
             by_region.setdefault(online[dev], []).append(dev)
         started = time.time()
         deadline = started + config.round_timeout_s
-        self.store.start_round(RoundRecord(task_id=task_id, session_id=sid, round=r,
-                                           attempt=attempt, status="running", model_in=version,
-                                           model_out=None, devices=selected, started=started))
+        self.store.start_round(
+            RoundRecord(
+                task_id=task_id,
+                session_id=sid,
+                round=r,
+                attempt=attempt,
+                status="running",
+                model_in=version,
+                model_out=None,
+                devices=selected,
+                started=started,
+            )
+        )
         digest = self.store.get_model(version).digest
         spec = spec_of(weights)
         self._drain_events()
         for region, devs in sorted(by_region.items()):
-            plan = encode("round", task_id=task_id, session=sid, round=r, model_version=version,
-                          model_digest=bytes.fromhex(digest), devices=sorted(devs),
-                          deadline=deadline, train=config.train, chunk_size=config.chunk_size,
-                          spec=spec_to_wire(spec))
+            plan = encode(
+                "round",
+                task_id=task_id,
+                session=sid,
+                round=r,
+                model_version=version,
+                model_digest=bytes.fromhex(digest),
+                devices=sorted(devs),
+                deadline=deadline,
+                train=config.train,
+                chunk_size=config.chunk_size,
+                spec=spec_to_wire(spec),
+            )
             self.conn.publish(self.topics.combiner(region, "round"), plan, qos=1)
         partials = self._collect(task_id, by_region, config, deadline)
         merged = WeightedSum(spec)
@@ -245,35 +290,61 @@ class Controller:
             participants.extend(msg["devices"])
             rejected.extend(msg["rejected"])
         if merged.count < config.min_devices or merged.weight <= 0:
-            self._record_failure(task_id, sid, r, attempt, version, participants, started,
-                                 f"quorum not met: {merged.count} accepted updates, "
-                                 f"{config.min_devices} needed ({len(rejected)} rejected)")
+            self._record_failure(
+                task_id,
+                sid,
+                r,
+                attempt,
+                version,
+                participants,
+                started,
+                f"quorum not met: {merged.count} accepted updates, "
+                f"{config.min_devices} needed ({len(rejected)} rejected)",
+            )
             return None
         new_weights = aggregator.step(weights, merged.mean({k: d for k, (d, _) in spec.items()}))
         new_version = version_name(sid, r)
         metrics = self._round_metrics(new_weights, participants)
         metrics["rejected"] = float(len(rejected))
-        _, new_blob = self.models.save(new_version, new_weights, parent=version, session_id=sid,
-                                       round_=r, optimizer_state=aggregator.state_dict(),
-                                       meta={"metrics": metrics})
-        self.store.finish_round(task_id, status="completed", model_out=new_version,
-                                participants=participants, metrics=metrics,
-                                finished=time.time())
+        _, new_blob = self.models.save(
+            new_version,
+            new_weights,
+            parent=version,
+            session_id=sid,
+            round_=r,
+            optimizer_state=aggregator.state_dict(),
+            meta={"metrics": metrics},
+        )
+        self.store.finish_round(
+            task_id,
+            status="completed",
+            model_out=new_version,
+            participants=participants,
+            metrics=metrics,
+            finished=time.time(),
+        )
         self.store.update_session(sid, current_round=r, model_version=new_version)
         self._publish_model(new_version, new_blob, config.chunk_size)
-        log.info("round %s done: %d updates, metrics %s", task_id, merged.count,
-                 {k: round(v, 4) for k, v in metrics.items()})
+        log.info(
+            "round %s done: %d updates, metrics %s",
+            task_id,
+            merged.count,
+            {k: round(v, 4) for k, v in metrics.items()},
+        )
         return self.store.get_round(task_id), new_weights, new_version, new_blob
 
-    def _select(self, online: dict[str, str], config: SessionConfig, r: int, attempt: int) -> list[str]:
+    def _select(
+        self, online: dict[str, str], config: SessionConfig, r: int, attempt: int
+    ) -> list[str]:
         devices = sorted(online)
         if config.max_devices is not None and len(devices) > config.max_devices:
             rng = random.Random(f"{config.seed}:{r}:{attempt}")
             devices = sorted(rng.sample(devices, config.max_devices))
         return devices
 
-    def _collect(self, task_id: str, by_region: dict[str, list[str]], config: SessionConfig,
-                 deadline: float) -> dict[str, dict]:
+    def _collect(
+        self, task_id: str, by_region: dict[str, list[str]], config: SessionConfig, deadline: float
+    ) -> dict[str, dict]:
         partials: dict[str, dict] = {}
         accepted: dict[str, int] = {}
         closed_at: float | None = None
@@ -294,8 +365,11 @@ class Controller:
                 partials[ev.region] = ev.msg
             else:
                 accepted[ev.region] = max(accepted.get(ev.region, 0), ev.msg["accepted"])
-                if (closed_at is None and config.buffer_size is not None
-                        and sum(accepted.values()) >= config.buffer_size):
+                if (
+                    closed_at is None
+                    and config.buffer_size is not None
+                    and sum(accepted.values()) >= config.buffer_size
+                ):
                     closed_at = self._close(task_id, by_region, partials, "buffer full")
         return partials
 
@@ -329,16 +403,41 @@ class Controller:
             metrics.update(self.evaluator(weights))
         return metrics
 
-    def _record_failure(self, task_id: str, sid: str, r: int, attempt: int, version: str,
-                        participants: list[dict], started: float, reason: str) -> None:
+    def _record_failure(
+        self,
+        task_id: str,
+        sid: str,
+        r: int,
+        attempt: int,
+        version: str,
+        participants: list[dict],
+        started: float,
+        reason: str,
+    ) -> None:
         log.warning("round %s failed: %s", task_id, reason)
         if self.store.get_round(task_id) is None:
-            self.store.start_round(RoundRecord(task_id=task_id, session_id=sid, round=r,
-                                               attempt=attempt, status="running", model_in=version,
-                                               model_out=None, devices=[], started=started))
-        self.store.finish_round(task_id, status="failed", model_out=None,
-                                participants=participants, metrics={}, reason=reason,
-                                finished=time.time())
+            self.store.start_round(
+                RoundRecord(
+                    task_id=task_id,
+                    session_id=sid,
+                    round=r,
+                    attempt=attempt,
+                    status="running",
+                    model_in=version,
+                    model_out=None,
+                    devices=[],
+                    started=started,
+                )
+            )
+        self.store.finish_round(
+            task_id,
+            status="failed",
+            model_out=None,
+            participants=participants,
+            metrics={},
+            reason=reason,
+            finished=time.time(),
+        )
 
     # model distribution ----------------------------------------------------------------
     def _publish_model(self, version: str, blob: bytes, chunk_size: int) -> None:
@@ -346,8 +445,12 @@ class Controller:
         if self._published and self._published[-1][0] == version:
             return
         chunks = split_payload(blob, chunk_size, transfer=version, meta={"version": version})
-        infos = [self.conn.publish(self.topics.model_chunk(version, c.index), c.to_bytes(),
-                                   qos=1, retain=True) for c in chunks]
+        infos = [
+            self.conn.publish(
+                self.topics.model_chunk(version, c.index), c.to_bytes(), qos=1, retain=True
+            )
+            for c in chunks
+        ]
         for info in infos:
             info.wait_for_publish(timeout=30)
         self._published.append((version, len(chunks)))

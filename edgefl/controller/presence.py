@@ -14,8 +14,8 @@ class Presence:
     def __init__(self, topics: Topics) -> None:
         self.topics = topics
         self._lock = threading.Lock()
-        self._devices: dict[str, tuple[str, str]] = {}    # device -> (region, state)
-        self._combiners: dict[str, str] = {}              # region -> state
+        self._devices: dict[str, tuple[str, str]] = {}  # device -> (region, state)
+        self._combiners: dict[str, str] = {}  # region -> state
         self.changed = threading.Condition(self._lock)
 
     def on_device_status(self, topic: str, payload: bytes) -> None:

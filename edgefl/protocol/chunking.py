@@ -267,7 +267,9 @@ class Reassembler:
                 chunk.chunk_size,
                 chunk.digest,
             ):
-                raise ChunkError(f"chunk {chunk.index} disagrees with earlier chunks of its transfer")
+                raise ChunkError(
+                    f"chunk {chunk.index} disagrees with earlier chunks of its transfer"
+                )
         part.touched = now
         if chunk.index in part.received:
             return None

@@ -30,9 +30,7 @@ class TopicError(ValueError):
 def check_segment(kind: str, value: str) -> str:
     """Reject segments that would break the tree (wildcards, slashes, empty strings)."""
     if not isinstance(value, str) or not _SEGMENT.match(value):
-        raise TopicError(
-            f"invalid {kind} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ . -"
-        )
+        raise TopicError(f"invalid {kind} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ . -")
     return value
 
 

@@ -14,39 +14,41 @@ from typing import Any, Protocol
 class SessionRecord:
     session_id: str
     project: str
-    config: dict[str, Any]          # the full SessionConfig as a JSON-able dict
-    status: str                     # "running" | "completed" | "failed" | "stopped"
-    current_round: int              # last *completed* round number (0 before the first)
-    model_version: str              # current global model version
-    created: float                  # unix seconds
+    config: dict[str, Any]  # the full SessionConfig as a JSON-able dict
+    status: str  # "running" | "completed" | "failed" | "stopped"
+    current_round: int  # last *completed* round number (0 before the first)
+    model_version: str  # current global model version
+    created: float  # unix seconds
     updated: float
 
 
 @dataclass
 class RoundRecord:
-    task_id: str                    # "<session>:<round>:<attempt>", unique
+    task_id: str  # "<session>:<round>:<attempt>", unique
     session_id: str
-    round: int                      # 1-based
-    attempt: int                    # 0-based retry counter for the same round number
-    status: str                     # "running" | "completed" | "failed"
+    round: int  # 1-based
+    attempt: int  # 0-based retry counter for the same round number
+    status: str  # "running" | "completed" | "failed"
     model_in: str
     model_out: str | None
-    devices: list[str]              # selected devices
-    participants: list[dict[str, Any]] = field(default_factory=list)  # [{device, region, n, metrics}]
-    metrics: dict[str, float] = field(default_factory=dict)           # e.g. accuracy, loss
-    reason: str = ""                # why a round failed
+    devices: list[str]  # selected devices
+    participants: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # [{device, region, n, metrics}]
+    metrics: dict[str, float] = field(default_factory=dict)  # e.g. accuracy, loss
+    reason: str = ""  # why a round failed
     started: float = 0.0
     finished: float | None = None
 
 
 @dataclass
 class ModelRecord:
-    version: str                    # unique id, e.g. "m000012-<digest prefix>"
-    parent: str | None              # lineage: the version this one was aggregated from
+    version: str  # unique id, e.g. "m000012-<digest prefix>"
+    parent: str | None  # lineage: the version this one was aggregated from
     session_id: str | None
     round: int | None
-    digest: str                     # hex sha256 of the CBOR blob
-    size: int                       # bytes
+    digest: str  # hex sha256 of the CBOR blob
+    size: int  # bytes
     created: float
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -92,6 +94,6 @@ class BlobStore(Protocol):
     """Content-addressed storage of model blobs (CBOR tensor sets)."""
 
     def put(self, key: str, data: bytes) -> None: ...
-    def get(self, key: str) -> bytes: ...           # KeyError when absent
+    def get(self, key: str) -> bytes: ...  # KeyError when absent
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...

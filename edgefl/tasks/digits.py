@@ -36,10 +36,14 @@ def load() -> DigitsData:
     mu = Xtr.mean(0)
     sd = Xtr.std(0)
     sd[sd == 0] = 1
-    return DigitsData((Xtr - mu) / sd, y[train].astype(np.int64), (Xte - mu) / sd, y[test].astype(np.int64))
+    return DigitsData(
+        (Xtr - mu) / sd, y[train].astype(np.int64), (Xte - mu) / sd, y[test].astype(np.int64)
+    )
 
 
-def partition(ytr: np.ndarray, n_devices: int, alpha: float = 0.5, seed: int = 42) -> list[np.ndarray]:
+def partition(
+    ytr: np.ndarray, n_devices: int, alpha: float = 0.5, seed: int = 42
+) -> list[np.ndarray]:
     """Dirichlet label partition, step 4 of the protocol (one generator for everything)."""
     rng = np.random.default_rng(seed)
     parts: list[list[int]] = [[] for _ in range(n_devices)]
@@ -83,6 +87,6 @@ def reference_run(
             train_epochs(w, d.Xtr[p], d.ytr[p], round_=r, seed=k, lr=lr, batch_size=batch_size)
             for k, p in enumerate(parts)
         ]
-        w = {name: sum(s * u[name] for s, u in zip(sizes, new)) / sizes.sum() for name in w}
+        w = {name: sum(s * u[name] for s, u in zip(sizes, new, strict=True)) / sizes.sum() for name in w}
         accs.append(evaluator(w)["accuracy"])
     return accs

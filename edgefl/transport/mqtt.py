@@ -195,4 +195,6 @@ class MqttConnection:
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props=None) -> None:  # noqa: ANN001
         self.connected.clear()
         if not self._closing:
-            log.warning("%s: disconnected (%s); reconnecting with backoff", self.client_id, reason_code)
+            log.warning(
+                "%s: disconnected (%s); reconnecting with backoff", self.client_id, reason_code
+            )

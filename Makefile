@@ -1,0 +1,41 @@
+# The two set-up commands of the README. Each bootstraps everything it needs on a fresh
+# Debian machine: system packages (when missing), the .venv, and the Python dependencies.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEB_PACKAGES := mosquitto mosquitto-clients chromium chromium-driver
+
+.PHONY: demo test lint bench system-deps clean
+
+demo: $(STAMP)
+	$(BIN)/edgefl demo $(ARGS)
+
+test: system-deps $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: system-deps $(STAMP)
+	@for b in benchmarks/bench_*.py; do $(BIN)/python $$b; done
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Installs only what is missing; needs root (or sudo) on a machine that lacks them.
+system-deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" -ne 0 ] && SUDO=sudo; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
+	fi
+
+clean:
+	rm -rf $(VENV) edgefl-demo .pytest_cache .ruff_cache

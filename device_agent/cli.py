@@ -1,0 +1,69 @@
+"""`edgefl-agent`: run one device agent (argparse only: no extra dependencies on devices)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from device_agent.agent import DeviceAgent
+from device_agent.config import AgentConfig, load_config
+from device_agent.trainers.base import load_trainer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgefl-agent",
+        description="edgefl device agent: dials out to an MQTT broker, trains on local data, "
+        "publishes chunked CBOR updates. Settings come from --config, then EDGEFL_* "
+        "environment variables (e.g. EDGEFL_PASSWORD), then flags.",
+    )
+    p.add_argument("--config", help="JSON or TOML file with agent settings")
+    p.add_argument("--broker-url", help="mqtt://host:port or mqtts://host:port")
+    p.add_argument("--project")
+    p.add_argument("--region")
+    p.add_argument("--device-id")
+    p.add_argument("--username", help="defaults to the device id when a password is set")
+    p.add_argument("--trainer", help="trainer plug-in name (default: numpy)")
+    p.add_argument("--data-path", help=".npz file with local X and y for the numpy trainer")
+    p.add_argument("--seed", type=int, help="shuffling seed index")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg: AgentConfig = load_config(
+            args.config,
+            broker_url=args.broker_url,
+            project=args.project,
+            region=args.region,
+            device_id=args.device_id,
+            username=args.username,
+            trainer=args.trainer,
+            data_path=args.data_path,
+            seed=args.seed,
+        )
+        kwargs = {"data_path": cfg.data_path} if cfg.trainer == "numpy" else {}
+        trainer = load_trainer(cfg.trainer, **kwargs)
+    except (ValueError, OSError) as exc:
+        print(f"edgefl-agent: {exc}", file=sys.stderr)
+        return 2
+    if cfg.password is None:
+        logging.getLogger("edgefl.security").warning(
+            "no password/token configured: connecting anonymously (only for a development broker)"
+        )
+    logging.info("starting agent with %s", cfg.redacted())
+    agent = DeviceAgent(cfg, trainer)
+    agent.start(timeout=None)
+    agent.run_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

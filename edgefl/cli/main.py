@@ -1,0 +1,275 @@
+"""`edgefl`: operate brokers, combiners, the controller, simulated fleets and the demo."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from edgefl.cli.common import err_console, require_secret, setup_logging, token_for
+
+app = typer.Typer(
+    help="edgefl: federated learning for IoT fleets over MQTT.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+LogLevel = typer.Option("warning", "--log-level", help="debug, info, warning or error")
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+
+
+@app.command()
+def demo(
+    devices: int = typer.Option(20, min=1, help="simulated devices"),
+    regions: int = typer.Option(2, min=1, help="regions, one combiner each"),
+    rounds: int = typer.Option(20, min=1, help="federated rounds"),
+    model: str = typer.Option("softmax", help="softmax (regression) or mlp"),
+    aggregator: str = typer.Option("fedavg", help="fedavg, fedadam, fedyogi or fedadagrad"),
+    broker: str = typer.Option(None, help="broker URL (mqtt://host:port); default: embedded"),
+    dashboard: bool = typer.Option(True, help="serve the dashboard while training"),
+    dashboard_port: int = typer.Option(8080, help="dashboard port on 127.0.0.1"),
+    serve_after: bool = typer.Option(
+        None,
+        help="keep the dashboard up after training until Ctrl-C (default: when run in a terminal)",
+    ),
+    workdir: Path = typer.Option(Path("edgefl-demo"), help="where state and models are kept"),
+    log_level: str = LogLevel,
+) -> None:
+    """Train the digits task on a simulated fleet, end to end over MQTT; print one JSON line."""
+    from edgefl.demo import DemoOptions, DemoRun
+
+    setup_logging(log_level)
+    if model not in ("softmax", "mlp"):
+        raise typer.BadParameter("model must be softmax or mlp")
+    opts = DemoOptions(
+        devices=devices,
+        regions=regions,
+        rounds=rounds,
+        model=model,
+        aggregator=aggregator,
+        broker_url=broker,
+        dashboard=dashboard,
+        dashboard_port=dashboard_port,
+        workdir=workdir,
+    )
+    progress = Progress(
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    )
+    with DemoRun(opts) as run, progress:
+        task = progress.add_task("rounds", total=rounds, info="starting")
+
+        def on_round(rec, _sess) -> None:  # noqa: ANN001
+            acc = rec.metrics.get("accuracy", float("nan"))
+            progress.update(
+                task,
+                completed=rec.round,
+                info=f"round {rec.round}: accuracy {acc:.4f}, "
+                f"{(rec.finished or 0) - rec.started:.3f}s",
+            )
+
+        result = run.run(on_round=on_round, on_status=lambda m: progress.update(task, info=m))
+        progress.stop()
+        if run.dashboard_url:
+            result["dashboard"] = run.dashboard_url
+        print(json.dumps(result), flush=True)
+        linger = sys.stdout.isatty() if serve_after is None else serve_after
+        if run.dashboard_url and linger:
+            err_console.print(f"dashboard still at {run.dashboard_url} — Ctrl-C to quit")
+            _wait_for_signal()
+
+
+@app.command()
+def broker(
+    host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
+    port: int = typer.Option(1883, help="listen port"),
+    insecure: bool = typer.Option(False, help="allow anonymous clients (development only)"),
+    log_level: str = LogLevel,
+) -> None:
+    """Run the embedded amqtt broker (JWT auth from EDGEFL_JWT_SECRET)."""
+    from edgefl.broker.embedded import EmbeddedBroker
+
+    setup_logging(log_level)
+    secret = require_secret(insecure)
+    with EmbeddedBroker(host, port, secret=secret, allow_anonymous=secret is None) as b:
+        err_console.print(f"broker listening on {b.url}")
+        _wait_for_signal()
+
+
+@app.command()
+def combiner(
+    region: str = typer.Option(..., help="the region this combiner serves"),
+    broker: str = typer.Option("mqtt://127.0.0.1:1883", help="broker URL"),
+    project: str = typer.Option("default", help="project name"),
+    insecure: bool = typer.Option(False, help="connect without a token (development only)"),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Run a regional combiner until interrupted."""
+    from edgefl.combiner import Combiner, CombinerConfig
+
+    setup_logging(log_level)
+    secret = require_secret(insecure)
+    cfg = CombinerConfig(
+        broker,
+        project=project,
+        region=region,
+        **token_for(secret, f"combiner-{region}", "combiner", project, region),
+    )
+    comb = Combiner(cfg).start()
+    try:
+        _wait_for_signal()
+    finally:
+        comb.stop()
+
+
+@app.command()
+def simulate(
+    devices: int = typer.Option(10, min=1, help="virtual devices, each with its own connection"),
+    regions: int = typer.Option(1, min=1, help="devices are spread round-robin over regions"),
+    broker: str = typer.Option("mqtt://127.0.0.1:1883", help="broker URL"),
+    project: str = typer.Option("default", help="project name"),
+    insecure: bool = typer.Option(False, help="connect without tokens (development only)"),
+    log_level: str = LogLevel,
+) -> None:
+    """Run N simulated devices on the digits partition until interrupted."""
+    from edgefl.fleet.simulate import region_names, start_fleet
+
+    setup_logging(log_level)
+    secret = require_secret(insecure)
+    fleet = start_fleet(
+        broker,
+        devices,
+        region_names(regions),
+        project=project,
+        token_for=(lambda d, r: token_for(secret, d, "device", project, r)["password"])
+        if secret
+        else None,
+    )
+    err_console.print(f"{devices} devices connected to {broker}")
+    try:
+        _wait_for_signal()
+    finally:
+        err_console.print(f"stopping; {fleet.completed_tasks} tasks completed")
+        fleet.stop()
+
+
+@app.command()
+def controller(
+    broker: str = typer.Option("mqtt://127.0.0.1:1883", help="broker URL"),
+    project: str = typer.Option("default", help="project name"),
+    state: str = typer.Option("sqlite:///edgefl-state/state.db", help="state store URL"),
+    models: Path = typer.Option(Path("edgefl-state/models"), help="model blob folder"),
+    resume: str = typer.Option(None, help="resume this session id instead of creating one"),
+    session_id: str = typer.Option(None, help="id for a new session"),
+    rounds: int = typer.Option(10, min=1),
+    min_devices: int = typer.Option(1, min=1),
+    max_devices: int = typer.Option(None, min=1),
+    round_timeout: float = typer.Option(60.0, help="seconds"),
+    buffer_size: int = typer.Option(None, min=1),
+    aggregator: str = typer.Option("fedavg"),
+    model: str = typer.Option("softmax", help="digits task model: softmax or mlp"),
+    lr: float = typer.Option(0.1),
+    insecure: bool = typer.Option(False, help="connect without a token (development only)"),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Create (or resume) a session on the digits task and run it to the end."""
+    from edgefl.controller import Controller, SessionConfig
+    from edgefl.store import make_store
+    from edgefl.store.blobs import FileBlobStore
+    from edgefl.tasks import digits
+
+    setup_logging(log_level)
+    secret = require_secret(insecure)
+    if state.startswith("sqlite:///"):
+        Path(state.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    store = make_store(state)
+    ctl = Controller(
+        broker,
+        store,
+        FileBlobStore(models),
+        project=project,
+        evaluator=digits.evaluator,
+        **token_for(secret, "controller", "controller", project),
+    ).start()
+    try:
+        if resume is None:
+            kwargs = {"session_id": session_id} if session_id else {}
+            cfg = SessionConfig(
+                rounds=rounds,
+                min_devices=min_devices,
+                max_devices=max_devices,
+                round_timeout_s=round_timeout,
+                buffer_size=buffer_size,
+                aggregator=aggregator,
+                train={"model": model, "lr": lr, "batch_size": 32},
+                **kwargs,
+            )
+            ctl.create_session(cfg, digits.initial_weights(model))
+            resume = cfg.session_id
+        sess = ctl.run(
+            resume,
+            on_round=lambda rec, _s: err_console.print(
+                f"round {rec.round}: {json.dumps({k: round(v, 4) for k, v in rec.metrics.items()})}"
+            ),
+        )
+        print(
+            json.dumps(
+                {
+                    "session_id": sess.session_id,
+                    "status": sess.status,
+                    "rounds": sess.current_round,
+                    "model_version": sess.model_version,
+                }
+            )
+        )
+    finally:
+        ctl.stop()
+        store.close()
+
+
+@app.command()
+def dashboard(
+    state: str = typer.Option("sqlite:///edgefl-state/state.db", help="state store URL"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8080),
+) -> None:
+    """Serve the REST API and dashboard for a state store."""
+    import uvicorn
+
+    from edgefl.api.app import create_app
+    from edgefl.store import make_store
+
+    uvicorn.run(create_app(make_store(state)), host=host, port=port, log_level="warning")
+
+
+@app.command("token")
+def token(
+    subject: str = typer.Option(..., help="device id, combiner name or user"),
+    role: str = typer.Option(..., help="admin, operator, viewer, device, combiner, controller"),
+    project: str = typer.Option("default"),
+    region: str = typer.Option(None, help="required for devices; optional for combiners"),
+    ttl: int = typer.Option(86400, help="lifetime in seconds"),
+) -> None:
+    """Issue a JWT signed with EDGEFL_JWT_SECRET."""
+    secret = require_secret(False)
+    print(token_for(secret, subject, role, project, region, ttl_s=ttl)["password"])
+
+
+if __name__ == "__main__":
+    app()

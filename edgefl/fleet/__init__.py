@@ -1,0 +1,1 @@
+"""Fleet-side helpers that run on the server machine (simulated fleets; provisioning later)."""

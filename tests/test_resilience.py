@@ -1,0 +1,276 @@
+"""Faults a fleet really has: flaky links, vanished devices, bad updates, a crashed controller."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cbor2
+import numpy as np
+import pytest
+
+from device_agent.agent import DeviceAgent
+from device_agent.config import AgentConfig
+from device_agent.trainers.numpy_trainer import NumpyTrainer
+from edgefl.protocol import encode, split_payload
+from edgefl.protocol.tensors import encode_tensors
+from edgefl.store import make_store
+from edgefl.tasks import digits
+from edgefl.transport import parse_broker_url
+from tests.harness import CuttingProxy, Deployment, RogueDevice, completed_accuracies
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def deployment(broker_url, tmp_path):  # noqa: ANN001, ANN201
+    dep = Deployment(broker_url, tmp_path)
+    yield dep
+    dep.close()
+
+
+def test_device_cut_mid_upload_resumes(deployment) -> None:  # noqa: ANN001
+    """One device's link drops in the middle of its chunked upload; it reconnects and the
+    combiner completes the transfer from the chunks it already had plus the resent ones."""
+    dep = deployment
+    dep.start_combiners(1)
+    n = 10
+    fleet = dep.start_fleet(n - 1)  # devices 0..8 connect directly
+    addr = parse_broker_url(dep.url)
+    marker = f"{dep.project}/region-0/dev/dev-0009/update".encode()
+    proxy = CuttingProxy(addr.host, addr.port, marker, cut_after=6000)
+    dep.stack.callback(proxy.close)
+    X, y = digits.device_data(n, 9)
+    cfg = AgentConfig(
+        broker_url=f"mqtt://127.0.0.1:{proxy.port}",
+        project=dep.project,
+        region="region-0",
+        device_id="dev-0009",
+        seed=9,
+        max_chunk_size=1024,
+        min_backoff_s=0.2,
+        max_backoff_s=1.0,
+    )
+    flaky = DeviceAgent(cfg, NumpyTrainer(X, y)).start()
+    dep.stack.callback(flaky.stop)
+    ctl = dep.controller()
+    # MLP updates are ~20 KB: with 1 KiB chunks the cut lands mid-upload
+    _, rounds = dep.run_session(
+        ctl,
+        rounds=3,
+        min_devices=n,
+        round_timeout_s=30,
+        chunk_size=1024,
+        train={"model": "mlp", "lr": 0.2, "batch_size": 32},
+    )
+    assert proxy.cuts == 1
+    assert flaky.conn.connect_count >= 2, "the device never had to reconnect"
+    assert [r.status for r in rounds] == ["completed"] * 3
+    assert all("dev-0009" in {p["device"] for p in r.participants} for r in rounds)
+    assert completed_accuracies(rounds) == pytest.approx(
+        digits.reference_run(n, 3, "mlp", lr=0.2), abs=1e-9
+    )
+    assert fleet.completed_tasks == 3 * (n - 1)
+
+
+def test_vanished_device_does_not_stall_round(deployment) -> None:  # noqa: ANN001
+    """A selected device that never answers holds its round only until the deadline."""
+    dep = deployment
+    dep.start_combiners(2)
+    dep.start_fleet(10)
+    ghost = RogueDevice(dep.url, dep.project, "region-1", "ghost", mode="silent")
+    dep.stack.callback(ghost.stop)
+    ctl = dep.controller()
+    timeout = 2.0
+    t0 = time.time()
+    _, rounds = dep.run_session(
+        ctl, rounds=3, min_devices=10, round_timeout_s=timeout, close_grace_s=2.0
+    )
+    elapsed = time.time() - t0
+    assert [r.status for r in rounds] == ["completed"] * 3
+    for rec in rounds:
+        assert "ghost" in rec.devices
+        assert "ghost" not in {p["device"] for p in rec.participants}
+        assert timeout * 0.9 <= rec.finished - rec.started < timeout + 2.0
+    assert len(ghost.tasks) == 3
+    assert elapsed < 3 * (timeout + 2.0) + 5
+    # the ghost contributed nothing, so the result is the 10-device reference exactly
+    assert completed_accuracies(rounds) == pytest.approx(digits.reference_run(10, 3), abs=1e-9)
+
+
+def _bad_update(mode: str, task: dict) -> bytes | list[bytes]:
+    """Build one misbehaving upload (the chunk messages to publish)."""
+
+    def chunks_of(payload: bytes) -> list[bytes]:
+        return [
+            c.to_bytes() for c in split_payload(payload, 4096, meta={"task_id": task["task_id"]})
+        ]
+
+    good = {"W": np.zeros((64, 10)), "b": np.zeros(10)}
+    if mode == "garbage-chunk":
+        return [b"\xff\x00 definitely not cbor"]
+    if mode == "garbage-update":
+        return chunks_of(b"\x9f\x01\x02 truncated cbor")
+    if mode == "oversized":
+        return chunks_of(os.urandom(2 * 1024 * 1024))
+    if mode == "wrong-shape":
+        tensors = {"W": np.zeros((10, 64)), "b": np.zeros(10)}
+    elif mode == "nan":
+        tensors = dict(good, b=np.full(10, np.nan))
+    elif mode == "wrong-dtype":
+        tensors = {"W": np.zeros((64, 10), np.float32), "b": np.zeros(10, np.float32)}
+    elif mode == "missing-tensor":
+        tensors = {"W": good["W"]}
+    else:
+        raise ValueError(mode)
+    msg = encode(
+        "update",
+        task_id=task["task_id"],
+        model_version=task["model_version"],
+        num_examples=50,
+        metrics={},
+        tensors=encode_tensors(tensors),
+    )
+    return chunks_of(msg)
+
+
+def test_bad_updates_are_rejected_and_round_goes_on(broker_url, tmp_path) -> None:  # noqa: ANN001
+    dep = Deployment(broker_url, tmp_path)
+    try:
+        dep.start_combiners(2, max_update_bytes=1024 * 1024)
+        dep.start_fleet(10)
+        modes = [
+            "garbage-chunk",
+            "garbage-update",
+            "oversized",
+            "wrong-shape",
+            "nan",
+            "wrong-dtype",
+            "missing-tensor",
+        ]
+        rogues = []
+        for i, mode in enumerate(modes):
+
+            def respond(rogue: RogueDevice, task: dict) -> None:
+                for payload in _bad_update(rogue.mode, task):
+                    rogue.client.publish(
+                        rogue.topics.device(rogue.region, rogue.device, "update"), payload, qos=1
+                    )
+
+            rogue = RogueDevice(
+                dep.url, dep.project, f"region-{i % 2}", f"rogue-{i}", mode, on_task=respond
+            )
+            rogues.append(rogue)
+            dep.stack.callback(rogue.stop)
+        ctl = dep.controller()
+        # buffer_size: close as soon as the 10 honest updates are in
+        _, rounds = dep.run_session(
+            ctl, rounds=3, min_devices=10, buffer_size=10, round_timeout_s=20
+        )
+        assert [r.status for r in rounds] == ["completed"] * 3
+        for rec in rounds:
+            assert {p["device"] for p in rec.participants} == {f"dev-{k:04d}" for k in range(10)}
+            assert rec.finished - rec.started < 15, "round waited for its deadline"
+        reasons = " | ".join(str(r.metrics) for r in rounds)
+        assert all(r.metrics["rejected"] >= 4 for r in rounds), reasons
+        assert completed_accuracies(rounds) == pytest.approx(digits.reference_run(10, 3), abs=1e-9)
+        for comb in dep.combiners:
+            assert comb.stats["rejected"] > 0
+    finally:
+        dep.close()
+
+
+def test_malformed_control_messages_do_not_crash_components(deployment) -> None:  # noqa: ANN001
+    dep = deployment
+    dep.start_combiners(1)
+    dep.start_fleet(4)
+    rogue = RogueDevice(dep.url, dep.project, "region-0", "noisy", mode="noise")
+    dep.stack.callback(rogue.stop)
+    t = dep.combiners[0].topics
+    for topic in (
+        t.combiner("region-0", "round"),
+        t.device("region-0", "dev-0000", "task"),
+        t.combiner("region-0", "partial"),
+        t.combiner("region-0", "progress"),
+    ):
+        for junk in (
+            b"",
+            b"\x00\x01",
+            cbor2.dumps({"v": 1, "type": "round"}),
+            cbor2.dumps({"v": 99, "type": "task"}),
+        ):
+            rogue.client.publish(topic, junk, qos=1).wait_for_publish(5)
+    ctl = dep.controller()
+    _, rounds = dep.run_session(ctl, rounds=2, min_devices=4, round_timeout_s=20)
+    assert completed_accuracies(rounds) == pytest.approx(digits.reference_run(4, 2), abs=1e-9)
+
+
+def test_controller_killed_mid_session_resumes(deployment) -> None:  # noqa: ANN001
+    """SIGKILL the controller process mid-round; a new one resumes from the stored state and
+    the session ends exactly where an uninterrupted one would."""
+    dep = deployment
+    dep.start_combiners(2)
+    dep.start_fleet(10)
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgefl.cli.main",
+        "controller",
+        "--broker",
+        dep.url,
+        "--project",
+        dep.project,
+        "--state",
+        dep.state_url,
+        "--models",
+        str(dep.workdir / "models"),
+        "--insecure",
+        "--log-level",
+        "warning",
+    ]
+    first = subprocess.Popen(
+        cmd
+        + [
+            "--session-id",
+            "crashy",
+            "--rounds",
+            "12",
+            "--min-devices",
+            "10",
+            "--round-timeout",
+            "30",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    store = make_store(dep.state_url)
+    dep.stack.callback(store.close)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            rounds = store.list_rounds("crashy") if store.get_session("crashy") else []
+            if any(r.round >= 5 and r.status == "running" for r in rounds):
+                break
+            assert first.poll() is None, first.stderr.read().decode()
+            time.sleep(0.002)
+        else:
+            pytest.fail("controller never reached round 5")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    before = store.get_session("crashy")
+    assert before.status == "running" and 4 <= before.current_round < 12
+    second = subprocess.run(
+        cmd + ["--resume", "crashy"], cwd=ROOT, capture_output=True, timeout=120
+    )
+    assert second.returncode == 0, second.stderr.decode()
+    after = store.get_session("crashy")
+    assert after.status == "completed" and after.current_round == 12
+    rounds = store.list_rounds("crashy")
+    interrupted = [r for r in rounds if r.status == "failed"]
+    assert interrupted and all(r.reason == "controller restarted" for r in interrupted)
+    assert completed_accuracies(rounds) == pytest.approx(digits.reference_run(10, 12), abs=1e-9)
