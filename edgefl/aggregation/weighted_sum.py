@@ -20,10 +20,11 @@ def axpy_inplace(acc: np.ndarray, x: np.ndarray, w: float, scratch: np.ndarray) 
     a = acc.reshape(-1)
     b = x.reshape(-1)
     n = a.size
+    w64 = np.float64(w)  # a numpy float64 scalar keeps float32 updates multiplying in float64
     for s in range(0, n, _BLOCK):
         e = min(s + _BLOCK, n)
         t = scratch[: e - s]
-        np.multiply(b[s:e], w, out=t, casting="unsafe")
+        np.multiply(b[s:e], w64, out=t)
         a[s:e] += t
 
 

@@ -87,6 +87,7 @@ def reference_run(
             train_epochs(w, d.Xtr[p], d.ytr[p], round_=r, seed=k, lr=lr, batch_size=batch_size)
             for k, p in enumerate(parts)
         ]
-        w = {name: sum(s * u[name] for s, u in zip(sizes, new, strict=True)) / sizes.sum() for name in w}
+        total = sizes.sum()
+        w = {name: sum(s * u[name] for s, u in zip(sizes, new, strict=True)) / total for name in w}
         accs.append(evaluator(w)["accuracy"])
     return accs
