@@ -18,6 +18,7 @@ from edgefl.store import make_store
 from edgefl.store.base import RoundRecord, SessionRecord
 from edgefl.store.blobs import FileBlobStore
 from edgefl.tasks import digits
+from edgefl.telemetry import JsonLinesSink
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +108,15 @@ class DemoRun:
                 **creds(f"combiner-{region}", Role.combiner, region),
             )
             self.components.append(Combiner(cfg).start())
+        sink = JsonLinesSink(o.workdir / "telemetry.jsonl")
+        self.components.append(sink_closer(sink))
         ctl = Controller(
             url,
             store,
             blobs,
             project=o.project,
             evaluator=digits.evaluator,
+            sink=sink,
             **creds("controller", Role.controller),
         )
         self.components.append(ctl.start())
@@ -164,6 +168,14 @@ class DemoRun:
             "session_id": config.session_id,
             "state": str(o.workdir / "state.db"),
         }
+
+
+class sink_closer:  # noqa: N801
+    def __init__(self, sink: JsonLinesSink) -> None:
+        self.sink = sink
+
+    def stop(self) -> None:
+        self.sink.close()
 
 
 class store_closer:  # noqa: N801 - a tiny adapter so the store closes with the other parts

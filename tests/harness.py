@@ -50,7 +50,7 @@ class Deployment:
         self.stack.callback(fleet.stop)
         return fleet
 
-    def controller(self) -> Controller:
+    def controller(self, **kwargs) -> Controller:  # noqa: ANN003
         store = make_store(self.state_url)
         self.stack.callback(store.close)
         ctl = Controller(
@@ -59,6 +59,7 @@ class Deployment:
             FileBlobStore(self.workdir / "models"),
             project=self.project,
             evaluator=digits.evaluator,
+            **kwargs,
         ).start()
         self.stack.callback(ctl.stop)
         return ctl

@@ -7,9 +7,12 @@ update is lost, duplicated, mis-weighted or mixed up across rounds or regions.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from edgefl.tasks import digits
+from edgefl.telemetry import JsonLinesSink
 from tests.harness import Deployment, completed_accuracies
 
 
@@ -23,7 +26,8 @@ def deployment(broker_url, tmp_path):  # noqa: ANN001, ANN201
 def test_two_regions_reproduce_reference_20_devices(deployment) -> None:  # noqa: ANN001
     deployment.start_combiners(2)
     deployment.start_fleet(20)
-    ctl = deployment.controller()
+    sink = JsonLinesSink(deployment.workdir / "telemetry.jsonl")
+    ctl = deployment.controller(sink=sink)
     sid, rounds = deployment.run_session(ctl, rounds=20, min_devices=20, round_timeout_s=30)
     accs = completed_accuracies(rounds)
     assert len(accs) == 20
@@ -35,6 +39,12 @@ def test_two_regions_reproduce_reference_20_devices(deployment) -> None:  # noqa
         devices = [p["device"] for p in rec.participants]
         assert sorted(devices) == sorted(set(devices)) and len(devices) == 20
         assert {p["region"] for p in rec.participants} == {"region-0", "region-1"}
+    # telemetry: one point per round, and device points forwarded from the devices
+    sink.close()
+    points = [json.loads(line) for line in sink.path.read_text().splitlines()]
+    round_points = [p for p in points if p["m"] == "round"]
+    assert [p["fields"]["accuracy"] for p in round_points] == pytest.approx(accs)
+    assert {p["tags"]["device"] for p in points if p["m"] == "device"} >= {"dev-0000", "dev-0019"}
     # lineage: each model version points at the previous one
     models = {m.version: m for m in ctl.store.list_models(sid)}
     chain = [r.model_out for r in rounds]

@@ -28,8 +28,10 @@ from edgefl.controller.models import ModelRepository, version_name
 from edgefl.controller.presence import Presence
 from edgefl.protocol import ChunkError, CodecError, MessageError, Topics, decode, encode
 from edgefl.protocol.chunking import Reassembler, split_payload
+from edgefl.protocol.messages import clean_metrics
 from edgefl.protocol.tensors import decode_tensors
 from edgefl.store.base import BlobStore, RoundRecord, SessionRecord, Store
+from edgefl.telemetry import NullSink, Point, TelemetrySink
 from edgefl.transport import MqttConnection
 
 log = logging.getLogger(__name__)
@@ -62,12 +64,14 @@ class Controller:
         password: str | None = None,
         evaluator: Evaluator | None = None,
         controller_id: str = "controller",
+        sink: TelemetrySink | None = None,
     ) -> None:
         self.store = store
         self.models = ModelRepository(store, blobs)
         self.project = project
         self.topics = Topics(project)
         self.evaluator = evaluator
+        self.sink: TelemetrySink = sink or NullSink()
         self.presence = Presence(self.topics)
         self._events: queue.Queue[_Event] = queue.Queue()
         self._partials = Reassembler(ttl_s=600)
@@ -88,6 +92,7 @@ class Controller:
         self.conn.subscribe(t.combiner_wildcard("status"), self.presence.on_combiner_status)
         self.conn.subscribe(t.combiner_wildcard("partial"), self._on_partial_chunk)
         self.conn.subscribe(t.combiner_wildcard("progress"), self._on_progress)
+        self.conn.subscribe(t.device_wildcard(None, "telemetry"), self._on_telemetry)
         self.conn.start(timeout)
         return self
 
@@ -120,6 +125,18 @@ class Controller:
             log.warning("controller: bad progress on %s: %s", topic, exc)
             return
         self._events.put(_Event("progress", region, msg))
+
+    def _on_telemetry(self, topic: str, payload: bytes) -> None:
+        try:
+            region, device, _ = self.topics.parse_device_topic(topic)
+            msg = decode(payload, "telemetry")
+        except (MessageError, ValueError) as exc:
+            log.debug("controller: bad telemetry on %s: %s", topic, exc)
+            return
+        fields = clean_metrics(msg["metrics"])
+        if fields:
+            tags = {"project": self.project, "region": region, "device": device}
+            self.sink.write([Point("device", fields, tags, float(msg["ts"]))])
 
     # sessions --------------------------------------------------------------------------
     def create_session(self, config: SessionConfig, initial_weights: Weights) -> SessionRecord:
@@ -324,6 +341,8 @@ class Controller:
             finished=time.time(),
         )
         self.store.update_session(sid, current_round=r, model_version=new_version)
+        tags = {"project": self.project, "session": sid}
+        self.sink.write([Point("round", {"round": float(r), **metrics}, tags)])
         self._publish_model(new_version, new_blob, config.chunk_size)
         log.info(
             "round %s done: %d updates, metrics %s",

@@ -1,0 +1,37 @@
+"""The embedded default sink: one JSON object per line, appended to a file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+from edgefl.telemetry.base import Point
+
+log = logging.getLogger(__name__)
+
+
+class JsonLinesSink:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def write(self, points: list[Point]) -> None:
+        try:
+            lines = "".join(
+                json.dumps({"m": p.measurement, "ts": p.ts, "tags": p.tags, "fields": p.fields})
+                + "\n"
+                for p in points
+            )
+            with self._lock:
+                self._file.write(lines)
+                self._file.flush()
+        except (OSError, TypeError, ValueError) as exc:
+            log.warning("telemetry: dropped %d points: %s", len(points), exc)
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
