@@ -1,0 +1,167 @@
+"""The device agent against a real broker, with the test playing the server side by hand.
+
+This pins the wire contract from the device's point of view (docs/protocol.md): presence with
+a last will, tasks over QoS 1 persistent sessions, chunked model download, chunked update.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device_agent.agent import DeviceAgent
+from device_agent.config import AgentConfig
+from device_agent.trainers.numpy_models import train_epochs
+from device_agent.trainers.numpy_trainer import NumpyTrainer
+from edgefl.protocol import Reassembler, Topics, decode, encode, split_payload
+from edgefl.protocol.tensors import decode_tensors, dumps_tensors
+from edgefl.tasks import digits
+from edgefl.transport import parse_broker_url
+
+PROJECT = "agenttest"
+
+
+class ServerSide:
+    """A raw paho client acting as controller + combiner."""
+
+    def __init__(self, url: str) -> None:
+        addr = parse_broker_url(url)
+        self.topics = Topics(PROJECT)
+        self.updates = Reassembler()
+        self.completed: list[dict] = []
+        self.statuses: list[dict] = []
+        self.got = threading.Event()
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id="server-side", protocol=paho.MQTTv311
+        )
+        self.client.on_message = self._on_message
+        self.client.connect(addr.host, addr.port)
+        self.client.loop_start()
+        self.client.subscribe(self.topics.device_wildcard(None, "update"), qos=1)
+        self.client.subscribe(self.topics.device_wildcard(None, "status"), qos=1)
+        time.sleep(0.3)
+
+    def _on_message(self, _c, _u, msg) -> None:  # noqa: ANN001
+        _, device, channel = self.topics.parse_device_topic(msg.topic)
+        if channel == "status":
+            if msg.payload:
+                self.statuses.append(decode(msg.payload, "status"))
+            return
+        done = self.updates.feed(device, msg.payload)
+        if done is not None:
+            self.completed.append(decode(done.payload, "update"))
+            self.got.set()
+
+    def publish_model(self, version: str, weights: dict) -> bytes:
+        blob = dumps_tensors(weights)
+        for c in split_payload(blob, 1024, transfer=version):
+            self.client.publish(
+                self.topics.model_chunk(version, c.index), c.to_bytes(), qos=1, retain=True
+            ).wait_for_publish(5)
+        return hashlib.sha256(blob).digest()
+
+    def send_task(self, region: str, device: str, version: str, digest: bytes, rnd: int) -> None:
+        task = encode(
+            "task",
+            task_id=f"s:{rnd}:0",
+            session="s",
+            round=rnd,
+            model_version=version,
+            model_digest=digest,
+            deadline=time.time() + 60,
+            train={"lr": 0.1, "batch_size": 32},
+            chunk_size=2048,
+        )
+        self.client.publish(
+            self.topics.device(region, device, "task"), task, qos=1
+        ).wait_for_publish(5)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def server(broker_url):  # noqa: ANN001, ANN201
+    s = ServerSide(broker_url)
+    yield s
+    s.stop()
+
+
+def _agent(url: str, device: str) -> DeviceAgent:
+    X, y = digits.device_data(10, 3)
+    cfg = AgentConfig(
+        broker_url=url,
+        project=PROJECT,
+        region="r1",
+        device_id=device,
+        seed=3,
+        min_backoff_s=0.2,
+        max_backoff_s=1.0,
+    )
+    return DeviceAgent(cfg, NumpyTrainer(X, y))
+
+
+def test_task_published_while_offline_is_delivered_on_return(broker_url, server) -> None:  # noqa: ANN001
+    device = f"off-{time.time_ns() % 10**9}"
+    agent = _agent(broker_url, device).start()
+    try:
+        weights = digits.initial_weights()
+        digest = server.publish_model("v-off", weights)
+        # the device goes away (clean DISCONNECT keeps its persistent session on the broker)
+        agent.conn.client.disconnect()
+        agent.conn.client.loop_stop()
+        time.sleep(0.3)
+        server.send_task("r1", device, "v-off", digest, rnd=4)
+        time.sleep(0.3)
+        assert not server.completed
+        agent.conn.client.reconnect()
+        agent.conn.client.loop_start()
+        assert server.got.wait(15), "the queued task never reached the returning device"
+    finally:
+        agent.stop()
+    update = server.completed[0]
+    X, y = digits.device_data(10, 3)
+    expected = train_epochs(weights, X, y, round_=4, seed=3)
+    got = decode_tensors(update["tensors"])
+    assert update["task_id"] == "s:4:0" and update["num_examples"] == len(y)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+    assert update["metrics"]["train_loss"] > 0
+
+
+def test_presence_online_then_last_will(broker_url, server) -> None:  # noqa: ANN001
+    device = f"lw-{time.time_ns() % 10**9}"
+    agent = _agent(broker_url, device).start()
+    deadline = time.time() + 5
+    while not any(s.get("device") == device and s["state"] == "online" for s in server.statuses):
+        assert time.time() < deadline, server.statuses
+        time.sleep(0.05)
+    agent.conn.client.loop_stop()  # crash: no DISCONNECT, the broker must send the will
+    agent.conn.drop()
+    deadline = time.time() + 60  # keepalive 30 s * 1.5 is the worst case; a closed socket is quick
+    while not any(s.get("device") == device and s["state"] == "offline" for s in server.statuses):
+        assert time.time() < deadline, "no last will"
+        time.sleep(0.05)
+
+
+def test_model_digest_mismatch_is_refused(broker_url, server) -> None:  # noqa: ANN001
+    device = f"dig-{time.time_ns() % 10**9}"
+    agent = _agent(broker_url, device).start()
+    try:
+        server.publish_model("v-dig", digits.initial_weights())
+        server.send_task("r1", device, "v-dig", b"\x00" * 32, rnd=1)
+        deadline = time.time() + 10
+        while agent.last_error is None:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert "digest" in agent.last_error
+        assert not server.completed
+    finally:
+        agent.stop()
