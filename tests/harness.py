@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ from edgefl.transport import parse_broker_url
 class Deployment:
     url: str
     workdir: Path
-    project: str = "test"
+    # a fresh project per deployment isolates tests that share a broker (retained messages)
+    project: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
     regions: list[str] = field(default_factory=list)
     combiners: list[Combiner] = field(default_factory=list)
     stack: ExitStack = field(default_factory=ExitStack)
@@ -45,8 +47,10 @@ class Deployment:
             self.stack.callback(comb.stop)
         return self.combiners
 
-    def start_fleet(self, n_devices: int):  # noqa: ANN201
-        fleet = start_fleet(self.url, n_devices, self.regions, project=self.project)
+    def start_fleet(self, n_devices: int, partition_size: int | None = None):  # noqa: ANN201
+        fleet = start_fleet(
+            self.url, n_devices, self.regions, project=self.project, partition_size=partition_size
+        )
         self.stack.callback(fleet.stop)
         return fleet
 

@@ -38,7 +38,7 @@ def test_device_cut_mid_upload_resumes(deployment) -> None:  # noqa: ANN001
     dep = deployment
     dep.start_combiners(1)
     n = 10
-    fleet = dep.start_fleet(n - 1)  # devices 0..8 connect directly
+    fleet = dep.start_fleet(n - 1, partition_size=n)  # devices 0..8 connect directly
     addr = parse_broker_url(dep.url)
     marker = f"{dep.project}/region-0/dev/dev-0009/update".encode()
     proxy = CuttingProxy(addr.host, addr.port, marker, cut_after=6000)
@@ -204,7 +204,8 @@ def test_malformed_control_messages_do_not_crash_components(deployment) -> None:
         ):
             rogue.client.publish(topic, junk, qos=1).wait_for_publish(5)
     ctl = dep.controller()
-    _, rounds = dep.run_session(ctl, rounds=2, min_devices=4, round_timeout_s=20)
+    # the noisy client looks like a device but never trains: buffer_size closes the round
+    _, rounds = dep.run_session(ctl, rounds=2, min_devices=4, buffer_size=4, round_timeout_s=20)
     assert completed_accuracies(rounds) == pytest.approx(digits.reference_run(4, 2), abs=1e-9)
 
 

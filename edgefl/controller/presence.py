@@ -14,7 +14,7 @@ class Presence:
     def __init__(self, topics: Topics) -> None:
         self.topics = topics
         self._lock = threading.Lock()
-        self._devices: dict[str, tuple[str, str]] = {}  # device -> (region, state)
+        self._devices: dict[tuple[str, str], str] = {}  # (region, device) -> state
         self._combiners: dict[str, str] = {}  # region -> state
         self.changed = threading.Condition(self._lock)
 
@@ -28,7 +28,7 @@ class Presence:
             log.warning("ignoring bad device status on %s: %s", topic, exc)
             return
         with self._lock:
-            self._devices[device] = (region, msg["state"])
+            self._devices[(region, device)] = msg["state"]
             self.changed.notify_all()
 
     def on_combiner_status(self, topic: str, payload: bytes) -> None:
@@ -56,8 +56,9 @@ class Presence:
 
     def _eligible_locked(self) -> dict[str, str]:
         regions = {r for r, s in self._combiners.items() if s == "online"}
-        return {d: r for d, (r, s) in self._devices.items() if s == "online" and r in regions}
+        return {d: r for (r, d), s in self._devices.items() if s == "online" and r in regions}
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:
-            return {"devices": dict(self._devices), "combiners": dict(self._combiners)}
+            devices = {f"{r}/{d}": s for (r, d), s in self._devices.items()}
+            return {"devices": devices, "combiners": dict(self._combiners)}

@@ -51,14 +51,19 @@ def start_fleet(
     token_for: TokenFactory | None = None,
     chunk_size: int = 1024 * 1024,
     on_started: Callable[[int], None] | None = None,
+    partition_size: int | None = None,
 ) -> Fleet:
-    """Start ``n_devices`` agents on the digits partition; device k lives in regions[k % R]."""
+    """Start ``n_devices`` agents on the digits partition; device k lives in regions[k % R].
+
+    ``partition_size`` (default ``n_devices``) is the fleet size the data is split for, so a
+    run can start only part of a partitioned fleet here and the rest elsewhere.
+    """
     if n_devices < 1 or not regions:
         raise ValueError("need at least one device and one region")
     fleet = Fleet()
     try:
         for k in range(n_devices):
-            X, y = digits.device_data(n_devices, k)
+            X, y = digits.device_data(partition_size or n_devices, k)
             dev, region = device_name(k), regions[k % len(regions)]
             cfg = AgentConfig(
                 broker_url=broker_url,

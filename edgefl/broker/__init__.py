@@ -1,0 +1,1 @@
+"""Brokers: the embedded amqtt broker (zero setup) and a Mosquitto runner."""
