@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as paho
-from edgefl.store.blobs import FileBlobStore
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefl.combiner import Combiner, CombinerConfig
@@ -19,6 +18,7 @@ from edgefl.controller import Controller, SessionConfig
 from edgefl.fleet.simulate import region_names, start_fleet
 from edgefl.protocol import Topics, decode, encode
 from edgefl.store import make_store
+from edgefl.store.blobs import FileBlobStore
 from edgefl.tasks import digits
 from edgefl.transport import parse_broker_url
 
