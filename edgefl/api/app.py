@@ -1,0 +1,102 @@
+"""The read-only REST API and the dashboard page, over a state store.
+
+Operator actions (start/stop sessions) and JWT role checks arrive with the full REST API; the
+``require_viewer`` dependency is the seam where they plug in. Today every route is read-only,
+and the server binds to loopback by default.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import HTMLResponse
+
+from edgefl.store.base import RoundRecord, SessionRecord, Store
+
+
+def require_viewer() -> None:
+    """Authorisation seam: JWT role checks (viewer and up) will be enforced here."""
+
+
+def _session_summary(s: SessionRecord) -> dict[str, Any]:
+    return {
+        "session_id": s.session_id,
+        "project": s.project,
+        "status": s.status,
+        "current_round": s.current_round,
+        "rounds": s.config.get("rounds"),
+        "aggregator": s.config.get("aggregator"),
+        "model_version": s.model_version,
+        "created": s.created,
+        "updated": s.updated,
+    }
+
+
+def _round_summary(r: RoundRecord) -> dict[str, Any]:
+    return {
+        "task_id": r.task_id,
+        "round": r.round,
+        "attempt": r.attempt,
+        "status": r.status,
+        "metrics": r.metrics,
+        "participants": len(r.participants),
+        "selected": len(r.devices),
+        "started": r.started,
+        "finished": r.finished,
+        "duration_s": (r.finished - r.started) if r.finished else None,
+        "model_in": r.model_in,
+        "model_out": r.model_out,
+        "reason": r.reason,
+    }
+
+
+def create_app(store: Store, *, title: str = "edgefl") -> FastAPI:
+    app = FastAPI(title=title, version="1", dependencies=[Depends(require_viewer)])
+    page = resources.files("edgefl.api").joinpath("static/index.html").read_text("utf-8")
+
+    def _session(session_id: str) -> SessionRecord:
+        sess = store.get_session(session_id)
+        if sess is None:
+            raise HTTPException(404, f"no session {session_id!r}")
+        return sess
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def dashboard() -> str:
+        return page
+
+    @app.get("/api/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/api/sessions")
+    def sessions() -> list[dict[str, Any]]:
+        return [_session_summary(s) for s in reversed(store.list_sessions())]
+
+    @app.get("/api/sessions/{session_id}")
+    def session(session_id: str) -> dict[str, Any]:
+        sess = _session(session_id)
+        return {**_session_summary(sess), "config": sess.config}
+
+    @app.get("/api/sessions/{session_id}/rounds")
+    def rounds(session_id: str) -> list[dict[str, Any]]:
+        _session(session_id)
+        return [_round_summary(r) for r in store.list_rounds(session_id)]
+
+    @app.get("/api/sessions/{session_id}/models")
+    def models(session_id: str) -> list[dict[str, Any]]:
+        _session(session_id)
+        return [
+            {
+                "version": m.version,
+                "parent": m.parent,
+                "round": m.round,
+                "digest": m.digest,
+                "size": m.size,
+                "created": m.created,
+            }
+            for m in store.list_models(session_id)
+        ]
+
+    return app
