@@ -1,0 +1,73 @@
+"""Topic permissions per role (edgefl.auth.acl) and the Mosquitto rendering of them."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgefl.auth.acl import allowed, mosquitto_acl_lines
+from edgefl.auth.tokens import Claims, Role
+
+B = "edgefl/v1/p"
+
+
+def claims(role: Role, sub: str = "d1", region: str | None = "r1", project: str = "p") -> Claims:
+    return Claims(sub, role, project, region, 0.0)
+
+
+@pytest.mark.parametrize(
+    "topic, action, ok",
+    [
+        (f"{B}/r1/dev/d1/update", "publish", True),
+        (f"{B}/r1/dev/d1/status", "publish", True),
+        (f"{B}/r1/dev/d1/telemetry", "publish", True),
+        (f"{B}/r1/dev/d1/task", "publish", False),
+        (f"{B}/r1/dev/d2/update", "publish", False),
+        (f"{B}/r2/dev/d1/update", "publish", False),
+        (f"{B}/r1/dev/+/update", "publish", False),
+        (f"{B}/r1/dev/d1/task", "subscribe", True),
+        (f"{B}/r1/dev/+/task", "subscribe", False),
+        (f"{B}/r1/dev/d1/update", "subscribe", False),
+        (f"{B}/model/v7/+", "subscribe", True),
+        (f"{B}/model/v7/3", "subscribe", True),
+        (f"{B}/model/+/+", "subscribe", False),
+        (f"{B}/model/#", "subscribe", False),
+        (f"{B}/r1/comb/round", "subscribe", False),
+        ("edgefl/v1/other/r1/dev/d1/update", "publish", False),
+        ("$SYS/broker/uptime", "subscribe", False),
+        (f"$share/g/{B}/r1/dev/d1/task", "subscribe", False),
+    ],
+)
+def test_device_rules(topic: str, action: str, ok: bool) -> None:
+    assert allowed(claims(Role.device), topic, action) is ok
+
+
+def test_combiner_rules() -> None:
+    c = claims(Role.combiner, "combiner-r1")
+    assert allowed(c, f"{B}/r1/dev/+/update", "subscribe")
+    assert allowed(c, f"{B}/r1/dev/d9/task", "publish")
+    assert allowed(c, f"{B}/r1/comb/partial", "publish")
+    assert allowed(c, f"$share/combiners/{B}/r1/dev/+/update", "subscribe")
+    assert allowed(c, f"{B}/model/#", "subscribe")
+    assert not allowed(c, f"{B}/r2/dev/+/update", "subscribe")
+    assert not allowed(c, f"{B}/#", "subscribe")
+    assert not allowed(c, f"{B}/model/v1/0", "publish")
+    anywhere = claims(Role.combiner, "combiner-all", region=None)
+    assert allowed(anywhere, f"{B}/r7/dev/+/update", "subscribe")
+
+
+def test_server_and_operator_roles() -> None:
+    for role in (Role.controller, Role.admin):
+        assert allowed(claims(role), f"{B}/model/v1/0", "publish")
+        assert allowed(claims(role), f"{B}/#", "subscribe")
+        assert not allowed(claims(role), "edgefl/v1/q/#", "subscribe")
+    for role in (Role.operator, Role.viewer):
+        assert allowed(claims(role), f"{B}/#", "subscribe")
+        assert not allowed(claims(role), f"{B}/r1/comb/round", "publish")
+    assert not allowed(claims(Role.controller), f"{B}/x", "delete")
+
+
+def test_mosquitto_rendering_names_every_device_channel() -> None:
+    text = mosquitto_acl_lines("p")
+    for ch in ("update", "status", "telemetry"):
+        assert f"pattern write {B}/+/dev/%u/{ch}" in text
+    assert f"pattern read {B}/+/dev/%u/task" in text
