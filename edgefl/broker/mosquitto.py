@@ -19,9 +19,15 @@ def find_mosquitto() -> str:
 
 class MosquittoProcess:
     def __init__(
-        self, port: int = 0, *, config_extra: str = "", workdir: Path | None = None
+        self,
+        port: int = 0,
+        *,
+        config_extra: str = "",
+        workdir: Path | None = None,
+        allow_anonymous: bool = True,
     ) -> None:
         self.port = port
+        self.allow_anonymous = allow_anonymous
         self.config_extra = config_extra
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="edgefl-mosq-")
         self.workdir = Path(workdir or self._tmp.name)
@@ -38,10 +44,10 @@ class MosquittoProcess:
                 self.port = s.getsockname()[1]
         conf = self.workdir / "mosquitto.conf"
         log = self.workdir / "mosquitto.log"
-        # Loopback-only test broker: anonymous access is acceptable here and nowhere else.
+        # Loopback-only broker; anonymous access (the default here) is for tests and benchmarks.
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}\n"
             "user root\n"
             "persistence false\n"
             "max_packet_size 16777216\n"
