@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Any, Protocol
 
 import numpy as np
@@ -53,12 +52,14 @@ class CallableTrainer:
 
 def load_trainer(name: str, **kwargs: Any) -> Trainer:
     """Find a trainer by its ``edgefl.trainers`` entry point (third parties register theirs)."""
-    for ep in entry_points(group="edgefl.trainers"):
-        if ep.name == name:
-            return ep.load()(**kwargs)
-    if name == "numpy":  # works from a source checkout without installed metadata too
+    if name == "numpy":  # built in; skipping the entry-point scan keeps the agent small
         from device_agent.trainers.numpy_trainer import NumpyTrainer
 
         return NumpyTrainer(**kwargs)
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="edgefl.trainers"):
+        if ep.name == name:
+            return ep.load()(**kwargs)
     known = sorted(ep.name for ep in entry_points(group="edgefl.trainers"))
     raise ValueError(f"unknown trainer {name!r}; installed trainers: {known}")

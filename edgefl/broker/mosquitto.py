@@ -80,12 +80,14 @@ class MosquittoProcess:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait(5)
         self.proc = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     def __enter__(self) -> MosquittoProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()

@@ -101,7 +101,9 @@ def parse_chunk(payload: bytes, max_chunk_size: int = MAX_CHUNK_SIZE) -> Chunk:
         raise ChunkError("chunk field 'meta' must be a map")
     if not 0 < len(transfer) <= 128:
         raise ChunkError("transfer id must be 1-128 characters")
-    if not MIN_CHUNK_SIZE <= csz <= max_chunk_size and not (count == 1 and csz >= size):
+    if csz < 1 or (
+        not MIN_CHUNK_SIZE <= csz <= max_chunk_size and not (count == 1 and csz >= size)
+    ):
         raise ChunkError(f"chunk size {csz} outside [{MIN_CHUNK_SIZE}, {max_chunk_size}]")
     if size < 0 or count != max(1, -(-size // csz)):
         raise ChunkError(f"count {count} does not match size {size} / chunk size {csz}")

@@ -92,7 +92,7 @@ def decode(payload: bytes, expected: str | tuple[str, ...] | None = None) -> dic
     if msg.get("v") != MESSAGE_VERSION:
         raise MessageError(f"unsupported message version {msg.get('v')!r}")
     msg_type = msg.get("type")
-    if msg_type not in SCHEMAS:
+    if not isinstance(msg_type, str) or msg_type not in SCHEMAS:
         raise MessageError(f"unknown message type {msg_type!r}")
     if expected is not None:
         allowed = (expected,) if isinstance(expected, str) else expected

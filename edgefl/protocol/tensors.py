@@ -78,7 +78,10 @@ def tensor_from_cbor(value: object, name: str = "tensor") -> np.ndarray:
             f"{name}: shape {tuple(shape)} of {dtype.name} needs {count * dtype.itemsize} bytes,"
             f" got {len(typed.value)}"
         )
-    arr = np.frombuffer(typed.value, dtype=dtype).reshape(tuple(shape))
+    try:
+        arr = np.frombuffer(typed.value, dtype=dtype).reshape(tuple(shape))
+    except (ValueError, OverflowError) as exc:  # e.g. a zero-size shape numpy cannot represent
+        raise CodecError(f"{name}: shape {tuple(shape)} cannot be represented: {exc}") from exc
     # Native byte order for arithmetic; a no-op view on little-endian hosts.
     return arr.astype(arr.dtype.newbyteorder("="), copy=False)
 

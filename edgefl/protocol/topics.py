@@ -119,7 +119,11 @@ class Topics:
     def parse_model_chunk(self, topic: str) -> tuple[str, int]:
         parts = topic.split("/")
         prefix = self.base.split("/")
-        if len(parts) != len(prefix) + 3 or parts[len(prefix)] != "model":
+        if (
+            len(parts) != len(prefix) + 3
+            or parts[: len(prefix)] != prefix
+            or parts[len(prefix)] != "model"
+        ):
             raise TopicError(f"not a model topic of project {self.project!r}: {topic!r}")
         try:
             return parts[-2], int(parts[-1])

@@ -1,0 +1,265 @@
+"""Shared helpers for the benchmarks: a private Mosquitto, RSS sampling, update encoding and the
+one-line JSON report.
+
+Every benchmark starts its own Mosquitto on a free loopback port (never the machine's broker on
+1883), prints progress to stderr and exactly one JSON line of figures to stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run from a source checkout without an installed package too
+    sys.path.insert(0, str(REPO))
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+MIB = 1024 * 1024
+
+# Always passed to the broker, whichever runner starts it. Duplicated options are accepted by
+# Mosquitto 2.0, so this is safe when the shared runner sets some of them too.
+#  - set_tcp_nodelay: small control messages must not wait for Nagle + delayed ACK;
+#  - max_packet_size: room for 1 MiB chunks and more;
+#  - max_queued_messages: the default of 1000 would make the broker drop QoS 1 chunks queued
+#    for a subscriber that is slower than the publishers (the combiner under a burst).
+BROKER_EXTRA = "set_tcp_nodelay true\nmax_packet_size 16777216\nmax_queued_messages 100000\n"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def setup_logging(level: int = logging.WARNING) -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def emit(result: dict) -> None:
+    """The one line of figures on stdout."""
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+# broker --------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateMosquitto:
+    """Fallback launcher with the same API as ``edgefl.broker.mosquitto.MosquittoProcess``."""
+
+    def __init__(self, port: int = 0, *, config_extra: str = "", workdir: Path | None = None):
+        self.port = port or free_port()
+        self.config_extra = config_extra
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="edgefl-bench-mosq-"))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> PrivateMosquitto:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"  # loopback-only benchmark broker
+            "user root\n"
+            "persistence false\n"
+            "max_packet_size 16777216\n"
+            "set_tcp_nodelay true\n"
+            "log_dest stderr\n" + self.config_extra
+        )
+        self._log = open(self.workdir / "mosquitto.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(conf)], stdout=self._log, stderr=subprocess.STDOUT
+        )
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                text = (self.workdir / "mosquitto.log").read_text(errors="replace")
+                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}:\n{text}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"mosquitto did not accept connections on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> PrivateMosquitto:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def broker_runner() -> tuple[type, str]:
+    """The shared Mosquitto runner when it exists, else the private one (and its name)."""
+    try:
+        from edgefl.broker.mosquitto import MosquittoProcess
+    except ImportError:
+        return PrivateMosquitto, "benchmarks._common.PrivateMosquitto"
+    return MosquittoProcess, "edgefl.broker.mosquitto.MosquittoProcess"
+
+
+@contextlib.contextmanager
+def broker(extra: str = "") -> Iterator:
+    """A fresh Mosquitto on a free loopback port, stopped (and its files removed) on exit."""
+    if not Path(MOSQUITTO).exists():
+        raise SystemExit(f"{MOSQUITTO} not found: install the Debian package mosquitto")
+    runner, name = broker_runner()
+    with runner(0, config_extra=BROKER_EXTRA + extra) as b:
+        if int(b.port) == 1883:
+            raise RuntimeError("refusing to benchmark on port 1883 (the machine's own broker)")
+        log(f"mosquitto ({name}) on {b.url}")
+        yield b
+
+
+# memory --------------------------------------------------------------------------------------
+def rss_bytes(pid: int | None = None) -> int:
+    import psutil
+
+    return psutil.Process(pid or os.getpid()).memory_info().rss
+
+
+def maxrss_bytes() -> int:
+    """Peak RSS of the calling process so far (ru_maxrss is in KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class RssSampler:
+    """Samples a process's RSS on a thread; ``peak`` is the highest sample since ``reset``."""
+
+    def __init__(self, pid: int | None = None, interval_s: float = 0.005) -> None:
+        import psutil
+
+        self._proc = psutil.Process(pid or os.getpid())
+        self.interval_s = interval_s
+        self.peak = 0
+        self.last = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def start(self) -> RssSampler:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def sample(self) -> int:
+        try:
+            self.last = self._proc.memory_info().rss
+        except Exception:  # the process ended
+            return self.last
+        self.peak = max(self.peak, self.last)
+        return self.last
+
+    def reset(self) -> None:
+        self.peak = 0
+        self.sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        return self.peak
+
+
+def mb(n: float) -> float:
+    return round(n / 1e6, 2)
+
+
+# updates -------------------------------------------------------------------------------------
+def model_weights(n_params: int = 1_000_000, dtype: str = "float32", seed: int = 0) -> dict:
+    """A ~n_params model of two tensors (a square-ish matrix and a bias)."""
+    rng = np.random.default_rng(seed)
+    rows = 1000
+    cols = max(1, (n_params - rows) // rows)
+    return {
+        "W": rng.standard_normal((rows, cols)).astype(dtype),
+        "b": rng.standard_normal(rows).astype(dtype),
+    }
+
+
+def model_bytes(weights: dict) -> int:
+    return int(sum(np.asarray(w).nbytes for w in weights.values()))
+
+
+def encode_update(weights: dict, task_id: str, model_version: str, num_examples: int) -> bytes:
+    """The device agent's update message (see device_agent.agent.DeviceAgent._run_task)."""
+    from edgefl.protocol import encode
+    from edgefl.protocol.tensors import encode_tensors
+
+    return encode(
+        "update",
+        task_id=task_id,
+        model_version=model_version,
+        num_examples=int(num_examples),
+        metrics={"train_loss": 0.5},
+        tensors=encode_tensors(weights),
+    )
+
+
+def round_plan(
+    task_id: str, model_version: str, devices: list[str], weights: dict, chunk_size: int
+) -> bytes:
+    """A controller round plan for one region (see Controller._run_round)."""
+    from edgefl.aggregation import spec_of
+    from edgefl.aggregation.spec import spec_to_wire
+    from edgefl.protocol import encode
+
+    return encode(
+        "round",
+        task_id=task_id,
+        session="bench",
+        round=1,
+        model_version=model_version,
+        model_digest=bytes(32),
+        devices=sorted(devices),
+        deadline=time.time() + 3600,
+        train={},
+        chunk_size=chunk_size,
+        spec=spec_to_wire(spec_of(weights)),
+    )
