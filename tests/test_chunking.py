@@ -352,9 +352,6 @@ def test_parse_chunk_on_mutated_headers_raises_only_chunk_error(
 ) -> None:
     msg = _valid_map(*shape)
     msg.update(changes)
-    # Known bug, pinned by test_zero_chunk_size_is_a_chunk_error below: csz <= 0 on a
-    # single-chunk transfer reaches a division by zero.
-    assume(not (isinstance(msg.get("csz"), int) and msg["csz"] == 0))
     try:
         parse_chunk(cbor2.dumps(msg))
     except ChunkError:
@@ -489,15 +486,9 @@ def test_discard_drops_transfers_by_meta() -> None:
     assert r.pending == 1 and r.memory_bytes == 3000
 
 
-# known bugs --------------------------------------------------------------------------------
+# regressions (bugs these tests found) ------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ZeroDivisionError,
-    reason="bug in edgefl/protocol/chunking.py parse_chunk: a one-chunk header with csz=0 and "
-    "size=0 passes the chunk-size check (count == 1 and csz >= size) and then divides by csz",
-)
 def test_zero_chunk_size_is_a_chunk_error() -> None:
     msg = _valid_map(0, 1024)
     msg["csz"] = 0

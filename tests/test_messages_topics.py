@@ -246,8 +246,6 @@ def test_garbage_bytes_raise_only_message_error(blob: bytes) -> None:
 @SETTINGS
 @given(st.dictionaries(st.sampled_from(["v", "type", "task_id", "round", "x"]), VALUES))
 def test_arbitrary_maps_raise_only_message_error(msg: dict) -> None:
-    # Known bug, pinned by test_unhashable_type_field_is_a_message_error below.
-    assume(not isinstance(msg.get("type"), (list, dict)))
     try:
         decode(raw(msg))
     except MessageError:
@@ -420,27 +418,15 @@ def mqtt_match(topic_filter: str, topic: str) -> bool:
     return len(f) == len(t)
 
 
-# known bugs --------------------------------------------------------------------------------
+# regressions (bugs these tests found) ------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="bug in edgefl/protocol/messages.py decode: `msg_type not in SCHEMAS` hashes the "
-    "'type' field, so a CBOR array or map there raises TypeError instead of MessageError",
-)
 @pytest.mark.parametrize("bad_type", [[1], {"a": 1}])
 def test_unhashable_type_field_is_a_message_error(bad_type: object) -> None:
     with pytest.raises(MessageError):
         decode(raw({"v": 1, "type": bad_type}))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in edgefl/protocol/topics.py parse_model_chunk: it never compares the "
-    "edgefl/v1/{project} prefix, so another project's (or protocol version's) model topic "
-    "parses",
-)
 def test_parse_model_chunk_rejects_foreign_projects() -> None:
     with pytest.raises(TopicError):
         Topics("mine").parse_model_chunk(Topics("theirs").model_chunk("v1", 0))

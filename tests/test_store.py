@@ -137,3 +137,29 @@ def test_blob_store(tmp_path) -> None:  # noqa: ANN001
     for bad in ("../etc/passwd", "a/b", "", ".hidden", "x" * 300):
         with pytest.raises(ValueError):
             blobs.put(bad, b"x")
+
+
+def test_model_versions_are_content_addressed(tmp_path, url) -> None:  # noqa: ANN001
+    """A round retried after a crash must never overwrite a recorded version's bytes."""
+    import numpy as np
+
+    from edgefl.controller.models import ModelRepository
+
+    store = make_store(url)
+    repo = ModelRepository(store, FileBlobStore(tmp_path / "models"))
+    first, _ = repo.save({"w": np.zeros(3)}, parent=None, session_id="s", round_=1)
+    again, _ = repo.save({"w": np.zeros(3)}, parent=None, session_id="s", round_=1)
+    other, _ = repo.save(
+        {"w": np.ones(3)},
+        parent=None,
+        session_id="s",
+        round_=1,
+        optimizer_state={"m/w": np.ones(3)},
+    )
+    assert first.version == again.version != other.version
+    assert first.version.startswith("s-r0001-")
+    np.testing.assert_array_equal(repo.load(first.version)[0]["w"], np.zeros(3))
+    np.testing.assert_array_equal(repo.load(other.version)[0]["w"], np.ones(3))
+    assert repo.load_optimizer_state(other.version)["m/w"].tolist() == [1.0, 1.0, 1.0]
+    assert repo.load_optimizer_state(first.version) == {}
+    store.close()

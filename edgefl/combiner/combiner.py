@@ -246,6 +246,8 @@ class Combiner:
             return
         rnd.acc.fold(tensors, float(n))
         rnd.reported.add(device)
+        # an earlier bad chunk from this device was transient: it is a participant now
+        rnd.rejected = [r for r in rnd.rejected if r["device"] != device]
         rnd.participants.append(
             {
                 "device": device,
@@ -273,6 +275,7 @@ class Combiner:
             rnd is not None
             and not rnd.flushed
             and not quiet
+            and device in rnd.devices
             and all(r["device"] != device for r in rnd.rejected)
         ):
             rnd.rejected.append({"device": device, "reason": reason})

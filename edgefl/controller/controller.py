@@ -24,7 +24,7 @@ import numpy as np
 from edgefl.aggregation import WeightedSum, make_aggregator, spec_of
 from edgefl.aggregation.spec import spec_to_wire
 from edgefl.controller.config import SessionConfig
-from edgefl.controller.models import ModelRepository, version_name
+from edgefl.controller.models import ModelRepository
 from edgefl.controller.presence import Presence
 from edgefl.protocol import ChunkError, CodecError, MessageError, Topics, decode, encode
 from edgefl.protocol.chunking import Reassembler, split_payload
@@ -143,10 +143,10 @@ class Controller:
         if self.store.get_session(config.session_id) is not None:
             raise ValueError(f"session {config.session_id!r} exists; resume it or pick another id")
         make_aggregator(config.aggregator, **config.aggregator_params)  # fail early on typos
-        version = version_name(config.session_id, 0)
-        self.models.save(
-            version, initial_weights, parent=None, session_id=config.session_id, round_=0
+        record, _ = self.models.save(
+            initial_weights, parent=None, session_id=config.session_id, round_=0
         )
+        version = record.version
         now = time.time()
         record = SessionRecord(
             session_id=config.session_id,
@@ -320,11 +320,9 @@ class Controller:
             )
             return None
         new_weights = aggregator.step(weights, merged.mean({k: d for k, (d, _) in spec.items()}))
-        new_version = version_name(sid, r)
         metrics = self._round_metrics(new_weights, participants)
         metrics["rejected"] = float(len(rejected))
-        _, new_blob = self.models.save(
-            new_version,
+        new_record, new_blob = self.models.save(
             new_weights,
             parent=version,
             session_id=sid,
@@ -332,6 +330,7 @@ class Controller:
             optimizer_state=aggregator.state_dict(),
             meta={"metrics": metrics},
         )
+        new_version = new_record.version
         self.store.finish_round(
             task_id,
             status="completed",

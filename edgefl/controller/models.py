@@ -13,8 +13,10 @@ from edgefl.store.base import BlobStore, ModelRecord, Store
 Weights = dict[str, np.ndarray]
 
 
-def version_name(session_id: str, round_: int) -> str:
-    return f"{session_id}-r{round_:04d}"
+def version_name(session_id: str, round_: int, digest_hex: str) -> str:
+    """``{session}-r{round:04d}-{digest[:8]}``: content-addressed, so a round retried after a
+    crash can never overwrite an already recorded version with different bytes."""
+    return f"{session_id}-r{round_:04d}-{digest_hex[:8]}"
 
 
 class ModelRepository:
@@ -24,17 +26,21 @@ class ModelRepository:
 
     def save(
         self,
-        version: str,
         weights: Weights,
         *,
         parent: str | None,
-        session_id: str | None,
-        round_: int | None,
+        session_id: str,
+        round_: int,
         optimizer_state: Weights | None = None,
         meta: dict | None = None,
     ) -> tuple[ModelRecord, bytes]:
         """Write blob(s) first and the record last, so a record never points at nothing."""
         blob = dumps_tensors(weights)
+        digest = hashlib.sha256(blob).hexdigest()
+        version = version_name(session_id, round_, digest)
+        existing = self.store.get_model(version)
+        if existing is not None:  # the same bytes again (a retried round): nothing to write
+            return existing, blob
         self.blobs.put(version, blob)
         if optimizer_state:
             self.blobs.put(f"{version}.opt", dumps_tensors(optimizer_state))
@@ -43,13 +49,12 @@ class ModelRepository:
             parent=parent,
             session_id=session_id,
             round=round_,
-            digest=hashlib.sha256(blob).hexdigest(),
+            digest=digest,
             size=len(blob),
             created=time.time(),
             meta=dict(meta or {}),
         )
-        if self.store.get_model(version) is None:
-            self.store.add_model(record)
+        self.store.add_model(record)
         return record, blob
 
     def load(self, version: str) -> tuple[Weights, bytes]:

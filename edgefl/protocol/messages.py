@@ -51,6 +51,7 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "deadline": _num,
         "train": dict,
         "chunk_size": int,
+        "spec": list,
     },
     "close": {"task_id": str},
     # combiner -> controller

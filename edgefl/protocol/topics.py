@@ -102,7 +102,8 @@ class Topics:
             or parts[-1] not in DEVICE_CHANNELS
         ):
             raise TopicError(f"not a device topic of project {self.project!r}: {topic!r}")
-        return parts[len(prefix)], parts[len(prefix) + 2], parts[-1]
+        region = check_segment("region", parts[len(prefix)])
+        return region, check_segment("device", parts[len(prefix) + 2]), parts[-1]
 
     def parse_combiner_topic(self, topic: str) -> tuple[str, str]:
         """Return (region, channel) for a combiner-subtree topic."""
@@ -112,9 +113,10 @@ class Topics:
             len(parts) != len(prefix) + 3
             or parts[: len(prefix)] != prefix
             or parts[len(prefix) + 1] != "comb"
+            or parts[-1] not in COMBINER_CHANNELS
         ):
             raise TopicError(f"not a combiner topic of project {self.project!r}: {topic!r}")
-        return parts[len(prefix)], parts[-1]
+        return check_segment("region", parts[len(prefix)]), parts[-1]
 
     def parse_model_chunk(self, topic: str) -> tuple[str, int]:
         parts = topic.split("/")
@@ -125,7 +127,7 @@ class Topics:
             or parts[len(prefix)] != "model"
         ):
             raise TopicError(f"not a model topic of project {self.project!r}: {topic!r}")
-        try:
-            return parts[-2], int(parts[-1])
-        except ValueError as exc:
-            raise TopicError(f"bad chunk index in {topic!r}") from exc
+        index = parts[-1]
+        if not index.isascii() or not index.isdigit() or (len(index) > 1 and index[0] == "0"):
+            raise TopicError(f"bad chunk index in {topic!r}")
+        return check_segment("model version", parts[-2]), int(index)
