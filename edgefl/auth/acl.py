@@ -2,19 +2,36 @@
 
 device      publish:   edgefl/v1/{p}/{its region}/dev/{itself}/{update|status|telemetry}
             subscribe: edgefl/v1/{p}/{its region}/dev/{itself}/task
-                       edgefl/v1/{p}/model/{version}/+ (or one chunk)
-combiner    anything under edgefl/v1/{p}/{its region}/#  (every region if it has none)
+                       edgefl/v1/{p}/model/{version}/+ (or one chunk); never a wildcard version
+combiner    publish/subscribe under edgefl/v1/{p}/{its region}/#  (every region if it has none)
             subscribe: edgefl/v1/{p}/model/#
 controller, admin:  anything under edgefl/v1/{p}/#
 operator, viewer:   subscribe only, under edgefl/v1/{p}/#
+
+Everything else is denied: other projects, ``$SYS``, wildcards in a published topic, and
+``$share/<group>/<filter>`` for devices (for the others the inner filter is checked).
 """
 
 from __future__ import annotations
 
+import re
+
 from edgefl.auth.tokens import Claims, Role
-from edgefl.protocol.topics import ROOT
+from edgefl.protocol.topics import ROOT, TopicError, check_segment
 
 DEVICE_PUBLISH = ("update", "status", "telemetry")
+# first levels under a project that are not regions (see protocol/topics.py)
+NON_REGION = ("model", "ctl")
+_CHUNK_INDEX = re.compile(r"^[0-9]+$")
+SHARE_ROLES = (Role.combiner, Role.controller, Role.admin)
+
+
+def _is_segment(value: object) -> bool:
+    try:
+        check_segment("name", value)  # type: ignore[arg-type]
+    except TopicError:
+        return False
+    return True
 
 
 def _covered(pattern: list[str], topic: list[str]) -> bool:
@@ -32,15 +49,33 @@ def _covered(pattern: list[str], topic: list[str]) -> bool:
     return len(topic) == len(pattern)
 
 
+def _claims_usable(claims: Claims) -> bool:
+    """Claims become topic levels: a '+' or '#' in them would widen every rule."""
+    names = [claims.project] + ([claims.region] if claims.region is not None else [])
+    if claims.role is Role.device:
+        names.append(claims.subject)
+        if claims.region is None:
+            return False
+    return all(_is_segment(n) for n in names)
+
+
 def allowed(claims: Claims, topic: str, action: str) -> bool:
-    if action not in ("publish", "subscribe"):
+    """May the holder of ``claims`` publish to / subscribe to ``topic``?"""
+    if action not in ("publish", "subscribe") or not topic or not _claims_usable(claims):
         return False
     if topic.startswith("$share/"):
         parts = topic.split("/", 2)
-        if len(parts) < 3 or claims.role not in (Role.combiner, Role.controller, Role.admin):
+        if (
+            action != "subscribe"
+            or len(parts) < 3
+            or not _is_segment(parts[1])
+            or claims.role not in SHARE_ROLES
+        ):
             return False
         topic = parts[2]
     if topic.startswith("$"):
+        return False
+    if action == "publish" and ("+" in topic or "#" in topic):
         return False
     levels = topic.split("/")
     base = f"{ROOT}/{claims.project}".split("/")
@@ -53,41 +88,57 @@ def allowed(claims: Claims, topic: str, action: str) -> bool:
     if role in (Role.operator, Role.viewer):
         return action == "subscribe"
     if role is Role.combiner:
-        if action == "subscribe" and _covered(["model", "#"], rest):
-            return True
-        region = claims.region or "+"
-        return _covered([region, "#"], rest)
+        return _combiner(claims, rest, action)
     if role is Role.device:
-        if any(ch in topic for ch in "+#") and action == "publish":
-            return False
-        own = [claims.region or "", "dev", claims.subject]
-        if action == "publish":
-            return len(rest) == 4 and rest[:3] == own and rest[3] in DEVICE_PUBLISH
-        if rest == own + ["task"]:
-            return True
-        # one model version's chunks; never a wildcard version (no browsing other models)
-        return (
-            len(rest) == 3
-            and rest[0] == "model"
-            and rest[1] not in ("+", "#")
-            and (rest[2] == "+" or rest[2].isdigit())
-        )
+        return _device(claims, rest, action)
     return False
 
 
-def mosquitto_acl_lines(project: str) -> str:
-    """The same rules as Mosquitto ``pattern`` lines (%u is the username = device id).
+def _combiner(claims: Claims, rest: list[str], action: str) -> bool:
+    if action == "subscribe":
+        if _covered(["model", "#"], rest):
+            return True
+        if claims.region is None:
+            # every region: reading the rest of the project (model, controller status) is
+            # harmless, and a filter like '+/dev/+/update' must be allowed
+            return True
+        return _covered([claims.region, "#"], rest)
+    # publish: a concrete topic in a region subtree, never the model or controller subtrees
+    if rest[0] in NON_REGION or len(rest) < 2:
+        return False
+    return claims.region is None or rest[0] == claims.region
 
-    Mosquitto cannot see the region claim, so device patterns use ``+`` for the region; the
-    per-device password file still binds each username to one device.
+
+def _device(claims: Claims, rest: list[str], action: str) -> bool:
+    own = [claims.region, "dev", claims.subject]
+    if action == "publish":
+        return len(rest) == 4 and rest[:3] == own and rest[3] in DEVICE_PUBLISH
+    if rest == [*own, "task"]:
+        return True
+    # one model version's chunks; never a wildcard version (no browsing other models)
+    return (
+        len(rest) == 3
+        and rest[0] == "model"
+        and _is_segment(rest[1])
+        and (rest[2] == "+" or bool(_CHUNK_INDEX.match(rest[2])))
+    )
+
+
+def mosquitto_acl_lines(project: str) -> str:
+    """The same rules as a Mosquitto ``acl_file`` (``%u`` is the username = device id).
+
+    Mosquitto cannot see the region claim, so device patterns use ``+`` for the region; a
+    device still can publish only as itself. Mosquitto checks reads when it delivers a
+    message, so ``model/+/+`` gives the same result as the "no wildcard version" rule.
     """
+    check_segment("project", project)
     base = f"{ROOT}/{project}"
     lines = [
         f"# edgefl protocol v1 ACL for project '{project}' (generated by edgefl.auth.acl)",
         "# devices: username = device id",
         *(f"pattern write {base}/+/dev/%u/{ch}" for ch in DEVICE_PUBLISH),
         f"pattern read {base}/+/dev/%u/task",
-        f"pattern read {base}/model/#",
+        f"pattern read {base}/model/+/+",
         "",
         "# server components (add one 'user' block per combiner/controller account)",
         "user controller",
@@ -96,6 +147,10 @@ def mosquitto_acl_lines(project: str) -> str:
         "user combiner-region-0",
         f"topic readwrite {base}/region-0/#",
         f"topic read {base}/model/#",
+        "",
+        "# operators and viewers read only, e.g.:",
+        "# user alice",
+        f"# topic read {base}/#",
         "",
     ]
     return "\n".join(lines)

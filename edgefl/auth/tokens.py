@@ -14,6 +14,8 @@ from enum import Enum
 
 import jwt
 
+from edgefl.protocol.topics import TopicError, check_segment
+
 ALGORITHM = "HS256"
 ISSUER = "edgefl"
 MIN_SECRET_BYTES = 32
@@ -34,6 +36,8 @@ class Role(str, Enum):
 
 @dataclass(frozen=True)
 class Claims:
+    """What a verified token says about its holder."""
+
     subject: str
     role: Role
     project: str
@@ -42,16 +46,36 @@ class Claims:
 
 
 def generate_secret() -> str:
+    """A fresh HS256 secret (64 URL-safe characters, 384 bits)."""
     return secrets.token_urlsafe(48)
 
 
 def _check_secret(secret: str) -> str:
+    # HS256 with a short secret can be brute-forced offline from any captured token.
     if not isinstance(secret, str) or len(secret.encode()) < MIN_SECRET_BYTES:
-        raise ValueError(f"the JWT secret must be at least {MIN_SECRET_BYTES} bytes long")
+        raise ValueError(
+            f"the JWT secret must be at least {MIN_SECRET_BYTES} bytes long "
+            "(make one with edgefl.auth.tokens.generate_secret())"
+        )
     return secret
 
 
+def _check_identity(subject: str, role: Role, project: str, region: str | None) -> None:
+    """Names that become topic segments must be valid segments (no '+', '#', '/')."""
+    if not isinstance(subject, str) or not subject:
+        raise ValueError("the subject must be a non-empty string")
+    check_segment("project", project)
+    if region is not None:
+        check_segment("region", region)
+    if role is Role.device:
+        if region is None:
+            raise ValueError("a device token needs a region")
+        check_segment("device id", subject)
+
+
 class TokenIssuer:
+    """Signs tokens; only the controller/CLI that provisions identities holds one."""
+
     def __init__(self, secret: str) -> None:
         self._secret = _check_secret(secret)
 
@@ -64,10 +88,10 @@ class TokenIssuer:
         ttl_s: int = 86400,
     ) -> str:
         role = Role(role)
-        if role is Role.device and not region:
-            raise ValueError("a device token needs a region")
+        region = region or None
+        _check_identity(subject, role, project, region)
         now = int(time.time())
-        claims = {
+        claims: dict[str, object] = {
             "iss": ISSUER,
             "sub": subject,
             "role": role.value,
@@ -81,6 +105,8 @@ class TokenIssuer:
 
 
 class TokenVerifier:
+    """Checks tokens; the broker and the REST API hold one."""
+
     def __init__(self, secret: str, leeway_s: float = 5.0) -> None:
         self._secret = _check_secret(secret)
         self._leeway = leeway_s
@@ -102,19 +128,21 @@ class TokenVerifier:
         except jwt.ExpiredSignatureError as exc:
             raise AuthError("token expired") from exc
         except jwt.InvalidSignatureError as exc:
-            raise AuthError("bad token signature") from exc
+            raise AuthError("bad token signature (signed with another secret?)") from exc
         except jwt.MissingRequiredClaimError as exc:
             raise AuthError(f"token lacks claim {exc.claim!r}") from exc
         except jwt.PyJWTError as exc:
             raise AuthError(f"invalid token: {exc}") from exc
+        for claim in ("role", "project"):
+            if claim not in data:
+                raise AuthError(f"token lacks claim {claim!r}")
         try:
-            role = Role(data.get("role"))
+            role = Role(data["role"])
         except ValueError as exc:
-            raise AuthError(f"unknown role {data.get('role')!r}") from exc
-        project = data.get("project")
-        if not isinstance(project, str) or not project:
-            raise AuthError("token lacks claim 'project'")
-        region = data.get("region")
-        if role is Role.device and not region:
-            raise AuthError("device token lacks claim 'region'")
-        return Claims(str(data["sub"]), role, project, region, float(data["exp"]))
+            raise AuthError(f"unknown role {data['role']!r}") from exc
+        region = data.get("region") or None
+        try:
+            _check_identity(data["sub"], role, data["project"], region)
+        except (TopicError, ValueError) as exc:
+            raise AuthError(f"token claims unusable: {exc}") from exc
+        return Claims(data["sub"], role, data["project"], region, float(data["exp"]))

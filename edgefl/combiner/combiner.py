@@ -12,6 +12,7 @@ same lock, so the state needs no other synchronisation.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -65,6 +66,11 @@ class Combiner:
         self.config = config
         self.topics = Topics(config.project)
         self._lock = threading.RLock()
+        # Everything the combiner does runs on one worker, fed in arrival order: the network
+        # thread keeps reading while the worker hashes, decodes and folds (those release the
+        # GIL), and a close can never overtake chunks that arrived before it.
+        self._inbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
         self._round: _Round | None = None
         self._closed_ids: list[str] = []
         self.reassembler = Reassembler(
@@ -92,8 +98,12 @@ class Combiner:
     # lifecycle -------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> Combiner:
         c, t = self.config, self.topics
-        self.conn.subscribe(t.combiner(c.region, "round"), self._on_round)
-        self.conn.subscribe(t.device_wildcard(c.region, "update"), self._on_update_chunk)
+        self._worker = threading.Thread(target=self._work, name=f"combiner-{c.region}", daemon=True)
+        self._worker.start()
+        self.conn.subscribe(t.combiner(c.region, "round"), self._enqueue(self._on_round))
+        self.conn.subscribe(
+            t.device_wildcard(c.region, "update"), self._enqueue(self._on_update_chunk)
+        )
         self.conn.start(timeout)
         log.info("combiner %s serving region %s on %s", c.name, c.region, self.conn.address.url)
         return self
@@ -102,9 +112,26 @@ class Combiner:
         with self._lock:
             if self._round and self._round.timer:
                 self._round.timer.cancel()
+        self._inbox.put(None)
+        if self._worker is not None:
+            self._worker.join(timeout=10)
         status = self.topics.combiner(self.config.region, "status")
         offline = encode("status", state="offline", ts=time.time(), combiner=self.config.name)
         self.conn.stop(publish_first=(status, offline, 1, True))
+
+    def _enqueue(self, handler):  # noqa: ANN001, ANN202
+        return lambda topic, payload: self._inbox.put((handler, topic, payload))
+
+    def _work(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                return
+            handler, *args = item
+            try:
+                handler(*args)
+            except Exception:  # one bad message must not stop the combiner
+                log.exception("combiner %s: handling %s failed", self.config.name, args[:1])
 
     def _announce(self) -> None:
         status = self.topics.combiner(self.config.region, "status")
@@ -156,7 +183,9 @@ class Combiner:
             devices = {str(d) for d in plan["devices"]}
             rnd = _Round(plan["task_id"], plan, devices, spec, WeightedSum(spec))
             delay = max(0.0, float(plan["deadline"]) - time.time())
-            rnd.timer = threading.Timer(delay, self._deadline, args=(plan["task_id"],))
+            rnd.timer = threading.Timer(
+                delay, lambda tid=plan["task_id"]: self._inbox.put((self._deadline, tid))
+            )
             rnd.timer.daemon = True
             self._round = rnd
             rnd.timer.start()
