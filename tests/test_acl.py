@@ -35,6 +35,14 @@ def claims(role: Role, sub: str = "d1", region: str | None = "r1", project: str 
         ("edgefl/v1/other/r1/dev/d1/update", "publish", False),
         ("$SYS/broker/uptime", "subscribe", False),
         (f"$share/g/{B}/r1/dev/d1/task", "subscribe", False),
+        (f"{B}/model/v7/#", "subscribe", False),
+        (f"{B}/model/v7/²", "subscribe", False),
+        (f"{B}/model/v7/3", "publish", False),
+        (f"{B}/ctl/status", "subscribe", False),
+        ("#", "subscribe", False),
+        ("edgefl/v1/+/r1/dev/d1/task", "subscribe", False),
+        (f"{B}/r1/dev/d1/update", "delete", False),
+        ("", "publish", False),
     ],
 )
 def test_device_rules(topic: str, action: str, ok: bool) -> None:
@@ -51,8 +59,30 @@ def test_combiner_rules() -> None:
     assert not allowed(c, f"{B}/r2/dev/+/update", "subscribe")
     assert not allowed(c, f"{B}/#", "subscribe")
     assert not allowed(c, f"{B}/model/v1/0", "publish")
+    assert not allowed(c, f"{B}/+/dev/+/update", "subscribe")
+    assert not allowed(c, f"{B}/ctl/status", "publish")
+    assert not allowed(c, f"{B}/r1/comb/+", "publish")  # never a wildcard in a publish
+    assert not allowed(c, f"$share/g/{B}/r1/comb/round", "publish")
+    assert not allowed(c, f"$share//{B}/r1/dev/+/update", "subscribe")
+    assert not allowed(c, "edgefl/v1/q/r1/dev/+/update", "subscribe")
     anywhere = claims(Role.combiner, "combiner-all", region=None)
     assert allowed(anywhere, f"{B}/r7/dev/+/update", "subscribe")
+    assert allowed(anywhere, f"{B}/+/dev/+/update", "subscribe")
+    assert allowed(anywhere, f"{B}/r7/dev/d1/task", "publish")
+    assert allowed(anywhere, f"{B}/r7/comb/partial", "publish")
+    # "every region" does not include the model and controller subtrees
+    assert not allowed(anywhere, f"{B}/model/v1/0", "publish")
+    assert not allowed(anywhere, f"{B}/ctl/status", "publish")
+
+
+def test_wildcards_in_claims_never_widen_rules() -> None:
+    """Claims become topic levels; a '+' or '#' in them must deny, not match everything."""
+    assert not allowed(claims(Role.device, sub="+"), f"{B}/r1/dev/+/task", "subscribe")
+    assert not allowed(claims(Role.device, region="#"), f"{B}/#", "subscribe")
+    assert not allowed(claims(Role.device, region=None), f"{B}/r1/dev/d1/update", "publish")
+    assert not allowed(claims(Role.combiner, region="#"), f"{B}/r1/dev/+/update", "subscribe")
+    assert not allowed(claims(Role.controller, project="+"), "edgefl/v1/+/#", "subscribe")
+    assert not allowed(claims(Role.controller, project="#"), "edgefl/v1/#", "subscribe")
 
 
 def test_server_and_operator_roles() -> None:
@@ -60,9 +90,15 @@ def test_server_and_operator_roles() -> None:
         assert allowed(claims(role), f"{B}/model/v1/0", "publish")
         assert allowed(claims(role), f"{B}/#", "subscribe")
         assert not allowed(claims(role), "edgefl/v1/q/#", "subscribe")
+        assert not allowed(claims(role), f"{B}/+/comb/round", "publish")
+        assert not allowed(claims(role), "$SYS/#", "subscribe")
+        assert allowed(claims(role), f"$share/ctl/{B}/+/comb/partial", "subscribe")
     for role in (Role.operator, Role.viewer):
         assert allowed(claims(role), f"{B}/#", "subscribe")
         assert not allowed(claims(role), f"{B}/r1/comb/round", "publish")
+        assert not allowed(claims(role), f"{B}/r1/dev/d1/task", "publish")
+        assert not allowed(claims(role), f"$share/g/{B}/#", "subscribe")
+        assert not allowed(claims(role), "edgefl/v1/q/#", "subscribe")
     assert not allowed(claims(Role.controller), f"{B}/x", "delete")
 
 
@@ -71,3 +107,7 @@ def test_mosquitto_rendering_names_every_device_channel() -> None:
     for ch in ("update", "status", "telemetry"):
         assert f"pattern write {B}/+/dev/%u/{ch}" in text
     assert f"pattern read {B}/+/dev/%u/task" in text
+    assert f"pattern read {B}/model/+/+" in text
+    assert "pattern write" not in text.split("user controller")[1]  # patterns come first
+    with pytest.raises(ValueError):
+        mosquitto_acl_lines("a/#")

@@ -1,15 +1,21 @@
-"""The dashboard in a real headless Chromium, fed by a live demo-style run."""
+"""The dashboard in a real headless Chromium: fed straight from a store, then by a live run."""
 
 from __future__ import annotations
 
-import shutil
+import os
+import socket
+import threading
 import time
+from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import sync_playwright
+import uvicorn
+from playwright.sync_api import Browser, Page, sync_playwright
 
+from edgefl.api.app import create_app
 from edgefl.api.server import DashboardServer
 from edgefl.store import make_store
+from edgefl.store.base import RoundRecord, SessionRecord, Store
 from tests.harness import Deployment
 
 CHROMIUM = "/usr/bin/chromium"
@@ -23,18 +29,134 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+SCREENSHOT = "/tmp/edgefl-dashboard.png"
+ROWS = "#rounds-table tbody tr"
+# count the blue-ish (accuracy curve) pixels on the canvas: proof that a curve was drawn
+INK = """() => {
+    const c = document.getElementById('accuracy-chart');
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    let n = 0;
+    for (let i = 0; i < d.length; i += 4) {
+        if (d[i + 3] > 0 && d[i + 2] > 200 && d[i] < 100) n++;
+    }
+    return n; }"""
 
 
 @pytest.fixture(scope="module")
-def browser():  # noqa: ANN201
-    assert shutil.which("chromium") or shutil.os.path.exists(CHROMIUM), (
-        "Debian's chromium is required (apt-get install chromium chromium-driver; make test "
-        "installs it)"
+def browser() -> Iterator[Browser]:
+    # never skip: a dashboard nobody looked at is the thing this test exists to prevent
+    assert os.path.exists(CHROMIUM), (
+        f"Debian's headless Chromium is required at {CHROMIUM}: "
+        "apt-get install -y chromium chromium-driver (make test installs it)"
     )
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield b
         b.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(tmp_path) -> Iterator[tuple[Store, str]]:  # noqa: ANN001
+    """The app in uvicorn on a loopback port, over its own store on a file the test writes."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    writer, reader = make_store(url), make_store(url)  # like a controller and a dashboard
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(reader),
+            host="127.0.0.1",
+            port=_free_port(),
+            log_level="warning",
+            lifespan="off",
+        )
+    )
+    thread = threading.Thread(target=server.run, name="dashboard-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield writer, f"http://127.0.0.1:{server.config.port}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+        writer.close()
+        reader.close()
+
+
+def _complete_round(store: Store, sid: str, r: int, accuracy: float, loss: float) -> None:
+    store.start_round(
+        RoundRecord(
+            f"{sid}:{r}:0", sid, r, 0, "running", f"v{r - 1}", None, ["d1", "d2", "d3"], started=r
+        )
+    )
+    store.finish_round(
+        f"{sid}:{r}:0",
+        status="completed",
+        model_out=f"v{r}",
+        participants=[{"device": "d1", "n": 10, "metrics": {}}] * 2,
+        metrics={"accuracy": accuracy, "loss": loss},
+        finished=r + 0.25,
+    )
+    store.update_session(sid, current_round=r, model_version=f"v{r}")
+
+
+def _rows(page: Page) -> list[list[str]]:
+    return [
+        [td.strip() for td in row.locator("td").all_inner_texts()]
+        for row in page.locator(ROWS).all()
+    ]
+
+
+def test_dashboard_shows_stored_rounds_and_follows_new_ones(served, browser) -> None:  # noqa: ANN001
+    store, url = served
+    store.create_session(SessionRecord("old", "p", {"rounds": 2}, "completed", 2, "o2", 1.0, 1.0))
+    store.create_session(
+        SessionRecord("s1", "p", {"rounds": 5, "aggregator": "fedavg"}, "running", 0, "v0", 2, 2)
+    )
+    _complete_round(store, "s1", 1, 0.52, 1.4)
+    _complete_round(store, "s1", 2, 0.71, 0.9)
+
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    try:
+        page.goto(url)
+        page.wait_for_function(f"document.querySelectorAll('{ROWS}').length === 2", timeout=5000)
+        assert "s1" in page.inner_text("#session-name")  # the newest session by default
+        assert page.inner_text("#session-status") == "running"
+        assert page.inner_text("#round-count").replace(" ", "") == "2/5"
+        # newest round on top: round, status, accuracy, loss, updates, selected, duration
+        assert [r[:7] for r in _rows(page)] == [
+            ["2", "completed", "0.7100", "0.9000", "2", "3", "0.250"],
+            ["1", "completed", "0.5200", "1.4000", "2", "3", "0.250"],
+        ]
+
+        _complete_round(store, "s1", 3, 0.83, 0.5)  # the controller finishes another round
+        page.wait_for_function(f"document.querySelectorAll('{ROWS}').length === 3", timeout=5000)
+        page.wait_for_function(
+            "document.getElementById('round-count').textContent.replace(/ /g, '') === '3/5'",
+            timeout=5000,
+        )
+        assert _rows(page)[0][:3] == ["3", "completed", "0.8300"]
+        assert page.inner_text("#accuracy") == "0.8300"
+
+        box = page.locator("#accuracy-chart").bounding_box()
+        assert box and box["width"] > 200 and box["height"] > 100
+        assert page.evaluate(INK) > 50, "no accuracy curve was drawn"
+        page.screenshot(path=SCREENSHOT, full_page=True)
+
+        page.goto(url + "?session=old")  # an explicit pick wins over "newest"
+        page.wait_for_function(
+            "document.getElementById('session-status').textContent === 'completed'", timeout=5000
+        )
+        assert "old" in page.inner_text("#session-name") and _rows(page) == []
+    finally:
+        page.close()
 
 
 def test_dashboard_follows_a_live_session(mosquitto, tmp_path, browser) -> None:  # noqa: ANN001
@@ -46,34 +168,21 @@ def test_dashboard_follows_a_live_session(mosquitto, tmp_path, browser) -> None:
         server = DashboardServer(make_store(dep.state_url), port=0).start()
         dep.stack.callback(server.stop)
         page = browser.new_page()
+        dep.stack.callback(page.close)
         page.goto(server.url)
         page.wait_for_selector("#session-name")
         assert "waiting" in page.inner_text("#session-name")
 
         _, rounds = dep.run_session(ctl, rounds=6, min_devices=10, round_timeout_s=30)
         # the page polls once a second; give it a few ticks to catch up
-        page.wait_for_function(
-            "document.querySelectorAll('#rounds-table tbody tr').length === 6", timeout=10_000
-        )
+        page.wait_for_function(f"document.querySelectorAll('{ROWS}').length === 6", timeout=10_000)
         assert page.inner_text("#session-status") == "completed"
         assert page.inner_text("#round-count").replace(" ", "") == "6/6"
         shown = float(page.inner_text("#accuracy"))
         assert shown == pytest.approx(rounds[-1].metrics["accuracy"], abs=1e-4)
-        first_row = page.locator("#rounds-table tbody tr").first
-        assert first_row.get_attribute("data-round") == "6"
+        assert page.locator(ROWS).first.get_attribute("data-round") == "6"
         box = page.locator("#accuracy-chart").bounding_box()
         assert box and box["width"] > 200 and box["height"] > 100
-        # the chart really has ink: some pixels differ from the blank background
-        inked = page.evaluate("""() => {
-            const c = document.getElementById('accuracy-chart');
-            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-            let n = 0;
-            for (let i = 0; i < d.length; i += 4) {
-                if (d[i + 3] > 0 && d[i + 2] > 200 && d[i] < 100) n++;  // blue-ish ink
-            }
-            return n; }""")
-        assert inked > 50, "no accuracy curve was drawn"
-        page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+        assert page.evaluate(INK) > 50, "no accuracy curve was drawn"
     finally:
-        time.sleep(0.1)
         dep.close()

@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, text
 from edgefl.store import make_store
 from edgefl.store.base import ModelRecord, RoundRecord, SessionRecord
 from edgefl.store.blobs import FileBlobStore
-from edgefl.store.sql import SchemaError
+from edgefl.store.sql import REASON_MAX, SchemaError, SqlStore
 
 
 def _session(sid: str = "s1") -> SessionRecord:
@@ -90,6 +90,54 @@ def test_sessions_rounds_models_round_trip_and_survive_reopen(url) -> None:  # n
     again.close()
 
 
+def test_update_and_finish_change_only_what_they_are_given(url) -> None:  # noqa: ANN001
+    store = make_store(url)
+    assert isinstance(store, SqlStore)
+    store.create_session(_session())
+    store.update_session("s1", status="stopped")
+    sess = store.get_session("s1")
+    assert (sess.status, sess.current_round, sess.model_version) == ("stopped", 0, "s1-r0000")
+    store.update_session("s1", current_round=2)
+    assert store.get_session("s1").status == "stopped"
+
+    store.start_round(_round("s1", 1))
+    with pytest.raises(ValueError):
+        store.start_round(_round("s1", 1))
+    before = store.get_round("s1:1:0")
+    assert (before.status, before.model_out, before.finished, before.metrics) == (
+        "running",
+        None,
+        None,
+        {},
+    )
+    store.finish_round(
+        "s1:1:0",
+        status="failed",
+        model_out=None,
+        participants=[],
+        metrics={"updates": 0.0},
+        reason="x" * (REASON_MAX + 500),  # PostgreSQL would reject an over-long reason
+        finished=9.0,
+    )
+    after = store.get_round("s1:1:0")
+    assert (after.status, after.finished, after.metrics) == ("failed", 9.0, {"updates": 0.0})
+    assert after.devices == ["d1", "d2"] and len(after.reason) == REASON_MAX
+
+    store.add_model(ModelRecord("v", None, "s1", 0, "00" * 32, 1, 1.0))
+    with pytest.raises(ValueError):
+        store.add_model(ModelRecord("v", None, "s1", 0, "00" * 32, 1, 1.0))
+    assert store.list_models("other") == [] and len(store.list_models()) == 1
+    store.close()
+
+
+def test_sessions_are_listed_oldest_first(url) -> None:  # noqa: ANN001
+    store = make_store(url)
+    for sid, created in (("b", 2.0), ("a", 3.0), ("c", 1.0)):
+        store.create_session(SessionRecord(sid, "p", {}, "running", 0, "v", created, created))
+    assert [s.session_id for s in store.list_sessions()] == ["c", "b", "a"]
+    store.close()
+
+
 def test_refuses_a_newer_schema(url) -> None:  # noqa: ANN001
     make_store(url).close()
     engine = create_engine(url)
@@ -98,6 +146,32 @@ def test_refuses_a_newer_schema(url) -> None:  # noqa: ANN001
     engine.dispose()
     with pytest.raises(SchemaError, match="newer"):
         make_store(url)
+
+
+def test_a_refused_database_is_left_untouched(tmp_path) -> None:  # noqa: ANN001
+    url = f"sqlite:///{tmp_path / 'future.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE edgefl_meta (key VARCHAR(64) PRIMARY KEY, value TEXT)"))
+        conn.execute(text("INSERT INTO edgefl_meta VALUES ('schema_version', '2')"))
+    with pytest.raises(SchemaError, match=r"schema version 2 is newer .*\(1\)"):
+        SqlStore(url)
+    with engine.connect() as conn:
+        tables = conn.execute(text("SELECT name FROM sqlite_master WHERE type='table'")).all()
+    engine.dispose()
+    assert [t[0] for t in tables] == ["edgefl_meta"]
+
+
+def test_new_database_records_schema_version_1(url) -> None:  # noqa: ANN001
+    make_store(url).close()
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        version = conn.execute(
+            text("SELECT value FROM edgefl_meta WHERE key='schema_version'")
+        ).scalar()
+        mode = conn.execute(text("PRAGMA journal_mode")).scalar()
+    engine.dispose()
+    assert version == "1" and mode == "wal"
 
 
 def test_concurrent_writers(url) -> None:  # noqa: ANN001
@@ -113,14 +187,39 @@ def test_concurrent_writers(url) -> None:  # noqa: ANN001
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
+    done = threading.Event()
+
+    def read() -> None:  # the dashboard reads while the controller writes
+        try:
+            while not done.is_set():
+                for sess in store.list_sessions():
+                    store.list_rounds(sess.session_id)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
     threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
+    done.set()
+    reader.join()
     assert not errors
     assert all(store.get_session(f"s{t}").current_round == 20 for t in range(6))
     assert sum(len(store.list_rounds(f"s{t}")) for t in range(6)) == 120
+    store.close()
+
+
+def test_in_memory_sqlite_is_one_database_for_all_threads() -> None:
+    store = make_store("sqlite://")
+    store.create_session(_session())
+    seen: list[object] = []
+    th = threading.Thread(target=lambda: seen.append(store.get_session("s1")))
+    th.start()
+    th.join()
+    assert seen[0] == store.get_session("s1") is not None
     store.close()
 
 
@@ -130,13 +229,46 @@ def test_blob_store(tmp_path) -> None:  # noqa: ANN001
     blobs.put("m-r0001", b"two")  # atomic overwrite
     assert blobs.get("m-r0001") == b"two" and blobs.exists("m-r0001")
     assert not list((tmp_path / "b").glob(".tmp-*"))
+    blobs.put("m-r0002.opt", b"")
+    assert blobs.get("m-r0002.opt") == b""
     blobs.delete("m-r0001")
+    blobs.delete("m-r0001")  # idempotent
     assert not blobs.exists("m-r0001")
     with pytest.raises(KeyError):
         blobs.get("m-r0001")
-    for bad in ("../etc/passwd", "a/b", "", ".hidden", "x" * 300):
+    (tmp_path / "secret").write_bytes(b"s")
+    for bad in ("../secret", "..", "a/b", "a\\b", "/etc/passwd", "", ".hidden", "x" * 300, "é"):
         with pytest.raises(ValueError):
             blobs.put(bad, b"x")
+        with pytest.raises(ValueError):
+            blobs.get(bad)
+        with pytest.raises(ValueError):
+            blobs.delete(bad)
+    assert (tmp_path / "secret").read_bytes() == b"s"
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["m-r0002.opt"]
+
+
+def test_blob_overwrite_is_atomic_for_concurrent_readers(tmp_path) -> None:  # noqa: ANN001
+    """A reader sees the old bytes or the new bytes, never a mix or a truncated file."""
+    blobs = FileBlobStore(tmp_path)
+    old, new = b"a" * 1_000_000, b"b" * 1_500_000
+    blobs.put("m", old)
+    seen: set[bytes] = set()
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            data = blobs.get("m")
+            seen.add(data[:1] + str(len(data)).encode() + data[-1:])
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for i in range(20):
+        blobs.put("m", new if i % 2 == 0 else old)
+    done.set()
+    reader.join()
+    assert seen and seen <= {b"a1000000a", b"b1500000b"}
+    assert not list(tmp_path.glob(".tmp-*"))
 
 
 def test_model_versions_are_content_addressed(tmp_path, url) -> None:  # noqa: ANN001

@@ -1,8 +1,8 @@
 """The read-only REST API and the dashboard page, over a state store.
 
-Operator actions (start/stop sessions) and JWT role checks arrive with the full REST API; the
-``require_viewer`` dependency is the seam where they plug in. Today every route is read-only,
-and the server binds to loopback by default.
+There is NO authentication yet: anyone who can reach the port can read every session. Every
+route is read-only, and the servers bind to loopback by default; keep it that way (or put an
+authenticating proxy in front) until JWT roles land in ``require_viewer``.
 """
 
 from __future__ import annotations
@@ -10,14 +10,18 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import APIRouter, Depends, FastAPI, HTTPException
 from fastapi.responses import HTMLResponse
 
 from edgefl.store.base import RoundRecord, SessionRecord, Store
 
 
 def require_viewer() -> None:
-    """Authorisation seam: JWT role checks (viewer and up) will be enforced here."""
+    """Authorisation seam for every route but /api/health. It currently allows every request.
+
+    JWT role checks (viewer and up) will plug in here: read the bearer token, verify it and
+    raise ``HTTPException(401/403)``. Until then this function enforces nothing.
+    """
 
 
 def _session_summary(s: SessionRecord) -> dict[str, Any]:
@@ -45,7 +49,7 @@ def _round_summary(r: RoundRecord) -> dict[str, Any]:
         "selected": len(r.devices),
         "started": r.started,
         "finished": r.finished,
-        "duration_s": (r.finished - r.started) if r.finished else None,
+        "duration_s": (r.finished - r.started) if r.finished is not None else None,
         "model_in": r.model_in,
         "model_out": r.model_out,
         "reason": r.reason,
@@ -53,8 +57,17 @@ def _round_summary(r: RoundRecord) -> dict[str, Any]:
 
 
 def create_app(store: Store, *, title: str = "edgefl") -> FastAPI:
-    app = FastAPI(title=title, version="1", dependencies=[Depends(require_viewer)])
+    """The dashboard page at ``/`` and the JSON API under ``/api``, reading ``store`` live."""
+    # /docs and /redoc load Swagger/ReDoc from a CDN, which offline sites cannot reach.
+    app = FastAPI(title=title, version="1", docs_url=None, redoc_url=None)
     page = resources.files("edgefl.api").joinpath("static/index.html").read_text("utf-8")
+
+    @app.get("/api/health")
+    def health() -> dict[str, str]:
+        """Outside the auth seam on purpose: liveness probes carry no token."""
+        return {"status": "ok"}
+
+    viewer = APIRouter(dependencies=[Depends(require_viewer)])
 
     def _session(session_id: str) -> SessionRecord:
         sess = store.get_session(session_id)
@@ -62,29 +75,26 @@ def create_app(store: Store, *, title: str = "edgefl") -> FastAPI:
             raise HTTPException(404, f"no session {session_id!r}")
         return sess
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @viewer.get("/", response_class=HTMLResponse, include_in_schema=False)
     def dashboard() -> str:
         return page
 
-    @app.get("/api/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/api/sessions")
+    @viewer.get("/api/sessions")
     def sessions() -> list[dict[str, Any]]:
+        """Newest first, so the dashboard's default pick is simply the first one."""
         return [_session_summary(s) for s in reversed(store.list_sessions())]
 
-    @app.get("/api/sessions/{session_id}")
+    @viewer.get("/api/sessions/{session_id}")
     def session(session_id: str) -> dict[str, Any]:
         sess = _session(session_id)
         return {**_session_summary(sess), "config": sess.config}
 
-    @app.get("/api/sessions/{session_id}/rounds")
+    @viewer.get("/api/sessions/{session_id}/rounds")
     def rounds(session_id: str) -> list[dict[str, Any]]:
         _session(session_id)
         return [_round_summary(r) for r in store.list_rounds(session_id)]
 
-    @app.get("/api/sessions/{session_id}/models")
+    @viewer.get("/api/sessions/{session_id}/models")
     def models(session_id: str) -> list[dict[str, Any]]:
         _session(session_id)
         return [
@@ -99,4 +109,5 @@ def create_app(store: Store, *, title: str = "edgefl") -> FastAPI:
             for m in store.list_models(session_id)
         ]
 
+    app.include_router(viewer)
     return app

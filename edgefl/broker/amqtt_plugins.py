@@ -1,8 +1,13 @@
 """amqtt plug-ins: JWT authentication at CONNECT and topic ACLs on every publish/subscribe.
 
-amqtt configures plug-ins from plain data (dacite into the inner ``Config`` dataclass), so the
-secret travels as a string. The claims of each authenticated client are kept per client id
-for the topic plug-in.
+amqtt 0.12.1 builds each plug-in's inner ``Config`` dataclass from the ``plugins`` section of
+the broker config with dacite (strict). dacite passes objects through unchanged, so a live
+``TokenVerifier`` would work too, but the config stays plain data (the secret as a string),
+so the same plug-ins can be named in an amqtt YAML file.
+
+The claims of a client are kept in its amqtt ``Session.attributes`` (the documented place for
+plug-in state), so they live and die with the session and never leak between two brokers in
+one process.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from amqtt.contexts import Action
+from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
@@ -19,43 +24,58 @@ from edgefl.auth.tokens import AuthError, Claims, TokenVerifier
 
 log = logging.getLogger("edgefl.broker.auth")
 
-# client id -> claims, shared by the two plug-ins of one process
-_CLAIMS: dict[str, Claims] = {}
+CLAIMS_KEY = "edgefl.claims"
+
+
+def session_claims(session: Session | None) -> Claims | None:
+    """The verified claims of a session, or None (anonymous mode, or never authenticated)."""
+    if session is None:
+        return None
+    claims = session.attributes.get(CLAIMS_KEY)
+    return claims if isinstance(claims, Claims) else None
 
 
 class JwtAuthPlugin(BaseAuthPlugin):
+    """MQTT password = edgefl JWT; its subject must equal the MQTT username."""
+
     @dataclass
     class Config:
         secret: str | None = None
         allow_anonymous: bool = False
 
-    def __init__(self, context) -> None:  # noqa: ANN001
+    def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
+        if not self.config.secret and not self.config.allow_anonymous:
+            # fail closed: a config that forgot the secret must not become an open broker
+            raise ValueError("JwtAuthPlugin needs a secret, or allow_anonymous: true")
         self.verifier = TokenVerifier(self.config.secret) if self.config.secret else None
 
     async def authenticate(self, *, session: Session) -> bool | None:
+        session.attributes.pop(CLAIMS_KEY, None)
         if self.verifier is None:
             # Explicit insecure mode (logged loudly at start-up). The session is NOT marked
             # anonymous, so persistent sessions still queue QoS 1 messages.
-            return bool(self.config.allow_anonymous)
+            return True
         try:
             claims = self.verifier.verify(session.password)
         except AuthError as exc:
-            log.warning("refused client %s (user %r): %s", session.client_id, session.username, exc)
+            log.warning("refused client %r (user %r): %s", session.client_id, session.username, exc)
             return False
         if claims.subject != session.username:
             log.warning(
-                "refused client %s: token subject %r is not username %r",
+                "refused client %r: token subject %r is not the username %r",
                 session.client_id,
                 claims.subject,
                 session.username,
             )
             return False
-        _CLAIMS[session.client_id] = claims
+        session.attributes[CLAIMS_KEY] = claims
         return True
 
 
 class AclTopicPlugin(BaseTopicPlugin):
+    """edgefl.auth.acl.allowed on every SUBSCRIBE, PUBLISH and delivery."""
+
     @dataclass
     class Config:
         enforce: bool = True
@@ -69,15 +89,16 @@ class AclTopicPlugin(BaseTopicPlugin):
     ) -> bool:
         if not self.config.enforce:
             return True
-        if session is None or topic is None or action is None:
-            return False
-        claims = _CLAIMS.get(session.client_id)
-        if claims is None:
+        claims = session_claims(session)
+        if claims is None or topic is None or action is None:
             return False
         if action == Action.RECEIVE:
-            # delivery was already allowed by the subscription's check
-            return True
+            # Checked again at delivery with the session's *current* claims: a persistent
+            # session keeps its subscriptions across reconnects.
+            return allowed(claims, topic, "subscribe")
         ok = allowed(claims, topic, "publish" if action == Action.PUBLISH else "subscribe")
         if not ok:
-            log.warning("denied %s %s on %s", claims.subject, action.value, topic)
+            log.warning(
+                "denied %s (%s) %s on %r", claims.subject, claims.role.value, action.value, topic
+            )
         return ok

@@ -1,4 +1,9 @@
-"""Run a Mosquitto process on a free loopback port (tests, benchmarks, local setups)."""
+"""Run a Mosquitto process on a free loopback port (tests, benchmarks, local setups).
+
+Everything it writes (config, log) goes to a private folder, so it never touches the
+machine's own Mosquitto on 1883 or /var/lib/mosquitto. Production brokers use
+``broker_config/mosquitto.conf`` instead.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,29 @@ import tempfile
 import time
 from pathlib import Path
 
+HOST = "127.0.0.1"
+MAX_PACKET_SIZE = 16 * 1024 * 1024  # model/update chunks are 1 MiB plus a CBOR envelope
+
 
 def find_mosquitto() -> str:
+    """Path of the mosquitto binary (Debian puts it in /usr/sbin, often not on PATH)."""
     path = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(path).exists():
-        raise FileNotFoundError("mosquitto is not installed (Debian: apt-get install mosquitto)")
+        raise FileNotFoundError(
+            "mosquitto is not installed (Debian/Ubuntu: apt-get install -y mosquitto)"
+        )
     return path
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
 class MosquittoProcess:
+    """One private Mosquitto; ``config_extra`` is appended to the generated config."""
+
     def __init__(
         self,
         port: int = 0,
@@ -26,54 +45,77 @@ class MosquittoProcess:
         workdir: Path | None = None,
         allow_anonymous: bool = True,
     ) -> None:
+        self.host = HOST
         self.port = port
-        self.allow_anonymous = allow_anonymous
         self.config_extra = config_extra
-        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="edgefl-mosq-")
-        self.workdir = Path(workdir or self._tmp.name)
-        self.proc: subprocess.Popen | None = None
+        self.allow_anonymous = allow_anonymous
+        self._given_workdir = Path(workdir) if workdir is not None else None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.workdir: Path | None = self._given_workdir
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"mqtt://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> MosquittoProcess:
-        if not self.port:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                self.port = s.getsockname()[1]
-        conf = self.workdir / "mosquitto.conf"
-        log = self.workdir / "mosquitto.log"
-        # Loopback-only broker; anonymous access (the default here) is for tests and benchmarks.
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
+    @property
+    def log_path(self) -> Path | None:
+        return None if self.workdir is None else self.workdir / "mosquitto.log"
+
+    def config_text(self, log_path: Path) -> str:
+        return (
+            f"listener {self.port} {self.host}\n"
+            # Anonymous access is acceptable only because this broker listens on loopback
+            # and lives for one test or benchmark run; production uses broker_config/.
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}\n"
+            # Started as root, Mosquitto drops to the 'mosquitto' user, which cannot write
+            # our private folder; 'user root' keeps it (ignored when not root).
             "user root\n"
             "persistence false\n"
-            "max_packet_size 16777216\n"
+            f"max_packet_size {MAX_PACKET_SIZE}\n"
             "max_inflight_messages 0\n"
             "max_queued_messages 100000\n"
             "set_tcp_nodelay true\n"
-            f"log_dest file {log}\n"
+            f"log_dest file {log_path}\n"
             f"{self.config_extra}\n"
         )
-        self.proc = subprocess.Popen(
-            [find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-        )
+
+    def start(self, timeout: float = 10.0) -> MosquittoProcess:
+        """Start and return once the port accepts connections; raise with the log if not."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("mosquitto is already running")
+        binary = find_mosquitto()
+        if self._given_workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="edgefl-mosq-")
+            self.workdir = Path(self._tmp.name)
+        assert self.workdir is not None
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.port:
+            self.port = _free_port()
+        conf = self.workdir / "mosquitto.conf"
+        log = self.workdir / "mosquitto.log"
+        out = self.workdir / "mosquitto.out"
+        conf.write_text(self.config_text(log))
+        with out.open("wb") as out_f:
+            # stderr carries config errors that happen before the log file is opened
+            self.proc = subprocess.Popen(
+                [binary, "-c", str(conf)], stdout=out_f, stderr=subprocess.STDOUT
+            )
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                break
+        while time.monotonic() < end and self.proc.poll() is None:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                with socket.create_connection((self.host, self.port), timeout=0.2):
                     return self
             except OSError:
                 time.sleep(0.05)
-        text = log.read_text() if log.exists() else ""
+        text = "\n".join(p.read_text(errors="replace") for p in (out, log) if p.exists())
+        code = self.proc.poll()
         self.stop()
-        raise RuntimeError(f"mosquitto did not start on port {self.port}:\n{text}")
+        state = f"exited with code {code}" if code is not None else f"timed out after {timeout} s"
+        raise RuntimeError(f"mosquitto did not start on {self.host}:{self.port} ({state}):\n{text}")
 
     def stop(self) -> None:
+        """Terminate (kill after 5 s) and remove the private folder; idempotent."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -85,6 +127,7 @@ class MosquittoProcess:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+            self.workdir = self._given_workdir
 
     def __enter__(self) -> MosquittoProcess:
         return self.start()

@@ -11,12 +11,15 @@ _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
 
 class FileBlobStore:
+    """One file per key directly under ``root``; keys double as MQTT topic segments."""
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
-        if not _KEY.match(key) or key.startswith("."):
+        # A strict alphabet and no leading dot: no "..", no "/", no clash with ".tmp-" files.
+        if not isinstance(key, str) or not _KEY.match(key) or key.startswith("."):
             raise ValueError(f"invalid blob key {key!r}: use A-Z a-z 0-9 _ . - (no leading dot)")
         return self.root / key
 
@@ -33,15 +36,28 @@ class FileBlobStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self._sync_dir()
+
+    def _sync_dir(self) -> None:
+        """Persist the rename itself, so the blob survives a power cut, not just a crash."""
+        if os.name != "posix":
+            return
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def get(self, key: str) -> bytes:
+        """The whole blob; ``KeyError`` when absent."""
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
             raise KeyError(key) from None
 
     def exists(self, key: str) -> bool:
-        return self._path(key).exists()
+        return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
+        """Idempotent: deleting an absent key is not an error."""
         self._path(key).unlink(missing_ok=True)

@@ -6,17 +6,20 @@ version row; a store refuses to open a database written by a newer edgefl.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
 
-from sqlalchemy import JSON, Float, Integer, String, create_engine, event, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import JSON, Float, Integer, String, create_engine, event, inspect, select
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.pool import StaticPool
 
 from edgefl.store.base import ModelRecord, RoundRecord, SessionRecord
 
 SCHEMA_VERSION = 1
+REASON_MAX = 1024  # the `reason` column's length; PostgreSQL rejects longer strings
 
 
 class SchemaError(RuntimeError):
@@ -127,31 +130,70 @@ def _model_record(row: _Model) -> ModelRecord:
 
 
 class SqlStore:
+    """The default ``Store``: one engine per process, a short session per call.
+
+    Writers are serialised by a process-wide lock (SQLite has a single writer anyway); readers
+    run concurrently, except on an in-memory SQLite database, whose one shared connection is
+    used under the lock for every call.
+    """
+
     def __init__(self, url: str) -> None:
-        kwargs: dict[str, Any] = {}
-        if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"check_same_thread": False}
         self.url = url
+        parsed = make_url(url)
+        sqlite = parsed.get_backend_name() == "sqlite"
+        memory = sqlite and parsed.database in (None, "", ":memory:")
+        kwargs: dict[str, Any] = {}
+        if sqlite:
+            kwargs["connect_args"] = {"check_same_thread": False}
+        if memory:  # one connection, or every thread would see its own empty database
+            kwargs["poolclass"] = StaticPool
         self.engine: Engine = create_engine(url, **kwargs)
-        if url.startswith("sqlite"):
+        if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._lock = threading.Lock()  # SQLite allows one writer; serialise ours
-        _Base.metadata.create_all(self.engine)
-        self._check_schema()
+        self._read_lock: contextlib.AbstractContextManager[Any] = (
+            self._lock if memory else contextlib.nullcontext()
+        )
+        try:
+            self._open_schema()
+        except BaseException:
+            self.engine.dispose()
+            raise
 
-    def _check_schema(self) -> None:
-        with Session(self.engine) as s, s.begin():
+    def _stored_version(self) -> int | None:
+        if not inspect(self.engine).has_table(_Meta.__tablename__):
+            return None
+        with self._read_lock, self._read() as s:
             row = s.get(_Meta, "schema_version")
-            if row is None:
-                s.add(_Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(row.value) > SCHEMA_VERSION:
-                raise SchemaError(
-                    f"{self.url}: schema version {row.value} is newer than this edgefl "
-                    f"supports ({SCHEMA_VERSION}); upgrade edgefl"
-                )
+        if row is None:
+            return None
+        try:
+            return int(row.value)
+        except ValueError:
+            raise SchemaError(f"{self._where()}: unreadable schema version {row.value!r}") from None
+
+    def _open_schema(self) -> None:
+        """Check the version *before* touching anything, so a newer database stays untouched."""
+        found = self._stored_version()
+        if found is not None and found > SCHEMA_VERSION:
+            raise SchemaError(
+                f"{self._where()}: schema version {found} is newer than this edgefl "
+                f"supports ({SCHEMA_VERSION}); upgrade edgefl to open it"
+            )
+        _Base.metadata.create_all(self.engine)
+        if found is None:
+            with self._lock, Session(self.engine) as s, s.begin():
+                if s.get(_Meta, "schema_version") is None:
+                    s.add(_Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+
+    def _where(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
 
     def _write(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
+
+    def _read(self) -> Session:
+        return Session(self.engine)
 
     # sessions ---------------------------------------------------------------------------
     def create_session(self, record: SessionRecord) -> None:
@@ -161,13 +203,14 @@ class SqlStore:
             s.add(_Session(**vars(record)))
 
     def get_session(self, session_id: str) -> SessionRecord | None:
-        with Session(self.engine) as s:
+        with self._read_lock, self._read() as s:
             row = s.get(_Session, session_id)
             return _session_record(row) if row else None
 
     def list_sessions(self) -> list[SessionRecord]:
-        with Session(self.engine) as s:
-            rows = s.scalars(select(_Session).order_by(_Session.created)).all()
+        with self._read_lock, self._read() as s:
+            q = select(_Session).order_by(_Session.created, _Session.session_id)
+            rows = s.scalars(q).all()
             return [_session_record(r) for r in rows]
 
     def update_session(
@@ -193,18 +236,20 @@ class SqlStore:
     # models -----------------------------------------------------------------------------
     def add_model(self, record: ModelRecord) -> None:
         with self._lock, self._write() as s, s.begin():
+            if s.get(_Model, record.version) is not None:
+                raise ValueError(f"model version {record.version!r} already exists")
             s.add(_Model(**vars(record)))
 
     def get_model(self, version: str) -> ModelRecord | None:
-        with Session(self.engine) as s:
+        with self._read_lock, self._read() as s:
             row = s.get(_Model, version)
             return _model_record(row) if row else None
 
     def list_models(self, session_id: str | None = None) -> list[ModelRecord]:
-        q = select(_Model).order_by(_Model.created)
+        q = select(_Model).order_by(_Model.created, _Model.version)
         if session_id is not None:
             q = q.where(_Model.session_id == session_id)
-        with Session(self.engine) as s:
+        with self._read_lock, self._read() as s:
             return [_model_record(r) for r in s.scalars(q).all()]
 
     # rounds -----------------------------------------------------------------------------
@@ -212,7 +257,7 @@ class SqlStore:
         with self._lock, self._write() as s, s.begin():
             if s.get(_Round, record.task_id) is not None:
                 raise ValueError(f"round {record.task_id!r} already exists")
-            s.add(_Round(**vars(record)))
+            s.add(_Round(**{**vars(record), "reason": record.reason[:REASON_MAX]}))
 
     def finish_round(
         self,
@@ -232,14 +277,14 @@ class SqlStore:
             row.status, row.model_out, row.reason, row.finished = (
                 status,
                 model_out,
-                reason,
+                reason[:REASON_MAX],
                 finished,
             )
             row.participants = list(participants)
             row.metrics = dict(metrics)
 
     def get_round(self, task_id: str) -> RoundRecord | None:
-        with Session(self.engine) as s:
+        with self._read_lock, self._read() as s:
             row = s.get(_Round, task_id)
             return _round_record(row) if row else None
 
@@ -249,8 +294,9 @@ class SqlStore:
             .where(_Round.session_id == session_id)
             .order_by(_Round.round, _Round.attempt)
         )
-        with Session(self.engine) as s:
+        with self._read_lock, self._read() as s:
             return [_round_record(r) for r in s.scalars(q).all()]
 
     def close(self) -> None:
+        """Release pooled connections; the store must not be used afterwards."""
         self.engine.dispose()
