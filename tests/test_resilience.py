@@ -275,3 +275,31 @@ def test_controller_killed_mid_session_resumes(deployment) -> None:  # noqa: ANN
     interrupted = [r for r in rounds if r.status == "failed"]
     assert interrupted and all(r.reason == "controller restarted" for r in interrupted)
     assert completed_accuracies(rounds) == pytest.approx(digits.reference_run(10, 12), abs=1e-9)
+    # the broker keeps only the newest versions retained, including what the crashed
+    # controller had left there
+    retained = _retained_model_versions(dep.url, dep.project)
+    assert after.model_version in retained and len(retained) <= 2, retained
+
+
+def _retained_model_versions(url: str, project: str) -> set[str]:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edgefl.protocol import Topics
+
+    topics = Topics(project)
+    seen: set[str] = set()
+    addr = parse_broker_url(url)
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"peek-{project}", protocol=paho.MQTTv311
+    )
+    client.on_message = lambda _c, _u, m: (
+        m.payload and seen.add(topics.parse_model_chunk(m.topic)[0])
+    )
+    client.connect(addr.host, addr.port)
+    client.loop_start()
+    client.subscribe(f"{topics.base}/model/+/+", qos=1)
+    time.sleep(1.0)
+    client.disconnect()
+    client.loop_stop()
+    return seen

@@ -199,6 +199,7 @@ class Controller:
                 sess.current_round,
                 version,
             )
+        self._forget_stale_models(session_id, version, config.chunk_size)
         self._publish_model(version, blob, config.chunk_size)
         attempts = self._attempts_so_far(session_id)
         r = sess.current_round + 1
@@ -458,6 +459,14 @@ class Controller:
         )
 
     # model distribution ----------------------------------------------------------------
+    def _forget_stale_models(self, session_id: str, current: str, chunk_size: int) -> None:
+        """A resumed controller does not know what its predecessor left retained on the
+        broker: clear the session's recent versions other than the current one."""
+        recent = [m for m in self.store.list_models(session_id) if m.version != current][-3:]
+        for m in recent:
+            for i in range(max(1, -(-m.size // chunk_size))):
+                self.conn.publish(self.topics.model_chunk(m.version, i), b"", qos=1, retain=True)
+
     def _publish_model(self, version: str, blob: bytes, chunk_size: int) -> None:
         """Publish a model as retained chunks, and clear versions older than the previous one."""
         if self._published and self._published[-1][0] == version:

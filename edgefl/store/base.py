@@ -43,7 +43,7 @@ class RoundRecord:
 
 @dataclass
 class ModelRecord:
-    version: str  # unique id, e.g. "m000012-<digest prefix>"
+    version: str  # "{session}-r{round:04d}-{digest[:8]}", content-addressed
     parent: str | None  # lineage: the version this one was aggregated from
     session_id: str | None
     round: int | None
@@ -85,7 +85,7 @@ class Store(Protocol):
         finished: float,
     ) -> None: ...
     def get_round(self, task_id: str) -> RoundRecord | None: ...
-    def list_rounds(self, session_id: str) -> list[RoundRecord]: ...  # ordered by start
+    def list_rounds(self, session_id: str) -> list[RoundRecord]: ...  # by (round, attempt)
 
     def close(self) -> None: ...
 
