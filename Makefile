@@ -12,6 +12,7 @@ demo: $(STAMP)
 	$(BIN)/edgefl demo $(ARGS)
 
 test: system-deps $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
