@@ -27,6 +27,8 @@ from edgefl.transport import MqttConnection
 
 log = logging.getLogger(__name__)
 
+INBOX_MESSAGES = 16  # at most 16 chunks (4 MiB at the default chunk size) wait for the worker
+
 
 @dataclass
 class CombinerConfig:
@@ -69,7 +71,9 @@ class Combiner:
         # Everything the combiner does runs on one worker, fed in arrival order: the network
         # thread keeps reading while the worker hashes, decodes and folds (those release the
         # GIL), and a close can never overtake chunks that arrived before it.
-        self._inbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        # The inbox is bounded: when the worker falls behind, the network thread blocks, TCP
+        # pushes back on the broker, and memory stays O(model size) however many devices send.
+        self._inbox: queue.Queue[tuple | None] = queue.Queue(maxsize=INBOX_MESSAGES)
         self._worker: threading.Thread | None = None
         self._round: _Round | None = None
         self._closed_ids: list[str] = []
@@ -112,7 +116,10 @@ class Combiner:
         with self._lock:
             if self._round and self._round.timer:
                 self._round.timer.cancel()
-        self._inbox.put(None)
+        try:
+            self._inbox.put(None, timeout=10)
+        except queue.Full:
+            log.error("combiner %s: worker stuck; stopping without draining", self.config.name)
         if self._worker is not None:
             self._worker.join(timeout=10)
         status = self.topics.combiner(self.config.region, "status")
