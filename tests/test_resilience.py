@@ -303,3 +303,33 @@ def _retained_model_versions(url: str, project: str) -> set[str]:
     client.disconnect()
     client.loop_stop()
     return seen
+
+
+def test_combiner_stops_promptly_under_a_flood(deployment) -> None:  # noqa: ANN001
+    """Stopping while devices flood the combiner must not deadlock on its bounded inbox."""
+    import threading
+
+    dep = deployment
+    comb = dep.start_combiners(1)[0]
+    flood = RogueDevice(dep.url, dep.project, "region-0", "flood", mode="noise")
+    dep.stack.callback(flood.stop)
+    junk = [c.to_bytes() for c in split_payload(os.urandom(4 * 1024 * 1024), 65536)]
+    topic = flood.topics.device("region-0", "flood", "update")
+    flooding = threading.Event()
+    flooding.set()
+
+    def pump() -> None:
+        while flooding.is_set():
+            for c in junk:
+                flood.client.publish(topic, c, qos=0)
+            time.sleep(0.01)
+
+    pumper = threading.Thread(target=pump, daemon=True)
+    pumper.start()
+    time.sleep(1.0)  # the combiner's inbox is full and its network thread is waiting
+    stopper = threading.Thread(target=comb.stop, daemon=True)
+    stopper.start()
+    stopper.join(20)
+    flooding.clear()
+    pumper.join(10)
+    assert not stopper.is_alive(), "combiner.stop() hung"

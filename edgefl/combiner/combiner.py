@@ -75,6 +75,7 @@ class Combiner:
         # pushes back on the broker, and memory stays O(model size) however many devices send.
         self._inbox: queue.Queue[tuple | None] = queue.Queue(maxsize=INBOX_MESSAGES)
         self._worker: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._round: _Round | None = None
         self._closed_ids: list[str] = []
         self.reassembler = Reassembler(
@@ -113,27 +114,39 @@ class Combiner:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()  # unblocks a network thread waiting on a full inbox
         with self._lock:
             if self._round and self._round.timer:
                 self._round.timer.cancel()
-        try:
-            self._inbox.put(None, timeout=10)
-        except queue.Full:
-            log.error("combiner %s: worker stuck; stopping without draining", self.config.name)
-        if self._worker is not None:
-            self._worker.join(timeout=10)
         status = self.topics.combiner(self.config.region, "status")
         offline = encode("status", state="offline", ts=time.time(), combiner=self.config.name)
         self.conn.stop(publish_first=(status, offline, 1, True))
+        self._put(None)
+        if self._worker is not None:
+            self._worker.join(timeout=10)
+
+    def _put(self, item: tuple | None) -> None:
+        """Block while the worker is behind (backpressure), but never past stop()."""
+        while True:
+            try:
+                self._inbox.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if self._stopping.is_set() and item is not None:
+                    return  # shutting down: drop it
+                if self._stopping.is_set() and not (self._worker and self._worker.is_alive()):
+                    return
 
     def _enqueue(self, handler):  # noqa: ANN001, ANN202
-        return lambda topic, payload: self._inbox.put((handler, topic, payload))
+        return lambda topic, payload: self._put((handler, topic, payload))
 
     def _work(self) -> None:
         while True:
             item = self._inbox.get()
             if item is None:
                 return
+            if self._stopping.is_set():
+                continue  # drain quickly to the sentinel
             handler, *args = item
             try:
                 handler(*args)
@@ -191,7 +204,7 @@ class Combiner:
             rnd = _Round(plan["task_id"], plan, devices, spec, WeightedSum(spec))
             delay = max(0.0, float(plan["deadline"]) - time.time())
             rnd.timer = threading.Timer(
-                delay, lambda tid=plan["task_id"]: self._inbox.put((self._deadline, tid))
+                delay, lambda tid=plan["task_id"]: self._put((self._deadline, tid))
             )
             rnd.timer.daemon = True
             self._round = rnd
