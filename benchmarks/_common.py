@@ -11,12 +11,8 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -61,95 +57,17 @@ def median(values: list[float]) -> float:
 
 
 # broker --------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PrivateMosquitto:
-    """Fallback launcher with the same API as ``edgefl.broker.mosquitto.MosquittoProcess``."""
-
-    def __init__(self, port: int = 0, *, config_extra: str = "", workdir: Path | None = None):
-        self.port = port or free_port()
-        self.config_extra = config_extra
-        self._own_dir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="edgefl-bench-mosq-"))
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> PrivateMosquitto:
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"  # loopback-only benchmark broker
-            "user root\n"
-            "persistence false\n"
-            "max_packet_size 16777216\n"
-            "set_tcp_nodelay true\n"
-            "log_dest stderr\n" + self.config_extra
-        )
-        self._log = open(self.workdir / "mosquitto.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(conf)], stdout=self._log, stderr=subprocess.STDOUT
-        )
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                text = (self.workdir / "mosquitto.log").read_text(errors="replace")
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}:\n{text}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mosquitto did not accept connections on port {self.port}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
-            self._log = None
-        if self._own_dir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> PrivateMosquitto:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def broker_runner() -> tuple[type, str]:
-    """The shared Mosquitto runner when it exists, else the private one (and its name)."""
-    try:
-        from edgefl.broker.mosquitto import MosquittoProcess
-    except ImportError:
-        return PrivateMosquitto, "benchmarks._common.PrivateMosquitto"
-    return MosquittoProcess, "edgefl.broker.mosquitto.MosquittoProcess"
-
-
 @contextlib.contextmanager
 def broker(extra: str = "") -> Iterator:
     """A fresh Mosquitto on a free loopback port, stopped (and its files removed) on exit."""
     if not Path(MOSQUITTO).exists():
         raise SystemExit(f"{MOSQUITTO} not found: install the Debian package mosquitto")
-    runner, name = broker_runner()
-    with runner(0, config_extra=BROKER_EXTRA + extra) as b:
+    from edgefl.broker.mosquitto import MosquittoProcess
+
+    with MosquittoProcess(0, config_extra=BROKER_EXTRA + extra) as b:
         if int(b.port) == 1883:
             raise RuntimeError("refusing to benchmark on port 1883 (the machine's own broker)")
-        log(f"mosquitto ({name}) on {b.url}")
+        log(f"mosquitto on {b.url}")
         yield b
 
 

@@ -263,19 +263,7 @@ class Controller:
             by_region.setdefault(online[dev], []).append(dev)
         started = time.time()
         deadline = started + config.round_timeout_s
-        self.store.start_round(
-            RoundRecord(
-                task_id=task_id,
-                session_id=sid,
-                round=r,
-                attempt=attempt,
-                status="running",
-                model_in=version,
-                model_out=None,
-                devices=selected,
-                started=started,
-            )
-        )
+        self._start_record(task_id, sid, r, attempt, version, selected, started)
         digest = self.store.get_model(version).digest
         spec = spec_of(weights)
         self._drain_events()
@@ -422,6 +410,30 @@ class Controller:
             metrics.update(self.evaluator(weights))
         return metrics
 
+    def _start_record(
+        self,
+        task_id: str,
+        sid: str,
+        r: int,
+        attempt: int,
+        version: str,
+        devices: list[str],
+        started: float,
+    ) -> None:
+        self.store.start_round(
+            RoundRecord(
+                task_id=task_id,
+                session_id=sid,
+                round=r,
+                attempt=attempt,
+                status="running",
+                model_in=version,
+                model_out=None,
+                devices=devices,
+                started=started,
+            )
+        )
+
     def _record_failure(
         self,
         task_id: str,
@@ -435,19 +447,7 @@ class Controller:
     ) -> None:
         log.warning("round %s failed: %s", task_id, reason)
         if self.store.get_round(task_id) is None:
-            self.store.start_round(
-                RoundRecord(
-                    task_id=task_id,
-                    session_id=sid,
-                    round=r,
-                    attempt=attempt,
-                    status="running",
-                    model_in=version,
-                    model_out=None,
-                    devices=[],
-                    started=started,
-                )
-            )
+            self._start_record(task_id, sid, r, attempt, version, [], started)
         self.store.finish_round(
             task_id,
             status="failed",
