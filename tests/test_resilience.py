@@ -305,31 +305,41 @@ def _retained_model_versions(url: str, project: str) -> set[str]:
     return seen
 
 
-def test_combiner_stops_promptly_under_a_flood(deployment) -> None:  # noqa: ANN001
-    """Stopping while devices flood the combiner must not deadlock on its bounded inbox."""
+def test_combiner_stops_promptly_under_a_flood(tmp_path) -> None:  # noqa: ANN001
+    """Stopping while devices flood the combiner must not deadlock on its bounded inbox.
+
+    It runs on a broker of its own: the flood must not slow the brokers other tests share.
+    """
     import threading
 
-    dep = deployment
-    comb = dep.start_combiners(1)[0]
-    flood = RogueDevice(dep.url, dep.project, "region-0", "flood", mode="noise")
-    dep.stack.callback(flood.stop)
-    junk = [c.to_bytes() for c in split_payload(os.urandom(4 * 1024 * 1024), 65536)]
-    topic = flood.topics.device("region-0", "flood", "update")
-    flooding = threading.Event()
-    flooding.set()
+    from edgefl.broker.mosquitto import MosquittoProcess
 
-    def pump() -> None:
-        while flooding.is_set():
-            for c in junk:
-                flood.client.publish(topic, c, qos=0)
-            time.sleep(0.01)
+    with MosquittoProcess() as mq:
+        dep = Deployment(mq.url, tmp_path)
+        try:
+            comb = dep.start_combiners(1)[0]
+            flood = RogueDevice(dep.url, dep.project, "region-0", "flood", mode="noise")
+            dep.stack.callback(flood.stop)
+            junk = [c.to_bytes() for c in split_payload(os.urandom(1024 * 1024), 65536)]
+            topic = flood.topics.device("region-0", "flood", "update")
+            flooding = threading.Event()
+            flooding.set()
 
-    pumper = threading.Thread(target=pump, daemon=True)
-    pumper.start()
-    time.sleep(1.0)  # the combiner's inbox is full and its network thread is waiting
-    stopper = threading.Thread(target=comb.stop, daemon=True)
-    stopper.start()
-    stopper.join(20)
-    flooding.clear()
-    pumper.join(10)
-    assert not stopper.is_alive(), "combiner.stop() hung"
+            def pump() -> None:
+                end = time.time() + 20
+                while flooding.is_set() and time.time() < end:
+                    for c in junk:
+                        flood.client.publish(topic, c, qos=0)
+                    time.sleep(0.02)
+
+            pumper = threading.Thread(target=pump, daemon=True)
+            pumper.start()
+            time.sleep(1.0)  # the combiner's inbox fills and its network thread waits
+            stopper = threading.Thread(target=comb.stop, daemon=True)
+            stopper.start()
+            stopper.join(20)
+            flooding.clear()
+            pumper.join(10)
+            assert not stopper.is_alive(), "combiner.stop() hung"
+        finally:
+            dep.close()
