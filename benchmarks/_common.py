@@ -181,3 +181,44 @@ def round_plan(
         chunk_size=chunk_size,
         spec=spec_to_wire(spec_of(weights)),
     )
+
+
+class RoundOpener:
+    """Plays the controller: sends a round plan and waits until the combiner has dispatched
+    a task to every listed device, so a benchmark times only the uploads."""
+
+    def __init__(self, url: str, client_id: str, project: str, region: str) -> None:
+        from edgefl.protocol import Topics
+        from edgefl.transport import MqttConnection
+
+        self._topics, self._region = Topics(project), region
+        self._n = 0
+        self._expected = 0
+        self._event = threading.Event()
+        self.conn = MqttConnection(url, client_id=client_id, clean_session=True)
+        self.conn.subscribe(self._topics.device_wildcard(region, "task"), self._on_task)
+        self.conn.start()
+
+    def _on_task(self, _topic: str, _payload: bytes) -> None:
+        self._n += 1
+        if self._n >= self._expected:
+            self._event.set()
+
+    def open_round(
+        self,
+        task_id: str,
+        model_version: str,
+        devices: list[str],
+        weights: dict,
+        chunk_size: int,
+        timeout_s: float,
+    ) -> None:
+        self._n, self._expected = 0, len(devices)
+        self._event.clear()
+        plan = round_plan(task_id, model_version, devices, weights, chunk_size)
+        self.conn.publish(self._topics.combiner(self._region, "round"), plan, qos=1)
+        if not self._event.wait(timeout_s):
+            raise TimeoutError("the combiner did not dispatch the round")
+
+    def stop(self) -> None:
+        self.conn.stop()

@@ -21,6 +21,7 @@ import threading
 import time
 
 from _common import (
+    RoundOpener,
     RssSampler,
     broker,
     emit,
@@ -30,7 +31,6 @@ from _common import (
     mb,
     model_bytes,
     model_weights,
-    round_plan,
     setup_logging,
 )
 
@@ -130,9 +130,7 @@ def _expect(pipe, what: str):  # noqa: ANN001, ANN202
     return value
 
 
-def measure(url: str, n: int, pub_pipes: list, ctl, tasks: dict, weights: dict) -> dict:  # noqa: ANN001
-    from edgefl.protocol import Topics
-
+def measure(url: str, n: int, pub_pipes: list, opener: RoundOpener, weights: dict) -> dict:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=combiner_process, args=(url, child), daemon=True)
@@ -142,15 +140,7 @@ def measure(url: str, n: int, pub_pipes: list, ctl, tasks: dict, weights: dict) 
         sampler = RssSampler(proc.pid).start()
         task_id = f"bench-memory:{n}"
         devices = [f"dev-{k:04d}" for k in range(n)]
-        tasks["n"], tasks["expected"] = 0, n
-        tasks["event"].clear()
-        ctl.publish(
-            Topics(PROJECT).combiner(REGION, "round"),
-            round_plan(task_id, MODEL_VERSION, devices, weights, 256 * 1024),
-            qos=1,
-        )
-        if not tasks["event"].wait(TIMEOUT_S):
-            raise TimeoutError("the combiner did not dispatch the round")
+        opener.open_round(task_id, MODEL_VERSION, devices, weights, 256 * 1024, TIMEOUT_S)
         t0 = time.perf_counter()
         for i, pipe in enumerate(pub_pipes):
             pipe.send(("run", task_id, devices[i::N_PUBLISHERS]))
@@ -182,23 +172,12 @@ def measure(url: str, n: int, pub_pipes: list, ctl, tasks: dict, weights: dict) 
 
 def main() -> None:
     setup_logging()
-    from edgefl.protocol import Topics
-    from edgefl.transport import MqttConnection
 
     weights = model_weights()
     size = model_bytes(weights)
     results: dict[int, dict] = {}
     with broker() as b:
-        tasks = {"n": 0, "expected": 0, "event": threading.Event()}
-
-        def on_task(_topic: str, _payload: bytes) -> None:
-            tasks["n"] += 1
-            if tasks["n"] >= tasks["expected"]:
-                tasks["event"].set()
-
-        ctl = MqttConnection(b.url, client_id="bench-mem-ctl", clean_session=True)
-        ctl.subscribe(Topics(PROJECT).device_wildcard(REGION, "task"), on_task)
-        ctl.start()
+        opener = RoundOpener(b.url, "bench-mem-ctl", PROJECT, REGION)
         ctx = mp.get_context("spawn")
         pipes, procs = [], []
         for i in range(N_PUBLISHERS):
@@ -209,7 +188,7 @@ def main() -> None:
             procs.append(p)
         try:
             for n in DEVICE_COUNTS:
-                results[n] = measure(b.url, n, pipes, ctl, tasks, weights)
+                results[n] = measure(b.url, n, pipes, opener, weights)
         finally:
             for pipe in pipes:
                 pipe.send(("stop",))
@@ -217,7 +196,7 @@ def main() -> None:
                 p.join(10)
                 if p.is_alive():
                     p.terminate()
-            ctl.stop()
+            opener.stop()
     lo, hi = results[DEVICE_COUNTS[0]], results[DEVICE_COUNTS[-1]]
     growth = hi["peak"] - lo["peak"]
     emit(

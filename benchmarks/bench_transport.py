@@ -35,6 +35,7 @@ import time
 
 from _common import (
     MIB,
+    RoundOpener,
     broker,
     emit,
     encode_update,
@@ -42,7 +43,6 @@ from _common import (
     median,
     model_bytes,
     model_weights,
-    round_plan,
     setup_logging,
 )
 
@@ -230,21 +230,13 @@ class CpuMeter:
         return {k: v - self._t0[k] for k, v in self._now().items()}
 
 
-def run_edgefl_trial(trial: int, comb, ctl, tasks: dict, pubs: Publishers, weights, cpu) -> dict:  # noqa: ANN001
-    from edgefl.protocol import Topics
-
+def run_edgefl_trial(trial: int, comb, opener: RoundOpener, pubs: Publishers, weights, cpu) -> dict:  # noqa: ANN001
     task_id = f"bench-transport:{trial}"
     devices = [
         [f"p{i}-dev-{j:03d}" for j in range(UPDATES_PER_PUBLISHER)] for i in range(N_PUBLISHERS)
     ]
     flat = [d for devs in devices for d in devs]
-    tasks["n"] = 0
-    tasks["event"].clear()
-    tasks["expected"] = len(flat)
-    plan = round_plan(task_id, MODEL_VERSION, flat, weights, 256 * 1024)
-    ctl.publish(Topics(PROJECT).combiner(REGION, "round"), plan, qos=1)
-    if not tasks["event"].wait(TIMEOUT_S):  # the combiner opened the round and sent the tasks
-        raise TimeoutError("combiner did not dispatch the round")
+    opener.open_round(task_id, MODEL_VERSION, flat, weights, 256 * 1024, TIMEOUT_S)
     prep = pubs.prepare("edgefl", task_id, devices)
     accepted0, rejected0, partials0 = (comb.stats[k] for k in ("accepted", "rejected", "partials"))
     cpu.start()
@@ -327,8 +319,6 @@ def _per_mib(samples: list[dict[str, float]], nbytes: int) -> dict[str, float]:
 def main() -> None:
     setup_logging()
     from edgefl.combiner import Combiner, CombinerConfig
-    from edgefl.protocol import Topics
-    from edgefl.transport import MqttConnection
 
     weights = model_weights()
     update_len = len(encode_update(weights, f"bench-transport:{0}", MODEL_VERSION, 100))
@@ -337,16 +327,7 @@ def main() -> None:
     log(f"model {model_bytes(weights)} B, update message {update_len} B, {n_updates} updates/trial")
     with broker() as b:
         comb = Combiner(CombinerConfig(b.url, project=PROJECT, region=REGION)).start()
-        tasks = {"n": 0, "expected": 0, "event": threading.Event()}
-
-        def on_task(_topic: str, _payload: bytes) -> None:
-            tasks["n"] += 1
-            if tasks["n"] >= tasks["expected"]:
-                tasks["event"].set()
-
-        ctl = MqttConnection(b.url, client_id="bench-ctl", clean_session=True)
-        ctl.subscribe(Topics(PROJECT).device_wildcard(REGION, "task"), on_task)
-        ctl.start()
+        opener = RoundOpener(b.url, "bench-ctl", PROJECT, REGION)
         counter = RawCounter(b.url)
         pubs = Publishers(b.url)
         cpu = CpuMeter(b.proc.pid, [p.pid for p in pubs.procs])
@@ -364,7 +345,7 @@ def main() -> None:
                     f"trial {t + 1}/{TRIALS} raw:    {raw_mibs[-1]:7.1f} MiB/s"
                     f" ({r['elapsed']:.2f} s)"
                 )
-                e = run_edgefl_trial(t, comb, ctl, tasks, pubs, weights, cpu)
+                e = run_edgefl_trial(t, comb, opener, pubs, weights, cpu)
                 edge_mibs.append(total / e["elapsed"] / MIB)
                 edge_cpu.append(e["cpu_s"])
                 prep += e["prep"]
@@ -376,7 +357,7 @@ def main() -> None:
         finally:
             pubs.stop()
             counter.stop()
-            ctl.stop()
+            opener.stop()
             comb.stop()
     stages = stage_costs(weights)
     log(f"combiner accept path, ms per update (no broker): {stages}")

@@ -49,3 +49,13 @@ def broker_url(request: pytest.FixtureRequest) -> str:
     """The URL of each test broker in turn."""
     name = "embedded_broker" if request.param == "embedded" else "mosquitto"
     return request.getfixturevalue(name).url
+
+
+@pytest.fixture
+def deployment(broker_url: str, tmp_path):  # noqa: ANN001, ANN201
+    """A fresh tiered deployment (own project) on each test broker, torn down afterwards."""
+    from tests.harness import Deployment
+
+    dep = Deployment(broker_url, tmp_path)
+    yield dep
+    dep.close()

@@ -25,13 +25,6 @@ from tests.harness import CuttingProxy, Deployment, RogueDevice, completed_accur
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def deployment(broker_url, tmp_path):  # noqa: ANN001, ANN201
-    dep = Deployment(broker_url, tmp_path)
-    yield dep
-    dep.close()
-
-
 def test_device_cut_mid_upload_resumes(deployment) -> None:  # noqa: ANN001
     """One device's link drops in the middle of its chunked upload; it reconnects and the
     combiner completes the transfer from the chunks it already had plus the resent ones."""

@@ -16,13 +16,6 @@ from edgefl.telemetry import JsonLinesSink
 from tests.harness import Deployment, completed_accuracies
 
 
-@pytest.fixture
-def deployment(broker_url, tmp_path):  # noqa: ANN001, ANN201
-    dep = Deployment(broker_url, tmp_path)
-    yield dep
-    dep.close()
-
-
 def test_two_regions_reproduce_reference_20_devices(deployment) -> None:  # noqa: ANN001
     deployment.start_combiners(2)
     deployment.start_fleet(20)
