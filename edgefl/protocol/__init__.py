@@ -4,6 +4,8 @@ Pure Python on cbor2 and numpy, so the device agent can import it on small devic
 See docs/protocol.md for the wire-level description.
 """
 
+from __future__ import annotations
+
 from edgefl.protocol.chunking import ChunkError, Reassembler, split_payload
 from edgefl.protocol.messages import MessageError, decode, encode
 from edgefl.protocol.tensors import CodecError, dumps_tensors, loads_tensors

@@ -41,7 +41,11 @@ class CodecError(ValueError):
 
 
 def tensor_to_cbor(array: np.ndarray) -> cbor2.CBORTag:
-    """Wrap one array as an RFC 8746 tagged value (little-endian, C order)."""
+    """Wrap one array as an RFC 8746 tagged value (little-endian, C order).
+
+    Raises ``CodecError`` for a dtype without an RFC 8746 tag (object, bool, complex...) or
+    more than ``MAX_NDIM`` dimensions, so the sender fails rather than the receiver.
+    """
     arr = np.asarray(array)
     name = arr.dtype.name
     if name not in DTYPE_TO_TAG:
@@ -54,7 +58,11 @@ def tensor_to_cbor(array: np.ndarray) -> cbor2.CBORTag:
 
 
 def tensor_from_cbor(value: object, name: str = "tensor") -> np.ndarray:
-    """Decode one tagged tensor, checking that the byte count matches the shape."""
+    """Decode one tagged tensor, checking that the byte count matches the shape.
+
+    Zero-copy: the result is a read-only view on the CBOR byte string, so copy it before
+    modifying in place. ``name`` only labels the ``CodecError`` raised for bad input.
+    """
     if not isinstance(value, cbor2.CBORTag) or value.tag != MULTIDIM_TAG:
         raise CodecError(f"{name}: expected CBOR tag {MULTIDIM_TAG} (multi-dimensional array)")
     body = value.value
@@ -97,6 +105,7 @@ def encode_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, cbor2.CBORTag
 
 
 def decode_tensors(value: object) -> dict[str, np.ndarray]:
+    """Decode a CBOR map of tensors (e.g. a message field); raise ``CodecError`` if invalid."""
     if not isinstance(value, Mapping):
         raise CodecError("tensors must be a CBOR map from name to tensor")
     out: dict[str, np.ndarray] = {}
@@ -113,6 +122,10 @@ def dumps_tensors(tensors: Mapping[str, np.ndarray]) -> bytes:
 
 
 def loads_tensors(data: bytes) -> dict[str, np.ndarray]:
+    """Inverse of ``dumps_tensors``; raises only ``CodecError``, never executes code.
+
+    The arrays are read-only views on ``data`` (see ``tensor_from_cbor``).
+    """
     try:
         value = cbor2.loads(data)
     except Exception as exc:  # cbor2 raises several types for malformed input

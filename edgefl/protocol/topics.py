@@ -1,7 +1,7 @@
 """The versioned MQTT topic tree (protocol v1).
 
-Every topic the system uses is built here, so the tree is defined in one place and the
-broker ACLs in ``broker_config/`` can be derived from it.
+Every topic the system uses is built here, so the tree is defined in one place and
+``edgefl.auth.acl`` derives the broker ACLs (including ``broker_config/acl.conf``) from it.
 
     edgefl/v1/{project}/{region}/dev/{device}/{task|update|status|telemetry}
     edgefl/v1/{project}/{region}/comb/{round|partial|progress|status}
@@ -27,8 +27,12 @@ class TopicError(ValueError):
     """A topic or topic segment that the protocol does not allow."""
 
 
-def check_segment(kind: str, value: str) -> str:
-    """Reject segments that would break the tree (wildcards, slashes, empty strings)."""
+def check_segment(kind: str, value: object) -> str:
+    """Return ``value`` if it is a safe topic level; raise ``TopicError`` naming ``kind`` if not.
+
+    Names from configs and tokens become topic levels: a ``+``, ``#`` or ``/`` in one would
+    widen a subscription or an ACL rule, so anything outside a small alphabet is refused.
+    """
     if not isinstance(value, str) or not _SEGMENT.match(value):
         raise TopicError(f"invalid {kind} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ . -")
     return value
@@ -36,7 +40,12 @@ def check_segment(kind: str, value: str) -> str:
 
 @dataclass(frozen=True)
 class Topics:
-    """Topic builder for one project."""
+    """Builds and parses the topics of one project; every name is validated on the way.
+
+    Immutable and stateless, so one instance can be shared across threads. Builders raise
+    ``TopicError`` for an invalid segment or an unknown channel instead of producing a topic
+    that the ACLs would silently refuse.
+    """
 
     project: str
 
@@ -45,10 +54,12 @@ class Topics:
 
     @property
     def base(self) -> str:
+        """The project's root, ``edgefl/v1/{project}``."""
         return f"{ROOT}/{self.project}"
 
     # device subtree -------------------------------------------------------------------
     def device(self, region: str, device: str, channel: str) -> str:
+        """A concrete topic in one device's subtree; ``channel`` is one of DEVICE_CHANNELS."""
         if channel not in DEVICE_CHANNELS:
             raise TopicError(f"unknown device channel {channel!r}")
         check_segment("region", region)
@@ -64,26 +75,31 @@ class Topics:
 
     # combiner subtree -----------------------------------------------------------------
     def combiner(self, region: str, channel: str) -> str:
+        """A concrete topic of a region's combiner; ``channel`` is one of COMBINER_CHANNELS."""
         if channel not in COMBINER_CHANNELS:
             raise TopicError(f"unknown combiner channel {channel!r}")
         check_segment("region", region)
         return f"{self.base}/{region}/comb/{channel}"
 
     def combiner_wildcard(self, channel: str) -> str:
+        """Filter for one channel of every region's combiner (what the controller follows)."""
         if channel not in COMBINER_CHANNELS:
             raise TopicError(f"unknown combiner channel {channel!r}")
         return f"{self.base}/+/comb/{channel}"
 
     # models ---------------------------------------------------------------------------
     def model_chunk(self, version: str, index: int) -> str:
+        """Where chunk ``index`` of a model version is published (retained)."""
         check_segment("model version", version)
         return f"{self.base}/model/{version}/{int(index)}"
 
     def model_filter(self, version: str) -> str:
+        """Filter for every chunk of one model version; never a wildcard version (ACL rule)."""
         check_segment("model version", version)
         return f"{self.base}/model/{version}/+"
 
     def controller_status(self) -> str:
+        """Reserved for the controller's status; nothing in protocol v1 publishes to it yet."""
         return f"{self.base}/ctl/status"
 
     # parsing --------------------------------------------------------------------------
@@ -106,7 +122,7 @@ class Topics:
         return region, check_segment("device", parts[len(prefix) + 2]), parts[-1]
 
     def parse_combiner_topic(self, topic: str) -> tuple[str, str]:
-        """Return (region, channel) for a combiner-subtree topic."""
+        """Return (region, channel) for a combiner-subtree topic; ``TopicError`` otherwise."""
         parts = topic.split("/")
         prefix = self.base.split("/")
         if (
@@ -119,6 +135,7 @@ class Topics:
         return check_segment("region", parts[len(prefix)]), parts[-1]
 
     def parse_model_chunk(self, topic: str) -> tuple[str, int]:
+        """Return (version, chunk index) for a model topic; ``TopicError`` for anything else."""
         parts = topic.split("/")
         prefix = self.base.split("/")
         if (

@@ -17,14 +17,19 @@ from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], None]
+"""A message handler: called with (topic, payload) on paho's network thread."""
 
 
 @dataclass(frozen=True)
 class BrokerAddress:
+    """Where and as whom to connect, parsed from a broker URL."""
+
     host: str
     port: int
     username: str | None = None
@@ -33,12 +38,17 @@ class BrokerAddress:
 
     @property
     def url(self) -> str:
+        """The URL without credentials, safe to log and show in errors."""
         scheme = "mqtts" if self.tls else "mqtt"
         return f"{scheme}://{self.host}:{self.port}"
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
-    """Parse ``mqtt://[user[:password]@]host[:port]`` (``mqtts://`` for TLS)."""
+    """Parse ``mqtt://[user[:password]@]host[:port]`` (``mqtts://`` for TLS).
+
+    ``tcp://`` and ``ssl://`` are accepted as aliases; the port defaults to 1883, or 8883 with
+    TLS; percent-escapes in the credentials are decoded. Raises ``ValueError`` naming the URL.
+    """
     parsed = urlparse(url)
     if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
         raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
@@ -57,7 +67,13 @@ def parse_broker_url(url: str) -> BrokerAddress:
 class MqttConnection:
     """One MQTT client with remembered subscriptions and automatic reconnects.
 
-    Handlers run on paho's network thread; they must be quick or hand work to a queue.
+    It owns a paho client and, between ``start`` and ``stop``, paho's network thread.
+    ``publish``, ``subscribe`` and ``unsubscribe`` may be called from any thread and never
+    wait for the network. Subscriptions are remembered and renewed after every reconnect,
+    and reconnects back off from ``min_backoff_s`` to ``max_backoff_s``. ``connected`` is
+    set while a session is up. Handlers run on the network thread: they must be quick or
+    hand work to a queue, and an exception in one is logged, never propagated.
+    ``on_connect`` runs on the same thread after each (re)connection.
     """
 
     def __init__(
@@ -98,6 +114,7 @@ class MqttConnection:
         if will is not None:
             topic, payload, qos, retain = will
             client.will_set(topic, payload, qos=qos, retain=retain)
+        # paho annotates these as int but sleeps on them as float seconds
         client.reconnect_delay_set(min_delay=min_backoff_s, max_delay=max_backoff_s)  # type: ignore[arg-type]
         client.max_inflight_messages_set(max_inflight)
         client.max_queued_messages_set(0)
@@ -109,7 +126,12 @@ class MqttConnection:
 
     # lifecycle -------------------------------------------------------------------------
     def start(self, timeout: float | None = 10.0) -> MqttConnection:
-        """Connect in the background; with a timeout, wait for the first CONNACK."""
+        """Connect in the background; with a timeout, block until the first CONNACK.
+
+        Raises ``ConnectionError`` (with the broker's refusal reason if it gave one) when no
+        session is up within ``timeout``, after stopping the network thread. With
+        ``timeout=None`` it returns at once and keeps retrying in the background.
+        """
         self.client.connect_async(self.address.host, self.address.port, keepalive=self._keepalive)
         self.client.loop_start()
         if timeout is not None and not self.connected.wait(timeout):
@@ -122,7 +144,11 @@ class MqttConnection:
         return self
 
     def stop(self, publish_first: tuple[str, bytes, int, bool] | None = None) -> None:
-        """Disconnect cleanly (no last will); optionally publish one last message first."""
+        """Disconnect cleanly (the broker drops the last will) and stop the network thread.
+
+        ``publish_first`` is sent before disconnecting, waiting at most 2 s for it (e.g. an
+        "offline" status that replaces the will). Blocks until the network thread has ended.
+        """
         self._closing = True
         if publish_first is not None and self.connected.is_set():
             topic, payload, qos, retain = publish_first
@@ -136,16 +162,27 @@ class MqttConnection:
         self.connected.clear()
 
     def drop(self) -> None:
-        """Cut the socket without DISCONNECT, as a crash would: the broker sends the will."""
+        """Cut the socket without DISCONNECT, as a crash would: the broker sends the will.
+
+        For fault-injection tests; paho then reconnects as after any network failure.
+        """
         sock = self.client.socket()
         if sock is not None:
             sock.close()
 
     # pub/sub ---------------------------------------------------------------------------
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        """Route messages matching ``topic_filter`` to ``handler``, now and after reconnects.
+
+        Subscribing again to the same filter replaces its handler. Paho delivers a message to
+        every handler whose filter matches it, so overlapping filters each see it.
+        """
+
         def _cb(_client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
+            # paho decodes PUBLISH payloads with struct.unpack, which always yields bytes
+            payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
             try:
-                handler(msg.topic, msg.payload)
+                handler(msg.topic, payload)
             except Exception:  # a bad message must never kill the network thread
                 log.exception("%s: handler for %s failed", self.client_id, msg.topic)
 
@@ -156,6 +193,7 @@ class MqttConnection:
             self.client.subscribe(topic_filter, qos=qos)
 
     def unsubscribe(self, topic_filter: str) -> None:
+        """Stop routing ``topic_filter`` and forget it, so a reconnect does not renew it."""
         with self._lock:
             self._subs.pop(topic_filter, None)
         self.client.message_callback_remove(topic_filter)
@@ -165,11 +203,23 @@ class MqttConnection:
     def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
     ) -> paho.MQTTMessageInfo:
-        """Publish; with QoS 1 paho keeps the message and resends it after a reconnect."""
+        """Queue a message and return at once; wait on the returned info if needed.
+
+        With QoS 1 paho keeps the message and resends it after a reconnect, even one
+        published while disconnected; QoS 0 messages published while disconnected are lost.
+        Paho raises ``ValueError`` for a topic with wildcards or an oversized payload.
+        """
         return self.client.publish(topic, payload, qos=qos, retain=retain)
 
     # callbacks -------------------------------------------------------------------------
-    def _on_connect(self, client, _userdata, _flags, reason_code, _props=None) -> None:  # noqa: ANN001
+    def _on_connect(
+        self,
+        client: paho.Client,
+        _userdata: object,
+        _flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        _props: Properties | None = None,
+    ) -> None:
         if reason_code.is_failure:
             self.last_refusal = str(reason_code)
             log.error("%s: broker refused connection: %s", self.client_id, reason_code)
@@ -192,7 +242,14 @@ class MqttConnection:
             except Exception:
                 log.exception("%s: on_connect hook failed", self.client_id)
 
-    def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props=None) -> None:  # noqa: ANN001
+    def _on_disconnect(
+        self,
+        _client: paho.Client,
+        _userdata: object,
+        _flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        _props: Properties | None = None,
+    ) -> None:
         self.connected.clear()
         if not self._closing:
             log.warning(
