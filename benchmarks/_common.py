@@ -165,8 +165,8 @@ def round_plan(
 ) -> bytes:
     """A controller round plan for one region (see Controller._run_round)."""
     from edgefl.aggregation import spec_of
-    from edgefl.aggregation.spec import spec_to_wire
     from edgefl.protocol import encode
+    from edgefl.protocol.types import spec_to_wire
 
     return encode(
         "round",

@@ -1,8 +1,9 @@
 """Round time of the demo setup on Mosquitto: 20 devices, 2 regions, 20 rounds, digits softmax.
 
-Wired like tests/harness.py and the demo: 2 regional combiners, 20 real DeviceAgents (numpy
-trainer, one MQTT connection each, all in this process), a controller with a SQLite store and
-a filesystem blob store in a temporary folder, plain FedAvg, all over a private Mosquitto.
+Wired by edgefl.deploy.Deployment, like the demo and the tests: 2 regional combiners, 20 real
+DeviceAgents (numpy trainer, one MQTT connection each, all in this process), a controller with
+a SQLite store and a filesystem blob store in a temporary folder, plain FedAvg, all over a
+private Mosquitto.
 A round's time is ``finished - started`` of its stored record, as ``edgefl demo`` reports it.
 
 Same-run baseline: the pure compute of one round with no MQTT, i.e. the 20 devices' local
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from _common import broker, emit, log, setup_logging
 
+from edgefl.store.base import RoundRecord, SessionRecord
 from edgefl.tasks import digits
 
 PROJECT = "bench"
@@ -56,30 +58,13 @@ def compute_baseline() -> tuple[list[float], list[float]]:
 
 
 def federated_run(url: str, workdir: Path) -> tuple[list[float], list[float], list[float]]:
-    from edgefl.combiner import Combiner, CombinerConfig
-    from edgefl.controller import Controller, SessionConfig
-    from edgefl.fleet.simulate import region_names, start_fleet
-    from edgefl.store import make_store
-    from edgefl.store.blobs import FileBlobStore
+    from edgefl.controller import SessionConfig
+    from edgefl.deploy import Deployment
 
-    regions = region_names(REGIONS)
-    stoppers: list = []
-    try:
-        for region in regions:
-            comb = Combiner(CombinerConfig(url, project=PROJECT, region=region)).start()
-            stoppers.append(comb.stop)
-        fleet = start_fleet(url, DEVICES, regions, project=PROJECT)
-        stoppers.append(fleet.stop)
-        store = make_store(f"sqlite:///{workdir / 'state.db'}")
-        stoppers.append(store.close)
-        ctl = Controller(
-            url,
-            store,
-            FileBlobStore(workdir / "models"),
-            project=PROJECT,
-            evaluator=digits.evaluator,
-        ).start()
-        stoppers.append(ctl.stop)
+    with Deployment(workdir, project=PROJECT, broker_url=url) as dep:
+        dep.start_combiners(REGIONS)
+        dep.start_fleet(DEVICES)
+        ctl = dep.start_controller(evaluator=digits.evaluator)
         config = SessionConfig(
             session_id="bench-round-time",
             rounds=ROUNDS,
@@ -92,7 +77,7 @@ def federated_run(url: str, workdir: Path) -> tuple[list[float], list[float], li
         walls: list[float] = []
         last = [time.perf_counter()]
 
-        def on_round(rec, _sess) -> None:  # noqa: ANN001
+        def on_round(rec: RoundRecord, _sess: SessionRecord) -> None:
             durations.append((rec.finished or time.time()) - rec.started)
             now = time.perf_counter()
             walls.append(now - last[0])
@@ -104,15 +89,9 @@ def federated_run(url: str, workdir: Path) -> tuple[list[float], list[float], li
 
         last[0] = time.perf_counter()
         ctl.run(config.session_id, on_round=on_round)
-        rounds = [r for r in store.list_rounds(config.session_id) if r.status == "completed"]
+        rounds = [r for r in dep.store.list_rounds(config.session_id) if r.status == "completed"]
         accs = [r.metrics["accuracy"] for r in rounds]
         return durations, walls, accs
-    finally:
-        for stop in reversed(stoppers):
-            try:
-                stop()
-            except Exception as exc:  # keep stopping the rest
-                log(f"stopping failed: {exc}")
 
 
 def main() -> None:

@@ -1,84 +1,48 @@
-"""Build a real tiered deployment (combiners, fleet, controller, stores) for integration tests."""
+"""Integration-test helpers on top of ``edgefl.deploy.Deployment``: rogue devices, a flaky link."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
-import uuid
-from contextlib import ExitStack
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgefl.combiner import Combiner, CombinerConfig
+from edgefl import deploy
 from edgefl.controller import Controller, SessionConfig
-from edgefl.fleet.simulate import region_names, start_fleet
+from edgefl.fleet.simulate import Fleet
 from edgefl.protocol import Topics, decode, encode
-from edgefl.store import make_store
-from edgefl.store.blobs import FileBlobStore
+from edgefl.store.base import RoundRecord
 from edgefl.tasks import digits
 from edgefl.transport import parse_broker_url
 
 
-@dataclass
-class Deployment:
-    url: str
-    workdir: Path
-    # a fresh project per deployment isolates tests that share a broker (retained messages)
-    project: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
-    regions: list[str] = field(default_factory=list)
-    combiners: list[Combiner] = field(default_factory=list)
-    stack: ExitStack = field(default_factory=ExitStack)
+class Deployment(deploy.Deployment):
+    """The product's deployment builder, on a fresh project per test, with digits defaults."""
 
-    @property
-    def state_url(self) -> str:
-        return f"sqlite:///{self.workdir / 'state.db'}"
+    def __init__(self, url: str, workdir: Path, **kwargs: Any) -> None:
+        super().__init__(workdir, project=deploy.random_project(), broker_url=url, **kwargs)
 
-    def start_combiners(self, n_regions: int, **kwargs) -> list[Combiner]:  # noqa: ANN003
-        self.regions = region_names(n_regions)
-        for region in self.regions:
-            comb = Combiner(
-                CombinerConfig(self.url, project=self.project, region=region, **kwargs)
-            ).start()
-            self.combiners.append(comb)
-            self.stack.callback(comb.stop)
-        return self.combiners
+    def start_fleet(  # type: ignore[override]
+        self, n_devices: int, partition_size: int | None = None, **kwargs: Any
+    ) -> Fleet:
+        return super().start_fleet(n_devices, partition_size=partition_size, **kwargs)
 
-    def start_fleet(self, n_devices: int, partition_size: int | None = None):  # noqa: ANN201
-        fleet = start_fleet(
-            self.url, n_devices, self.regions, project=self.project, partition_size=partition_size
-        )
-        self.stack.callback(fleet.stop)
-        return fleet
+    def controller(self, **kwargs: Any) -> Controller:
+        return self.start_controller(evaluator=digits.evaluator, **kwargs)
 
-    def controller(self, **kwargs) -> Controller:  # noqa: ANN003
-        store = make_store(self.state_url)
-        self.stack.callback(store.close)
-        ctl = Controller(
-            self.url,
-            store,
-            FileBlobStore(self.workdir / "models"),
-            project=self.project,
-            evaluator=digits.evaluator,
-            **kwargs,
-        ).start()
-        self.stack.callback(ctl.stop)
-        return ctl
-
-    def run_session(self, ctl: Controller, **cfg) -> tuple[str, list]:  # noqa: ANN003
+    def run_session(self, ctl: Controller, **cfg: Any) -> tuple[str, list[RoundRecord]]:
         config = SessionConfig(**{"train": {"lr": 0.1, "batch_size": 32}, **cfg})
         ctl.create_session(config, digits.initial_weights(config.train.get("model", "softmax")))
         ctl.run(config.session_id)
         return config.session_id, ctl.store.list_rounds(config.session_id)
 
-    def close(self) -> None:
-        self.stack.close()
 
-
-def completed_accuracies(rounds: list) -> list[float]:
+def completed_accuracies(rounds: list[RoundRecord]) -> list[float]:
     return [r.metrics["accuracy"] for r in rounds if r.status == "completed"]
 
 

@@ -17,8 +17,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent.agent import DeviceAgent
 from device_agent.config import AgentConfig
-from device_agent.trainers.numpy_models import train_epochs
 from device_agent.trainers.numpy_trainer import NumpyTrainer
+from edgefl.models.numpy_models import train_epochs
 from edgefl.protocol import Reassembler, Topics, decode, encode, split_payload
 from edgefl.protocol.tensors import decode_tensors, dumps_tensors
 from edgefl.tasks import digits

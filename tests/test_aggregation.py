@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device_agent.trainers.numpy_models import train_epochs
 from edgefl.aggregation import (
     UpdateRejected,
     WeightedSum,
@@ -16,6 +15,7 @@ from edgefl.aggregation import (
     spec_of,
     validate_update,
 )
+from edgefl.models.numpy_models import train_epochs
 from edgefl.tasks import digits
 
 

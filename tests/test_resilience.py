@@ -35,7 +35,7 @@ def test_device_cut_mid_upload_resumes(deployment) -> None:  # noqa: ANN001
     addr = parse_broker_url(dep.url)
     marker = f"{dep.project}/region-0/dev/dev-0009/update".encode()
     proxy = CuttingProxy(addr.host, addr.port, marker, cut_after=6000)
-    dep.stack.callback(proxy.close)
+    dep.own(proxy)
     X, y = digits.device_data(n, 9)
     cfg = AgentConfig(
         broker_url=f"mqtt://127.0.0.1:{proxy.port}",
@@ -48,7 +48,7 @@ def test_device_cut_mid_upload_resumes(deployment) -> None:  # noqa: ANN001
         max_backoff_s=1.0,
     )
     flaky = DeviceAgent(cfg, NumpyTrainer(X, y)).start()
-    dep.stack.callback(flaky.stop)
+    dep.own(flaky)
     ctl = dep.controller()
     # MLP updates are ~20 KB: with 1 KiB chunks the cut lands mid-upload
     _, rounds = dep.run_session(
@@ -75,7 +75,7 @@ def test_vanished_device_does_not_stall_round(deployment) -> None:  # noqa: ANN0
     dep.start_combiners(2)
     dep.start_fleet(10)
     ghost = RogueDevice(dep.url, dep.project, "region-1", "ghost", mode="silent")
-    dep.stack.callback(ghost.stop)
+    dep.own(ghost)
     ctl = dep.controller()
     timeout = 2.0
     t0 = time.time()
@@ -157,7 +157,7 @@ def test_bad_updates_are_rejected_and_round_goes_on(broker_url, tmp_path) -> Non
                 dep.url, dep.project, f"region-{i % 2}", f"rogue-{i}", mode, on_task=respond
             )
             rogues.append(rogue)
-            dep.stack.callback(rogue.stop)
+            dep.own(rogue)
         ctl = dep.controller()
         # buffer_size: close as soon as the 10 honest updates are in
         _, rounds = dep.run_session(
@@ -181,7 +181,7 @@ def test_malformed_control_messages_do_not_crash_components(deployment) -> None:
     dep.start_combiners(1)
     dep.start_fleet(4)
     rogue = RogueDevice(dep.url, dep.project, "region-0", "noisy", mode="noise")
-    dep.stack.callback(rogue.stop)
+    dep.own(rogue)
     t = dep.combiners[0].topics
     for topic in (
         t.combiner("region-0", "round"),
@@ -242,7 +242,7 @@ def test_controller_killed_mid_session_resumes(deployment) -> None:  # noqa: ANN
         stderr=subprocess.PIPE,
     )
     store = make_store(dep.state_url)
-    dep.stack.callback(store.close)
+    dep.own(store)
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -312,7 +312,7 @@ def test_combiner_stops_promptly_under_a_flood(tmp_path) -> None:  # noqa: ANN00
         try:
             comb = dep.start_combiners(1)[0]
             flood = RogueDevice(dep.url, dep.project, "region-0", "flood", mode="noise")
-            dep.stack.callback(flood.stop)
+            dep.own(flood)
             junk = [c.to_bytes() for c in split_payload(os.urandom(1024 * 1024), 65536)]
             topic = flood.topics.device("region-0", "flood", "update")
             flooding = threading.Event()

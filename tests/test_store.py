@@ -275,7 +275,7 @@ def test_model_versions_are_content_addressed(tmp_path, url) -> None:  # noqa: A
     """A round retried after a crash must never overwrite a recorded version's bytes."""
     import numpy as np
 
-    from edgefl.controller.models import ModelRepository
+    from edgefl.controller.model_versions import ModelRepository
 
     store = make_store(url)
     repo = ModelRepository(store, FileBlobStore(tmp_path / "models"))

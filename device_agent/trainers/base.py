@@ -12,9 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
-
-Weights = dict[str, np.ndarray]
+from edgefl.protocol.types import Weights
 
 
 @dataclass(frozen=True)

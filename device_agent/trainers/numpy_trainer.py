@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from device_agent.trainers.base import TrainResult, TrainTask, Weights
-from device_agent.trainers.numpy_models import evaluate, train_epochs
+from edgefl.models.numpy_models import evaluate, train_epochs
 
 
 class NumpyTrainer:

@@ -11,9 +11,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Any, Protocol
 
-import numpy as np
-
-Weights = dict[str, np.ndarray]
+from edgefl.protocol.types import Weights
 
 
 class ServerAggregator(Protocol):

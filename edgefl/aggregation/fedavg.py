@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-Weights = dict[str, np.ndarray]
+from edgefl.protocol.types import Weights
 
 
 class FedAvg:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-Weights = dict[str, np.ndarray]
+from edgefl.protocol.types import Weights
 
 
 class _FedOpt:

@@ -5,8 +5,10 @@ devices, reassembles chunked updates, validates each one and folds it into a run
 sum the moment it is complete. When every assigned device has reported — or the controller
 closes the round (deadline or buffer full) — it sends the sufficient statistics upward.
 
-All message handling runs on the connection's network thread; the deadline timer takes the
-same lock, so the state needs no other synchronisation.
+The network thread only queues messages; one worker thread handles them in arrival order
+(hashing, decoding and folding release the GIL, so the network keeps reading meanwhile). The
+deadline timer queues onto the same worker, and ``stop`` takes the lock, so the round state
+is never touched by two threads at once.
 """
 
 from __future__ import annotations
@@ -15,23 +17,33 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from edgefl.aggregation import UpdateRejected, WeightedSum, validate_update
-from edgefl.aggregation.spec import spec_from_wire
 from edgefl.protocol import ChunkError, CodecError, MessageError, Topics, decode, encode
 from edgefl.protocol.chunking import DEFAULT_CHUNK_SIZE, Reassembler, split_payload
-from edgefl.protocol.messages import clean_metrics
+from edgefl.protocol.messages import SCHEMAS, clean_metrics
 from edgefl.protocol.tensors import decode_tensors, encode_tensors
+from edgefl.protocol.types import Participant, Rejection, Spec, spec_from_wire
 from edgefl.transport import MqttConnection
 
 log = logging.getLogger(__name__)
 
+Handler = Callable[[str, bytes], None]
+
 INBOX_MESSAGES = 16  # at most 16 chunks (4 MiB at the default chunk size) wait for the worker
+
+
+# The task a device gets is the round plan minus what only the combiner needs.
+TASK_FIELDS = tuple(SCHEMAS["task"])
 
 
 @dataclass
 class CombinerConfig:
+    """Where a combiner connects, which region it serves, and its limits against bad input."""
+
     broker_url: str
     project: str = "default"
     region: str = "region-0"
@@ -52,18 +64,26 @@ class CombinerConfig:
 @dataclass
 class _Round:
     task_id: str
-    plan: dict
+    plan: dict[str, Any]
     devices: set[str]
-    spec: dict
+    spec: Spec
     acc: WeightedSum
     reported: set[str] = field(default_factory=set)
-    participants: list[dict] = field(default_factory=list)
-    rejected: list[dict] = field(default_factory=list)
+    participants: list[Participant] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
     flushed: bool = False
     timer: threading.Timer | None = None
 
 
 class Combiner:
+    """Aggregates one region's updates as they stream in and sends sums to the controller.
+
+    Owns its MQTT connection and its worker thread; ``stop`` announces it offline, closes the
+    connection and joins the worker. Memory is O(model size) whatever the number of devices:
+    the inbox is bounded and each update is folded as soon as it is complete. Every refused
+    update is logged with a reason and reported to the controller in the partial.
+    """
+
     def __init__(self, config: CombinerConfig) -> None:
         self.config = config
         self.topics = Topics(config.project)
@@ -137,7 +157,7 @@ class Combiner:
                 if self._stopping.is_set() and not (self._worker and self._worker.is_alive()):
                     return
 
-    def _enqueue(self, handler):  # noqa: ANN001, ANN202
+    def _enqueue(self, handler: Handler) -> Handler:
         return lambda topic, payload: self._put((handler, topic, payload))
 
     def _work(self) -> None:
@@ -209,20 +229,7 @@ class Combiner:
             rnd.timer.daemon = True
             self._round = rnd
             rnd.timer.start()
-        task_fields = {
-            k: plan[k]
-            for k in (
-                "task_id",
-                "session",
-                "round",
-                "model_version",
-                "model_digest",
-                "deadline",
-                "train",
-                "chunk_size",
-            )
-        }
-        task = encode("task", **task_fields)
+        task = encode("task", **{k: plan[k] for k in TASK_FIELDS})
         for dev in sorted(devices):
             self.conn.publish(self.topics.device(self.config.region, dev, "task"), task, qos=1)
         log.debug(
@@ -298,12 +305,12 @@ class Combiner:
         # an earlier bad chunk from this device was transient: it is a participant now
         rnd.rejected = [r for r in rnd.rejected if r["device"] != device]
         rnd.participants.append(
-            {
-                "device": device,
-                "region": self.config.region,
-                "n": int(n),
-                "metrics": clean_metrics(msg["metrics"]),
-            }
+            Participant(
+                device=device,
+                region=self.config.region,
+                n=int(n),
+                metrics=clean_metrics(msg["metrics"]),
+            )
         )
         self.stats["accepted"] += 1
         self._progress()
@@ -327,7 +334,7 @@ class Combiner:
             and device in rnd.devices
             and all(r["device"] != device for r in rnd.rejected)
         ):
-            rnd.rejected.append({"device": device, "reason": reason})
+            rnd.rejected.append(Rejection(device=device, reason=reason))
             self._progress()
 
     def _progress(self) -> None:

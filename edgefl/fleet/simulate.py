@@ -10,18 +10,24 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from device_agent.agent import DeviceAgent
 from device_agent.config import AgentConfig
+from device_agent.trainers.base import Trainer
 from device_agent.trainers.numpy_trainer import NumpyTrainer
+from edgefl.auth.credentials import Credentials
+from edgefl.auth.tokens import Role
 from edgefl.tasks import digits
 
 log = logging.getLogger(__name__)
 
-TokenFactory = Callable[[str, str], str]  # (device_id, region) -> password/JWT
+TrainerFactory = Callable[[int, np.ndarray, np.ndarray], Trainer]
+"""(device index, local X, local y) -> the trainer that device runs."""
 
 
-def region_names(n: int) -> list[str]:
-    return [f"region-{i}" for i in range(n)]
+def numpy_trainer(_k: int, X: np.ndarray, y: np.ndarray) -> Trainer:
+    return NumpyTrainer(X, y)
 
 
 def device_name(k: int) -> str:
@@ -30,6 +36,8 @@ def device_name(k: int) -> str:
 
 @dataclass
 class Fleet:
+    """The agents of a simulation; ``stop`` disconnects them all (each says offline first)."""
+
     agents: list[DeviceAgent] = field(default_factory=list)
 
     def stop(self) -> None:
@@ -48,10 +56,11 @@ def start_fleet(
     regions: list[str],
     *,
     project: str = "default",
-    token_for: TokenFactory | None = None,
+    credentials: Credentials | None = None,
     chunk_size: int = 1024 * 1024,
     on_started: Callable[[int], None] | None = None,
     partition_size: int | None = None,
+    trainer_factory: TrainerFactory = numpy_trainer,
 ) -> Fleet:
     """Start ``n_devices`` agents on the digits partition; device k lives in regions[k % R].
 
@@ -70,13 +79,13 @@ def start_fleet(
                 project=project,
                 region=region,
                 device_id=dev,
-                password=token_for(dev, region) if token_for else None,
+                password=credentials.token(dev, Role.device, region) if credentials else None,
                 seed=k,
                 max_chunk_size=chunk_size,
                 min_backoff_s=0.2,
                 max_backoff_s=5.0,
             )
-            fleet.agents.append(DeviceAgent(cfg, NumpyTrainer(X, y)).start())
+            fleet.agents.append(DeviceAgent(cfg, trainer_factory(k, X, y)).start())
             if on_started:
                 on_started(k + 1)
     except Exception:

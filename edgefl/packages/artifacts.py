@@ -7,7 +7,7 @@ format (``edgefl.packages.format``) wraps them with a manifest, digests and a si
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +24,6 @@ class TrainingArtifacts:
     """
 
     framework: str  # "onnx" | "tflite"
-    files: Dict[str, bytes]
-    manifest: Dict[str, Any]
-    initial_weights: Dict[str, np.ndarray] = field(default_factory=dict)
+    files: dict[str, bytes]
+    manifest: dict[str, Any]
+    initial_weights: dict[str, np.ndarray] = field(default_factory=dict)

@@ -9,13 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from edgefl.protocol.types import Participant, RoundStatus, SessionStatus
+
 
 @dataclass
 class SessionRecord:
+    """A session's durable state; ``model_version`` moves only after the round is recorded."""
+
     session_id: str
     project: str
     config: dict[str, Any]  # the full SessionConfig as a JSON-able dict
-    status: str  # "running" | "completed" | "failed" | "stopped"
+    status: SessionStatus
     current_round: int  # last *completed* round number (0 before the first)
     model_version: str  # current global model version
     created: float  # unix seconds
@@ -24,17 +28,17 @@ class SessionRecord:
 
 @dataclass
 class RoundRecord:
+    """One attempt at one round: who was selected, who took part, and what came out."""
+
     task_id: str  # "<session>:<round>:<attempt>", unique
     session_id: str
     round: int  # 1-based
     attempt: int  # 0-based retry counter for the same round number
-    status: str  # "running" | "completed" | "failed"
+    status: RoundStatus
     model_in: str
     model_out: str | None
     devices: list[str]  # selected devices
-    participants: list[dict[str, Any]] = field(
-        default_factory=list
-    )  # [{device, region, n, metrics}]
+    participants: list[Participant] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)  # e.g. accuracy, loss
     reason: str = ""  # why a round failed
     started: float = 0.0
@@ -43,6 +47,8 @@ class RoundRecord:
 
 @dataclass
 class ModelRecord:
+    """A stored model version and its lineage; the blob is written before this record."""
+
     version: str  # "{session}-r{round:04d}-{digest[:8]}", content-addressed
     parent: str | None  # lineage: the version this one was aggregated from
     session_id: str | None
@@ -63,7 +69,7 @@ class Store(Protocol):
         self,
         session_id: str,
         *,
-        status: str | None = None,
+        status: SessionStatus | None = None,
         current_round: int | None = None,
         model_version: str | None = None,
     ) -> None: ...
@@ -77,9 +83,9 @@ class Store(Protocol):
         self,
         task_id: str,
         *,
-        status: str,
+        status: RoundStatus,
         model_out: str | None,
-        participants: list[dict[str, Any]],
+        participants: list[Participant],
         metrics: dict[str, float],
         reason: str = "",
         finished: float,

@@ -7,15 +7,18 @@ version row; a store refuses to open a database written by a newer edgefl.
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 import time
-from typing import Any
+from dataclasses import fields
+from typing import Any, TypeVar
 
 from sqlalchemy import JSON, Float, Integer, String, create_engine, event, inspect, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
 
+from edgefl.protocol.types import Participant, RoundStatus, SessionStatus
 from edgefl.store.base import ModelRecord, RoundRecord, SessionRecord
 
 SCHEMA_VERSION = 1
@@ -85,48 +88,23 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def _session_record(row: _Session) -> SessionRecord:
-    return SessionRecord(
-        row.session_id,
-        row.project,
-        dict(row.config),
-        row.status,
-        row.current_round,
-        row.model_version,
-        row.created,
-        row.updated,
-    )
+R = TypeVar("R", SessionRecord, RoundRecord, ModelRecord)
 
 
-def _round_record(row: _Round) -> RoundRecord:
-    return RoundRecord(
-        row.task_id,
-        row.session_id,
-        row.round,
-        row.attempt,
-        row.status,
-        row.model_in,
-        row.model_out,
-        list(row.devices),
-        list(row.participants),
-        dict(row.metrics),
-        row.reason,
-        row.started,
-        row.finished,
-    )
+def _record(cls: type[R], row: _Base) -> R:
+    """Build a record from a row by field name, so reordering a dataclass cannot swap values.
+
+    JSON columns are copied: a caller mutating a record must never touch the ORM's state.
+    """
+    values = {}
+    for f in fields(cls):
+        v = getattr(row, f.name)
+        values[f.name] = copy.deepcopy(v) if isinstance(v, (dict, list)) else v
+    return cls(**values)
 
 
-def _model_record(row: _Model) -> ModelRecord:
-    return ModelRecord(
-        row.version,
-        row.parent,
-        row.session_id,
-        row.round,
-        row.digest,
-        row.size,
-        row.created,
-        dict(row.meta),
-    )
+def _row_values(record: SessionRecord | RoundRecord | ModelRecord) -> dict[str, Any]:
+    return {f.name: getattr(record, f.name) for f in fields(record)}
 
 
 class SqlStore:
@@ -200,24 +178,24 @@ class SqlStore:
         with self._lock, self._write() as s, s.begin():
             if s.get(_Session, record.session_id) is not None:
                 raise ValueError(f"session {record.session_id!r} already exists")
-            s.add(_Session(**vars(record)))
+            s.add(_Session(**_row_values(record)))
 
     def get_session(self, session_id: str) -> SessionRecord | None:
         with self._read_lock, self._read() as s:
             row = s.get(_Session, session_id)
-            return _session_record(row) if row else None
+            return _record(SessionRecord, row) if row else None
 
     def list_sessions(self) -> list[SessionRecord]:
         with self._read_lock, self._read() as s:
             q = select(_Session).order_by(_Session.created, _Session.session_id)
             rows = s.scalars(q).all()
-            return [_session_record(r) for r in rows]
+            return [_record(SessionRecord, r) for r in rows]
 
     def update_session(
         self,
         session_id: str,
         *,
-        status: str | None = None,
+        status: SessionStatus | None = None,
         current_round: int | None = None,
         model_version: str | None = None,
     ) -> None:
@@ -238,34 +216,34 @@ class SqlStore:
         with self._lock, self._write() as s, s.begin():
             if s.get(_Model, record.version) is not None:
                 raise ValueError(f"model version {record.version!r} already exists")
-            s.add(_Model(**vars(record)))
+            s.add(_Model(**_row_values(record)))
 
     def get_model(self, version: str) -> ModelRecord | None:
         with self._read_lock, self._read() as s:
             row = s.get(_Model, version)
-            return _model_record(row) if row else None
+            return _record(ModelRecord, row) if row else None
 
     def list_models(self, session_id: str | None = None) -> list[ModelRecord]:
         q = select(_Model).order_by(_Model.created, _Model.version)
         if session_id is not None:
             q = q.where(_Model.session_id == session_id)
         with self._read_lock, self._read() as s:
-            return [_model_record(r) for r in s.scalars(q).all()]
+            return [_record(ModelRecord, r) for r in s.scalars(q).all()]
 
     # rounds -----------------------------------------------------------------------------
     def start_round(self, record: RoundRecord) -> None:
         with self._lock, self._write() as s, s.begin():
             if s.get(_Round, record.task_id) is not None:
                 raise ValueError(f"round {record.task_id!r} already exists")
-            s.add(_Round(**{**vars(record), "reason": record.reason[:REASON_MAX]}))
+            s.add(_Round(**{**_row_values(record), "reason": record.reason[:REASON_MAX]}))
 
     def finish_round(
         self,
         task_id: str,
         *,
-        status: str,
+        status: RoundStatus,
         model_out: str | None,
-        participants: list[dict[str, Any]],
+        participants: list[Participant],
         metrics: dict[str, float],
         reason: str = "",
         finished: float,
@@ -286,7 +264,7 @@ class SqlStore:
     def get_round(self, task_id: str) -> RoundRecord | None:
         with self._read_lock, self._read() as s:
             row = s.get(_Round, task_id)
-            return _round_record(row) if row else None
+            return _record(RoundRecord, row) if row else None
 
     def list_rounds(self, session_id: str) -> list[RoundRecord]:
         q = (
@@ -295,7 +273,7 @@ class SqlStore:
             .order_by(_Round.round, _Round.attempt)
         )
         with self._read_lock, self._read() as s:
-            return [_round_record(r) for r in s.scalars(q).all()]
+            return [_record(RoundRecord, r) for r in s.scalars(q).all()]
 
     def close(self) -> None:
         """Release pooled connections; the store must not be used afterwards."""

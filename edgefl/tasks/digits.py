@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from device_agent.trainers.numpy_models import evaluate, init_weights, train_epochs
+from edgefl.models.numpy_models import evaluate, init_weights, train_epochs
 
 N_FEATURES = 64
 N_CLASSES = 10

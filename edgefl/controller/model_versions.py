@@ -5,12 +5,9 @@ from __future__ import annotations
 import hashlib
 import time
 
-import numpy as np
-
 from edgefl.protocol.tensors import dumps_tensors, loads_tensors
+from edgefl.protocol.types import Weights
 from edgefl.store.base import BlobStore, ModelRecord, Store
-
-Weights = dict[str, np.ndarray]
 
 
 def version_name(session_id: str, round_: int, digest_hex: str) -> str:

@@ -1,0 +1,60 @@
+"""Model distribution: global model versions as retained, chunked messages on the broker.
+
+Retained chunks let a device that connects late (or reconnects mid-round) fetch the current
+model without asking anyone. Only the current and the previous version stay retained, so the
+broker's memory does not grow with the number of rounds.
+"""
+
+from __future__ import annotations
+
+from edgefl.protocol import Topics
+from edgefl.protocol.chunking import split_payload
+from edgefl.store.base import Store
+from edgefl.transport import MqttConnection
+
+RETAINED_VERSIONS = 2  # the current model and the one before it (devices still finishing)
+
+
+class ModelDistributor:
+    """Publishes model blobs as retained chunks and clears old versions.
+
+    Not thread-safe: the controller's session loop is its only caller. ``publish`` blocks
+    until the broker has acknowledged every chunk.
+    """
+
+    def __init__(self, conn: MqttConnection, topics: Topics) -> None:
+        self.conn = conn
+        self.topics = topics
+        self._published: list[tuple[str, int]] = []  # (version, chunk count) on the broker
+
+    def publish(self, version: str, blob: bytes, chunk_size: int) -> None:
+        """Publish a model as retained chunks, and clear versions older than the previous one."""
+        if self._published and self._published[-1][0] == version:
+            return
+        chunks = split_payload(blob, chunk_size, transfer=version, meta={"version": version})
+        infos = [
+            self.conn.publish(
+                self.topics.model_chunk(version, c.index), c.to_bytes(), qos=1, retain=True
+            )
+            for c in chunks
+        ]
+        for info in infos:
+            info.wait_for_publish(timeout=30)
+        self._published.append((version, len(chunks)))
+        while len(self._published) > RETAINED_VERSIONS:
+            old, n = self._published.pop(0)
+            self._clear(old, n)
+
+    def forget_stale(self, store: Store, session_id: str, current: str, chunk_size: int) -> None:
+        """Clear what a predecessor controller may have left retained for this session.
+
+        A resumed controller does not know what was published before it started, so it
+        clears the session's recent versions other than the current one.
+        """
+        recent = [m for m in store.list_models(session_id) if m.version != current][-3:]
+        for m in recent:
+            self._clear(m.version, max(1, -(-m.size // chunk_size)))
+
+    def _clear(self, version: str, n_chunks: int) -> None:
+        for i in range(n_chunks):
+            self.conn.publish(self.topics.model_chunk(version, i), b"", qos=1, retain=True)

@@ -1,0 +1,108 @@
+"""What combiners send the controller: partial sums and progress, queued for the session loop."""
+
+from __future__ import annotations
+
+import logging
+import queue
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from edgefl.protocol import ChunkError, MessageError, Topics, decode
+from edgefl.protocol.chunking import Reassembler
+from edgefl.protocol.types import (
+    Participant,
+    Rejection,
+    participants_from_wire,
+    rejections_from_wire,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A region's sufficient statistics for one round, checked field by field."""
+
+    task_id: str
+    region: str
+    combiner: str
+    count: int
+    weight: float
+    participants: list[Participant]
+    rejected: list[Rejection]
+    sums: dict[str, Any]  # still wire-encoded tensors: decoded on the session loop
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A combiner's running count of accepted and rejected updates (for ``buffer_size``)."""
+
+    task_id: str
+    region: str
+    accepted: int
+    rejected: int
+
+
+Event = Partial | Progress
+
+
+class CombinerInbox:
+    """Receives combiner messages on the network thread and hands them to the session loop.
+
+    Malformed messages are logged, counted in ``refused`` and dropped: a broken or hostile
+    combiner can cost its region's partial, never the controller.
+    """
+
+    def __init__(self, topics: Topics, ttl_s: float = 600) -> None:
+        self.topics = topics
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._partials = Reassembler(ttl_s=ttl_s)
+        self.refused: dict[Literal["partial", "progress"], int] = {"partial": 0, "progress": 0}
+
+    def on_partial_chunk(self, topic: str, payload: bytes) -> None:
+        try:
+            region, _ = self.topics.parse_combiner_topic(topic)
+            done = self._partials.feed(region, payload)
+            if done is None:
+                return
+            msg = decode(done.payload, "partial")
+            event = Partial(
+                task_id=msg["task_id"],
+                region=region,
+                combiner=msg["combiner"],
+                count=msg["count"],
+                weight=float(msg["weight"]),
+                participants=participants_from_wire(msg["devices"]),
+                rejected=rejections_from_wire(msg["rejected"]),
+                sums=msg["sums"],
+            )
+        except (ChunkError, MessageError, ValueError) as exc:
+            self.refused["partial"] += 1
+            log.error("controller: rejected partial on %s: %s", topic, exc)
+            return
+        self._events.put(event)
+
+    def on_progress(self, topic: str, payload: bytes) -> None:
+        try:
+            region, _ = self.topics.parse_combiner_topic(topic)
+            msg = decode(payload, "progress")
+        except (MessageError, ValueError) as exc:
+            self.refused["progress"] += 1
+            log.warning("controller: bad progress on %s: %s", topic, exc)
+            return
+        self._events.put(Progress(msg["task_id"], region, msg["accepted"], msg["rejected"]))
+
+    def get(self, timeout: float) -> Event | None:
+        """The next event, or None when ``timeout`` seconds pass without one."""
+        try:
+            return self._events.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+
+    def drain(self) -> None:
+        """Forget events left over from an earlier round."""
+        while True:
+            try:
+                self._events.get_nowait()
+            except queue.Empty:
+                return

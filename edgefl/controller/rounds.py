@@ -1,0 +1,227 @@
+"""One attempt at one round: select devices, dispatch plans, collect partials, merge, record.
+
+The merge is exact: combiners send sums, so the weighted mean over any number of regions is
+the mean a single process would compute. The new model is stored (blob, then record) before
+the caller moves the session pointer, which is what makes a SIGKILLed controller resumable.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edgefl.aggregation import ServerAggregator, WeightedSum
+from edgefl.controller.config import SessionConfig
+from edgefl.controller.inbox import CombinerInbox, Partial, Progress
+from edgefl.controller.model_versions import ModelRepository
+from edgefl.controller.presence import Presence
+from edgefl.controller.records import RoundAttempt
+from edgefl.protocol import CodecError, Topics, encode
+from edgefl.protocol.tensors import decode_tensors
+from edgefl.protocol.types import Participant, Rejection, Weights, spec_of, spec_to_wire
+from edgefl.store.base import Store
+from edgefl.transport import MqttConnection
+
+log = logging.getLogger(__name__)
+
+Evaluator = Callable[[Weights], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """A completed round: the new global model and its stored version."""
+
+    task_id: str
+    weights: Weights
+    version: str
+    blob: bytes
+
+
+def select_devices(
+    online: dict[str, str], config: SessionConfig, r: int, attempt: int
+) -> list[str]:
+    """All eligible devices, or a sample seeded by (session seed, round, attempt) for replay."""
+    devices = sorted(online)
+    if config.max_devices is not None and len(devices) > config.max_devices:
+        rng = random.Random(f"{config.seed}:{r}:{attempt}")
+        devices = sorted(rng.sample(devices, config.max_devices))
+    return devices
+
+
+def round_metrics(participants: list[Participant]) -> dict[str, float]:
+    """Update count, examples, and the example-weighted mean of each device metric."""
+    metrics: dict[str, float] = {"updates": float(len(participants))}
+    total = sum(p["n"] for p in participants)
+    if total:
+        metrics["examples"] = float(total)
+        keys: set[str] = set().union(*(p["metrics"].keys() for p in participants))
+        for k in sorted(keys):
+            vals = [(p["n"], p["metrics"][k]) for p in participants if k in p["metrics"]]
+            n = sum(w for w, _ in vals)
+            if n:
+                metrics[f"devices_{k}"] = sum(w * v for w, v in vals) / n
+    return metrics
+
+
+class RoundRunner:
+    """Runs round attempts for the controller's session loop (one at a time, blocking)."""
+
+    def __init__(
+        self,
+        conn: MqttConnection,
+        topics: Topics,
+        store: Store,
+        models: ModelRepository,
+        presence: Presence,
+        inbox: CombinerInbox,
+        evaluator: Evaluator | None = None,
+    ) -> None:
+        self.conn = conn
+        self.topics = topics
+        self.store = store
+        self.models = models
+        self.presence = presence
+        self.inbox = inbox
+        self.evaluator = evaluator
+
+    def run(
+        self,
+        config: SessionConfig,
+        attempt: RoundAttempt,
+        weights: Weights,
+        aggregator: ServerAggregator,
+    ) -> RoundOutcome | None:
+        """Run one attempt; None (with a failed record) when the round cannot complete."""
+        online = self.presence.wait_for(config.min_devices, config.wait_for_devices_s)
+        if len(online) < config.min_devices:
+            attempt.fail(
+                self.store, f"only {len(online)} of {config.min_devices} devices online"
+            )
+            return None
+        selected = select_devices(online, config, attempt.round, attempt.attempt)
+        by_region: dict[str, list[str]] = {}
+        for dev in selected:
+            by_region.setdefault(online[dev], []).append(dev)
+        started = time.time()
+        deadline = started + config.round_timeout_s
+        attempt.start(self.store, selected, started)
+        spec = spec_of(weights)
+        self.inbox.drain()
+        self._dispatch(config, attempt, by_region, deadline, spec_to_wire(spec))
+        partials = self._collect(attempt.task_id, by_region, config, deadline)
+
+        merged = WeightedSum(spec)
+        participants: list[Participant] = []
+        rejected: list[Rejection] = []
+        for region, partial in sorted(partials.items()):
+            try:
+                merged.merge(decode_tensors(partial.sums), partial.weight, partial.count)
+            except (CodecError, KeyError, ValueError) as exc:
+                log.error("round %s: partial from %s unusable: %s", attempt.task_id, region, exc)
+                continue
+            participants.extend(partial.participants)
+            rejected.extend(partial.rejected)
+        if merged.count < config.min_devices or merged.weight <= 0:
+            attempt.fail(
+                self.store,
+                f"quorum not met: {merged.count} accepted updates, "
+                f"{config.min_devices} needed ({len(rejected)} rejected)",
+                participants=participants,
+                started=started,
+            )
+            return None
+
+        new_weights = aggregator.step(weights, merged.mean({k: d for k, (d, _) in spec.items()}))
+        metrics = round_metrics(participants)
+        if self.evaluator is not None:
+            metrics.update(self.evaluator(new_weights))
+        metrics["rejected"] = float(len(rejected))
+        record, blob = self.models.save(
+            new_weights,
+            parent=attempt.model_in,
+            session_id=attempt.session_id,
+            round_=attempt.round,
+            optimizer_state=aggregator.state_dict(),
+            meta={"metrics": metrics},
+        )
+        attempt.complete(
+            self.store, model_out=record.version, participants=participants, metrics=metrics
+        )
+        log.info(
+            "round %s done: %d updates, metrics %s",
+            attempt.task_id,
+            merged.count,
+            {k: round(v, 4) for k, v in metrics.items()},
+        )
+        return RoundOutcome(attempt.task_id, new_weights, record.version, blob)
+
+    def _dispatch(
+        self,
+        config: SessionConfig,
+        attempt: RoundAttempt,
+        by_region: dict[str, list[str]],
+        deadline: float,
+        wire_spec: list[list[object]],
+    ) -> None:
+        model = self.store.get_model(attempt.model_in)
+        if model is None:
+            raise KeyError(f"model version {attempt.model_in!r} is not in the store")
+        for region, devs in sorted(by_region.items()):
+            plan = encode(
+                "round",
+                task_id=attempt.task_id,
+                session=attempt.session_id,
+                round=attempt.round,
+                model_version=attempt.model_in,
+                model_digest=bytes.fromhex(model.digest),
+                devices=sorted(devs),
+                deadline=deadline,
+                train=config.train,
+                chunk_size=config.chunk_size,
+                spec=wire_spec,
+            )
+            self.conn.publish(self.topics.combiner(region, "round"), plan, qos=1)
+
+    def _collect(
+        self, task_id: str, by_region: dict[str, list[str]], config: SessionConfig, deadline: float
+    ) -> dict[str, Partial]:
+        """Wait for every region's partial; close the round at the deadline or a full buffer."""
+        partials: dict[str, Partial] = {}
+        accepted: dict[str, int] = {}
+        closed_at: float | None = None
+        while len(partials) < len(by_region):
+            limit = deadline if closed_at is None else closed_at + config.close_grace_s
+            ev = self.inbox.get(limit - time.time())
+            if ev is None:
+                if closed_at is not None:
+                    missing = sorted(set(by_region) - set(partials))
+                    log.warning("round %s: no partial from %s; going on without", task_id, missing)
+                    break
+                closed_at = self._close(task_id, by_region, partials, "deadline")
+                continue
+            if ev.task_id != task_id or ev.region not in by_region:
+                continue
+            if isinstance(ev, Partial):
+                partials[ev.region] = ev
+            elif isinstance(ev, Progress):
+                accepted[ev.region] = max(accepted.get(ev.region, 0), ev.accepted)
+                if (
+                    closed_at is None
+                    and config.buffer_size is not None
+                    and sum(accepted.values()) >= config.buffer_size
+                ):
+                    closed_at = self._close(task_id, by_region, partials, "buffer full")
+        return partials
+
+    def _close(
+        self, task_id: str, by_region: dict[str, list[str]], partials: dict[str, Partial], why: str
+    ) -> float:
+        log.info("round %s: closing (%s)", task_id, why)
+        msg = encode("close", task_id=task_id)
+        for region in by_region:
+            if region not in partials:
+                self.conn.publish(self.topics.combiner(region, "round"), msg, qos=1)
+        return time.time()

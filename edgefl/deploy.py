@@ -1,0 +1,185 @@
+"""One builder for a tiered deployment: broker, stores, combiners, controller, fleet, dashboard.
+
+The demo, the CLI and the integration tests all wire their parts through ``Deployment``, so
+credentials, store locations and shutdown order are decided in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgefl.auth.credentials import Credentials
+from edgefl.auth.tokens import Role, generate_secret
+from edgefl.combiner import Combiner, CombinerConfig
+from edgefl.controller import Controller
+from edgefl.controller.rounds import Evaluator
+from edgefl.store import make_store
+from edgefl.store.base import Store
+from edgefl.store.blobs import FileBlobStore
+from edgefl.telemetry import TelemetrySink
+
+if TYPE_CHECKING:
+    from edgefl.api.server import DashboardServer
+    from edgefl.fleet.simulate import Fleet, TrainerFactory
+
+log = logging.getLogger(__name__)
+
+
+def region_names(n: int) -> list[str]:
+    """``region-0 .. region-{n-1}``: the simulator's and the demo's region names."""
+    return [f"region-{i}" for i in range(n)]
+
+
+def random_project() -> str:
+    """A fresh project name: isolates deployments that share a broker (retained messages)."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+class Deployment:
+    """Builds the parts of a deployment and owns them: ``close`` stops them in reverse order.
+
+    ``broker_url=None`` starts the embedded amqtt broker with a fresh JWT secret, so every
+    component authenticates even in a throwaway run. With an external broker, ``secret`` is
+    the deployment's JWT secret, or None for an explicitly insecure development broker.
+    Not thread-safe: build from one thread, then hand the parts to whoever runs them.
+    """
+
+    def __init__(
+        self,
+        workdir: Path | str,
+        *,
+        project: str = "default",
+        broker_url: str | None = None,
+        secret: str | None = None,
+        state_url: str | None = None,
+        models_dir: Path | str | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.project = project
+        self._stack = ExitStack()
+        self.broker: Any = None
+        if broker_url is None:
+            from edgefl.broker.embedded import EmbeddedBroker
+
+            secret = secret or generate_secret()
+            self.broker = EmbeddedBroker(secret=secret).start()
+            self._stack.callback(self.broker.stop)
+            broker_url = self.broker.url
+        self.url: str = broker_url
+        self.credentials = Credentials(secret, project)
+        self.state_url = state_url or f"sqlite:///{(self.workdir / 'state.db').resolve()}"
+        self.models_dir = Path(models_dir) if models_dir else self.workdir / "models"
+        self.regions: list[str] = []
+        self.combiners: list[Combiner] = []
+        self._store: Store | None = None
+
+    # parts -----------------------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        """The state store, opened on first use and closed with the deployment."""
+        if self._store is None:
+            if self.state_url.startswith("sqlite:///"):
+                Path(self.state_url.removeprefix("sqlite:///")).parent.mkdir(
+                    parents=True, exist_ok=True
+                )
+            self._store = make_store(self.state_url)
+            self._stack.callback(self._store.close)
+        return self._store
+
+    def start_combiners(self, regions: int | list[str], **config: Any) -> list[Combiner]:
+        """One combiner per region (``regions`` may be a count or explicit names)."""
+        names = region_names(regions) if isinstance(regions, int) else list(regions)
+        started = []
+        for region in names:
+            cfg = CombinerConfig(
+                self.url,
+                project=self.project,
+                region=region,
+                **self.credentials.login(f"combiner-{region}", Role.combiner, region),
+                **config,
+            )
+            comb = self._own(Combiner(cfg).start())
+            started.append(comb)
+        self.regions.extend(names)
+        self.combiners.extend(started)
+        return started
+
+    def start_controller(
+        self,
+        *,
+        evaluator: Evaluator | None = None,
+        sink: TelemetrySink | None = None,
+        **kwargs: Any,
+    ) -> Controller:
+        """The controller, connected, on this deployment's store and model folder."""
+        ctl = Controller(
+            self.url,
+            self.store,
+            FileBlobStore(self.models_dir),
+            project=self.project,
+            evaluator=evaluator,
+            sink=sink,
+            **self.credentials.login("controller", Role.controller),
+            **kwargs,
+        )
+        return self._own(ctl.start())
+
+    def start_fleet(
+        self,
+        n_devices: int,
+        *,
+        partition_size: int | None = None,
+        trainer_factory: TrainerFactory | None = None,
+        **kwargs: Any,
+    ) -> Fleet:
+        """Simulated devices on the digits partition, spread round-robin over the regions."""
+        from edgefl.fleet.simulate import numpy_trainer, start_fleet
+
+        if not self.regions:
+            raise RuntimeError("start the combiners (and so the regions) before the fleet")
+        fleet = start_fleet(
+            self.url,
+            n_devices,
+            self.regions,
+            project=self.project,
+            credentials=self.credentials,
+            partition_size=partition_size,
+            trainer_factory=trainer_factory or numpy_trainer,
+            **kwargs,
+        )
+        return self._own(fleet)
+
+    def start_dashboard(self, port: int = 8080, host: str = "127.0.0.1") -> DashboardServer:
+        from edgefl.api.server import DashboardServer
+
+        return self._own(DashboardServer(self.store, host=host, port=port).start())
+
+    def own(self, part: Any) -> Any:
+        """Stop ``part`` (anything with ``stop()`` or ``close()``) when the deployment closes."""
+        return self._own(part)
+
+    def _own(self, part: Any) -> Any:
+        stop = getattr(part, "stop", None) or part.close
+        self._stack.callback(_quietly, stop, part)
+        return part
+
+    # lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _quietly(stop: Any, part: Any) -> None:
+    try:
+        stop()
+    except Exception:
+        log.exception("stopping %r failed", part)
