@@ -40,23 +40,3 @@ def require_secret(insecure: bool) -> str | None:
         f"set {SECRET_ENV} to a secret of at least 32 bytes, or pass --insecure for a "
         "development setup without authentication"
     )
-
-
-def token_for(
-    secret: str | None,
-    subject: str,
-    role: str,
-    project: str,
-    region: str | None = None,
-    ttl_s: int = 86400,
-) -> dict[str, str]:
-    if secret is None:
-        return {}
-    from edgefl.auth.tokens import Role, TokenIssuer
-
-    return {
-        "username": subject,
-        "password": TokenIssuer(secret).issue(
-            subject, Role(role), project, region=region, ttl_s=ttl_s
-        ),
-    }

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from edgefl.cli.common import err_console, require_secret, setup_logging, token_for
+from edgefl.cli.common import err_console, require_secret, setup_logging
 
 app = typer.Typer(
     help="edgefl: federated learning for IoT fleets over MQTT.",
@@ -121,21 +121,13 @@ def combiner(
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Run a regional combiner until interrupted."""
-    from edgefl.combiner import Combiner, CombinerConfig
+    from edgefl.deploy import Deployment
 
     setup_logging(log_level)
     secret = require_secret(insecure)
-    cfg = CombinerConfig(
-        broker,
-        project=project,
-        region=region,
-        **token_for(secret, f"combiner-{region}", "combiner", project, region),
-    )
-    comb = Combiner(cfg).start()
-    try:
+    with Deployment(Path("."), project=project, broker_url=broker, secret=secret) as dep:
+        dep.start_combiners([region])
         _wait_for_signal()
-    finally:
-        comb.stop()
 
 
 @app.command()
@@ -148,7 +140,9 @@ def simulate(
     log_level: str = LogLevel,
 ) -> None:
     """Run N simulated devices on the digits partition until interrupted."""
-    from edgefl.fleet.simulate import region_names, start_fleet
+    from edgefl.auth.credentials import Credentials
+    from edgefl.deploy import region_names
+    from edgefl.fleet.simulate import start_fleet
 
     setup_logging(log_level)
     secret = require_secret(insecure)
@@ -157,9 +151,7 @@ def simulate(
         devices,
         region_names(regions),
         project=project,
-        token_for=(lambda d, r: token_for(secret, d, "device", project, r)["password"])
-        if secret
-        else None,
+        credentials=Credentials(secret, project),
     )
     err_console.print(f"{devices} devices connected to {broker}")
     try:
@@ -189,25 +181,21 @@ def controller(
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Create (or resume) a session on the digits task and run it to the end."""
-    from edgefl.controller import Controller, SessionConfig
-    from edgefl.store import make_store
-    from edgefl.store.blobs import FileBlobStore
+    from edgefl.controller import SessionConfig
+    from edgefl.deploy import Deployment
     from edgefl.tasks import digits
 
     setup_logging(log_level)
     secret = require_secret(insecure)
-    if state.startswith("sqlite:///"):
-        Path(state.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    store = make_store(state)
-    ctl = Controller(
-        broker,
-        store,
-        FileBlobStore(models),
+    with Deployment(
+        models.parent,
         project=project,
-        evaluator=digits.evaluator,
-        **token_for(secret, "controller", "controller", project),
-    ).start()
-    try:
+        broker_url=broker,
+        secret=secret,
+        state_url=state,
+        models_dir=models,
+    ) as dep:
+        ctl = dep.start_controller(evaluator=digits.evaluator)
         if resume is None:
             kwargs = {"session_id": session_id} if session_id else {}
             cfg = SessionConfig(
@@ -238,9 +226,6 @@ def controller(
                 }
             )
         )
-    finally:
-        ctl.stop()
-        store.close()
 
 
 @app.command()
@@ -267,8 +252,9 @@ def token(
     ttl: int = typer.Option(86400, help="lifetime in seconds"),
 ) -> None:
     """Issue a JWT signed with EDGEFL_JWT_SECRET."""
-    secret = require_secret(False)
-    print(token_for(secret, subject, role, project, region, ttl_s=ttl)["password"])
+    from edgefl.auth.credentials import Credentials
+
+    print(Credentials(require_secret(False), project, ttl_s=ttl).token(subject, role, region))
 
 
 if __name__ == "__main__":
