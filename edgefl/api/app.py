@@ -57,7 +57,11 @@ def _round_summary(r: RoundRecord) -> dict[str, Any]:
 
 
 def create_app(store: Store, *, title: str = "edgefl") -> FastAPI:
-    """The dashboard page at ``/`` and the JSON API under ``/api``, reading ``store`` live."""
+    """The dashboard page at ``/`` and the JSON API under ``/api``, reading ``store`` live.
+
+    Every route only reads; the app neither caches nor closes ``store``, which must be safe
+    to read from the server's worker threads. An unknown session id answers 404.
+    """
     # /docs and /redoc load Swagger/ReDoc from a CDN, which offline sites cannot reach.
     app = FastAPI(title=title, version="1", docs_url=None, redoc_url=None)
     page = resources.files("edgefl.api").joinpath("static/index.html").read_text("utf-8")

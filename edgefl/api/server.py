@@ -12,6 +12,12 @@ from edgefl.store.base import Store
 
 
 class DashboardServer:
+    """uvicorn serving ``create_app(store)`` on a daemon thread, bound to loopback by default.
+
+    It owns that thread, not the store. ``start`` blocks until the socket listens; ``stop``
+    asks uvicorn to exit and waits up to 5 s. ``port=0`` picks a free port at ``start``.
+    """
+
     def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 8080) -> None:
         from edgefl.api.app import create_app
 
@@ -31,9 +37,11 @@ class DashboardServer:
 
     @property
     def url(self) -> str:
+        """The dashboard page's URL (the real port once started)."""
         return f"http://{self.host}:{self.port}/"
 
     def start(self, timeout: float = 10.0) -> DashboardServer:
+        """Serve in the background; ``RuntimeError`` if not listening within ``timeout``."""
         if self.port == 0:
             with socket.socket() as s:
                 s.bind((self.host, 0))
@@ -52,6 +60,7 @@ class DashboardServer:
         return self
 
     def stop(self) -> None:
+        """Ask uvicorn to exit and wait up to 5 s for its thread; safe before ``start``."""
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -28,7 +28,7 @@ SHARE_ROLES = (Role.combiner, Role.controller, Role.admin)
 
 def _is_segment(value: object) -> bool:
     try:
-        check_segment("name", value)  # type: ignore[arg-type]
+        check_segment("name", value)
     except TopicError:
         return False
     return True
@@ -60,7 +60,12 @@ def _claims_usable(claims: Claims) -> bool:
 
 
 def allowed(claims: Claims, topic: str, action: str) -> bool:
-    """May the holder of ``claims`` publish to / subscribe to ``topic``?"""
+    """May the holder of ``claims`` publish to / subscribe to ``topic``?
+
+    ``action`` is ``"publish"`` or ``"subscribe"`` (delivery is checked as subscribe). Fails
+    closed: anything not matched by a rule, including claims whose names are not valid topic
+    segments, is denied. Pure and thread-safe; it never raises for untrusted input.
+    """
     if action not in ("publish", "subscribe") or not topic or not _claims_usable(claims):
         return False
     if topic.startswith("$share/"):
@@ -130,6 +135,7 @@ def mosquitto_acl_lines(project: str) -> str:
     Mosquitto cannot see the region claim, so device patterns use ``+`` for the region; a
     device still can publish only as itself. Mosquitto checks reads when it delivers a
     message, so ``model/+/+`` gives the same result as the "no wildcard version" rule.
+    Raises ``TopicError`` for a project name that is not a valid topic segment.
     """
     check_segment("project", project)
     base = f"{ROOT}/{project}"

@@ -26,6 +26,8 @@ class AuthError(Exception):
 
 
 class Role(str, Enum):
+    """What a token's holder is; the ACL in ``edgefl.auth.acl`` grants topics per role."""
+
     admin = "admin"
     operator = "operator"
     viewer = "viewer"
@@ -36,7 +38,12 @@ class Role(str, Enum):
 
 @dataclass(frozen=True)
 class Claims:
-    """What a verified token says about its holder."""
+    """What a verified token says about its holder.
+
+    From ``TokenVerifier.verify``, ``project`` and ``region`` are valid topic segments, and so
+    is ``subject`` for a device. ``region`` is set for devices (always) and regional
+    combiners; ``expires`` is a Unix time.
+    """
 
     subject: str
     role: Role
@@ -74,7 +81,11 @@ def _check_identity(subject: str, role: Role, project: str, region: str | None) 
 
 
 class TokenIssuer:
-    """Signs tokens; only the controller/CLI that provisions identities holds one."""
+    """Signs tokens; only the controller/CLI that provisions identities holds one.
+
+    Holds no mutable state, so it can be shared across threads. Raises ``ValueError`` for a secret
+    shorter than ``MIN_SECRET_BYTES``.
+    """
 
     def __init__(self, secret: str) -> None:
         self._secret = _check_secret(secret)
@@ -87,6 +98,12 @@ class TokenIssuer:
         region: str | None = None,
         ttl_s: int = 86400,
     ) -> str:
+        """A signed token valid for ``ttl_s`` seconds from now.
+
+        Raises ``ValueError`` (``TopicError`` for a bad name) for an unknown role, an empty
+        subject, a device without a region, or a project, region or device id that is not a
+        valid topic segment, so no token is issued that the broker would have to refuse.
+        """
         role = Role(role)
         region = region or None
         _check_identity(subject, role, project, region)
@@ -105,13 +122,22 @@ class TokenIssuer:
 
 
 class TokenVerifier:
-    """Checks tokens; the broker and the REST API hold one."""
+    """Checks tokens; the broker holds one.
+
+    Holds no mutable state, so it can be shared across threads. Raises ``ValueError`` for a secret
+    shorter than ``MIN_SECRET_BYTES``. ``leeway_s`` tolerates clock skew on expiry.
+    """
 
     def __init__(self, secret: str, leeway_s: float = 5.0) -> None:
         self._secret = _check_secret(secret)
         self._leeway = leeway_s
 
     def verify(self, token: str | bytes | None) -> Claims:
+        """The claims of a valid, unexpired token; otherwise ``AuthError`` saying why.
+
+        Beyond the signature it refuses tokens whose names could not be used as topic
+        levels, so the ACL never sees a ``+`` or ``#`` smuggled in through a claim.
+        """
         if not token:
             raise AuthError("no token presented")
         if isinstance(token, bytes):

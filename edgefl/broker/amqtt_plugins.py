@@ -36,10 +36,16 @@ def session_claims(session: Session | None) -> Claims | None:
 
 
 class JwtAuthPlugin(BaseAuthPlugin):
-    """MQTT password = edgefl JWT; its subject must equal the MQTT username."""
+    """MQTT password = edgefl JWT; its subject must equal the MQTT username.
+
+    Fails closed: without a secret it refuses to load unless ``allow_anonymous`` is set, so a
+    config that forgot the secret cannot produce an open broker.
+    """
 
     @dataclass
     class Config:
+        """The plug-in's section of the amqtt config (plain data, so YAML can hold it)."""
+
         secret: str | None = None
         allow_anonymous: bool = False
 
@@ -51,6 +57,11 @@ class JwtAuthPlugin(BaseAuthPlugin):
         self.verifier = TokenVerifier(self.config.secret) if self.config.secret else None
 
     async def authenticate(self, *, session: Session) -> bool | None:
+        """Accept a CONNECT only with a valid token for its username; log why if refused.
+
+        On success the claims are stored in the session for the ACL plug-in; on any attempt
+        the previous claims are cleared first, so a refused reconnect keeps no old rights.
+        """
         session.attributes.pop(CLAIMS_KEY, None)
         if self.verifier is None:
             # Explicit insecure mode (logged loudly at start-up). The session is NOT marked
@@ -74,10 +85,15 @@ class JwtAuthPlugin(BaseAuthPlugin):
 
 
 class AclTopicPlugin(BaseTopicPlugin):
-    """edgefl.auth.acl.allowed on every SUBSCRIBE, PUBLISH and delivery."""
+    """edgefl.auth.acl.allowed on every SUBSCRIBE, PUBLISH and delivery.
+
+    A session without verified claims is denied everything while enforcement is on.
+    """
 
     @dataclass
     class Config:
+        """``enforce: false`` lets everything through (only for the anonymous dev broker)."""
+
         enforce: bool = True
 
     async def topic_filtering(
@@ -87,6 +103,7 @@ class AclTopicPlugin(BaseTopicPlugin):
         topic: str | None = None,
         action: Action | None = None,
     ) -> bool:
+        """Whether ``session`` may do ``action`` on ``topic``; denials are logged."""
         if not self.config.enforce:
             return True
         claims = session_claims(session)

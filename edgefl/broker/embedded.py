@@ -35,7 +35,7 @@ from typing import Any
 import amqtt
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker, Server
-from amqtt.contexts import Action
+from amqtt.contexts import Action, ListenerConfig
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -84,13 +84,13 @@ def _identity(session: Session) -> tuple[str, str, str] | None:
 class _EdgeflBroker(Broker):
     """amqtt's Broker with the guards described in the module docstring."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(config, loop=loop)
         self._subscriptions = _SnapshotDict()
 
     async def _vet_connect(self, incoming: Session) -> str | None:
         """Why this CONNECT must be refused, or None. Runs before any session is touched."""
-        if not await super()._authenticate(incoming, None):  # type: ignore[arg-type]
+        if not await super()._authenticate(incoming, None):
             return "authentication failed"
         existing = self._sessions.get(incoming.client_id)
         if existing is not None:
@@ -170,11 +170,12 @@ class _EdgeflBroker(Broker):
             client_session.keep_alive += delay
         return handler, client_session
 
-    async def _authenticate(self, session: Session, listener: Any) -> bool:
+    async def _authenticate(self, session: Session, listener: ListenerConfig | None) -> bool:
         # already done in _initialize_client_session, before the session was bound
         if session.attributes.pop(_PREAUTH_KEY, False):
             return True
-        return await super()._authenticate(session, listener)
+        ok: bool = await super()._authenticate(session, listener)
+        return ok
 
     async def _handle_client_session(
         self,
@@ -218,7 +219,15 @@ class _EdgeflBroker(Broker):
 
 
 class EmbeddedBroker:
-    """amqtt on a background thread with its own event loop; a context manager."""
+    """amqtt on a background thread with its own event loop; a context manager.
+
+    It owns that thread and loop: ``start`` blocks until the listener accepts connections (or
+    raises ``RuntimeError`` with the cause), ``stop`` shuts amqtt down and joins the thread.
+    With ``port=0`` the OS picks a free port, readable from ``port``/``url`` after ``start``.
+    Refuses to build an unauthenticated broker unless ``allow_anonymous`` says so; raises
+    ``ValueError`` for a missing or too short secret before any thread starts. Call
+    ``start``/``stop`` from one thread; the broker itself serves clients concurrently.
+    """
 
     def __init__(
         self,
@@ -254,6 +263,7 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
+        """``mqtt://host:port`` for clients (the real port once started)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"mqtt://{host}:{self.port}"
 
@@ -273,7 +283,11 @@ class EmbeddedBroker:
         }
 
     def start(self, timeout: float = 10.0) -> EmbeddedBroker:
-        """Start and return once the listener accepts connections."""
+        """Start and return once the listener accepts connections.
+
+        Raises ``RuntimeError`` if it is already running, fails to bind (the cause chained),
+        or is not listening within ``timeout`` seconds.
+        """
         if self._thread is not None and self._thread.is_alive():
             raise RuntimeError("the embedded broker is already running")
         if self.allow_anonymous:
@@ -320,14 +334,17 @@ class EmbeddedBroker:
             loop.close()
 
     def stop(self) -> None:
-        """Shut down cleanly; safe to call twice or after a failed start."""
+        """Shut down cleanly, waiting up to 10 s; safe to call twice or after a failed start.
+
+        Persistent sessions and retained messages live in memory and are lost.
+        """
         loop, broker, thread = self._loop, self._broker, self._thread
         self._loop = self._broker = None
         if loop is not None and broker is not None and loop.is_running():
             fut = asyncio.run_coroutine_threadsafe(broker.shutdown(), loop)
             try:
                 fut.result(timeout=10)
-            except Exception:  # noqa: BLE001 - shutdown must not mask the caller's error
+            except Exception:  # shutdown must not mask the caller's error
                 log.exception("embedded broker shutdown failed")
             loop.call_soon_threadsafe(loop.stop)
         if thread is not None:

@@ -31,11 +31,19 @@ def find_mosquitto() -> str:
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class MosquittoProcess:
-    """One private Mosquitto; ``config_extra`` is appended to the generated config."""
+    """One private Mosquitto process; a context manager.
+
+    It owns the process and, unless ``workdir`` is given, a temporary folder for the config
+    and log, both removed by ``stop``. ``config_extra`` is appended to the generated config
+    (e.g. ``password_file``/``acl_file`` lines). Anonymous access is on by default, which is
+    acceptable only because it listens on loopback. Not thread-safe; one owner starts and
+    stops it.
+    """
 
     def __init__(
         self,
@@ -56,13 +64,16 @@ class MosquittoProcess:
 
     @property
     def url(self) -> str:
+        """``mqtt://127.0.0.1:port`` (the chosen port once started)."""
         return f"mqtt://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path | None:
+        """Mosquitto's log file, for diagnosing a test; None while no private folder exists."""
         return None if self.workdir is None else self.workdir / "mosquitto.log"
 
     def config_text(self, log_path: Path) -> str:
+        """The generated mosquitto.conf, tuned for large chunked transfers and low latency."""
         return (
             f"listener {self.port} {self.host}\n"
             # Anonymous access is acceptable only because this broker listens on loopback

@@ -179,7 +179,7 @@ class _Buffer:
         self._file: IO[bytes] | None = None
         self._mem: bytearray | None = None
         if spill:
-            self._file = tempfile.TemporaryFile(prefix="edgefl-xfer-")
+            self._file = tempfile.TemporaryFile(prefix="edgefl-xfer-")  # noqa: SIM115 - closed in close()
             self._file.truncate(size)
         else:
             # every byte is overwritten by chunks, so a recycled buffer needs no clearing

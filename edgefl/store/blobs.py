@@ -11,7 +11,12 @@ _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
 
 class FileBlobStore:
-    """One file per key directly under ``root``; keys double as MQTT topic segments."""
+    """One file per key directly under ``root``; keys double as MQTT topic segments.
+
+    Readers never see half a blob: ``put`` replaces a file atomically, and the last of two
+    concurrent ``put`` calls on one key wins. Invalid keys raise ``ValueError`` before any
+    file is touched, so no key can reach outside ``root``.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -56,6 +61,7 @@ class FileBlobStore:
             raise KeyError(key) from None
 
     def exists(self, key: str) -> bool:
+        """Whether a blob is stored under ``key``."""
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:

@@ -1,4 +1,6 @@
-"""Telemetry sinks: one interface, pluggable backends (JSON lines now; InfluxDB next)."""
+"""Telemetry sinks: one interface, pluggable backends (JSON lines is the only one so far)."""
+
+from __future__ import annotations
 
 from edgefl.telemetry.base import NullSink, Point, TelemetrySink
 from edgefl.telemetry.jsonl import JsonLinesSink

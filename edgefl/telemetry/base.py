@@ -1,7 +1,7 @@
 """The telemetry sink interface.
 
-Points follow the InfluxDB data model (measurement, tags, fields, time) so that the InfluxDB
-backend is a straight mapping, and Grafana dashboards can be written against it directly.
+Points follow the InfluxDB data model (measurement, tags, fields, time) so that an InfluxDB
+backend (none exists yet) would be a straight mapping.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class Point:
+    """One observation: numeric ``fields`` indexed by string ``tags``; ``ts`` is Unix time."""
+
     measurement: str  # e.g. "round", "device"
     fields: dict[str, float]
     tags: dict[str, str] = field(default_factory=dict)
@@ -20,15 +22,20 @@ class Point:
 
 
 class TelemetrySink(Protocol):
+    """Where points go. ``write`` may be called from several threads at once."""
+
     def write(self, points: list[Point]) -> None:
         """Store points; must never raise into the training path (log and drop instead)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Flush and release the backend; callers stop writing first."""
 
 
 class NullSink:
+    """Discards every point: the default when no telemetry backend is configured."""
+
     def write(self, points: list[Point]) -> None:
-        pass
+        """Drop ``points``."""
 
     def close(self) -> None:
-        pass
+        """Nothing to release."""

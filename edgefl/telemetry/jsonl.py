@@ -13,6 +13,13 @@ log = logging.getLogger(__name__)
 
 
 class JsonLinesSink:
+    """Appends points as JSON lines to ``path`` (parent folders are created).
+
+    Thread-safe: each ``write`` appends its lines under a lock and flushes them to the OS
+    (no fsync). Points that cannot be written (full disk, a non-JSON value, a closed sink)
+    are logged and dropped, never raised. Owns the file; ``close`` closes it.
+    """
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,6 +27,7 @@ class JsonLinesSink:
         self._file = self.path.open("a", encoding="utf-8")
 
     def write(self, points: list[Point]) -> None:
+        """Append ``points`` as one line each, or log and drop them on failure."""
         try:
             lines = "".join(
                 json.dumps({"m": p.measurement, "ts": p.ts, "tags": p.tags, "fields": p.fields})
@@ -33,5 +41,6 @@ class JsonLinesSink:
             log.warning("telemetry: dropped %d points: %s", len(points), exc)
 
     def close(self) -> None:
+        """Close the file; later writes are dropped with a warning."""
         with self._lock:
             self._file.close()

@@ -7,6 +7,7 @@ default (amqtt and most microcontroller clients speak nothing newer).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -153,10 +154,8 @@ class MqttConnection:
         if publish_first is not None and self.connected.is_set():
             topic, payload, qos, retain = publish_first
             info = self.client.publish(topic, payload, qos=qos, retain=retain)
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=2.0)
-            except (RuntimeError, ValueError):
-                pass
         self.client.disconnect()
         self.client.loop_stop()
         self.connected.clear()
