@@ -81,6 +81,7 @@ def create_app(store: Store, *, title: str = "edgefl") -> FastAPI:
 
     @viewer.get("/", response_class=HTMLResponse, include_in_schema=False)
     def dashboard() -> str:
+        """The single-page dashboard; it polls the JSON routes below."""
         return page
 
     @viewer.get("/api/sessions")
@@ -90,16 +91,19 @@ def create_app(store: Store, *, title: str = "edgefl") -> FastAPI:
 
     @viewer.get("/api/sessions/{session_id}")
     def session(session_id: str) -> dict[str, Any]:
+        """One session's summary plus the config it was started with; 404 if unknown."""
         sess = _session(session_id)
         return {**_session_summary(sess), "config": sess.config}
 
     @viewer.get("/api/sessions/{session_id}/rounds")
     def rounds(session_id: str) -> list[dict[str, Any]]:
+        """Every round attempt of a session, by (round, attempt); 404 if the session is unknown."""
         _session(session_id)
         return [_round_summary(r) for r in store.list_rounds(session_id)]
 
     @viewer.get("/api/sessions/{session_id}/models")
     def models(session_id: str) -> list[dict[str, Any]]:
+        """The model versions a session produced, oldest first (metadata only, never the blobs)."""
         _session(session_id)
         return [
             {
