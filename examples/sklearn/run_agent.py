@@ -1,0 +1,43 @@
+"""Run the real edgefl device agent with the scikit-learn ``SGDClassifier`` digits trainer.
+
+    python examples/sklearn/run_agent.py --broker-url mqtt://broker:1883 \\
+        --region region-0 --device-id gateway-07 --data-path local.npz
+
+The device token goes in ``EDGEFL_PASSWORD``. ``--help`` lists every flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    # examples/ is not a package: put this folder (trainer.py) and its parent (_runner.py)
+    # first on the path, so the sibling modules are found however the script is started.
+    for folder in (str(_HERE.parent), str(_HERE)):
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.insert(0, folder)
+    from _runner import run_agent
+    from trainer import SklearnDigitsTrainer
+
+    def make_trainer(_args: argparse.Namespace, data_path: str) -> SklearnDigitsTrainer:
+        return SklearnDigitsTrainer(data_path=data_path)
+
+    return run_agent(
+        argv,
+        prog="run_agent.py (sklearn)",
+        description="edgefl device agent training a one-vs-rest SGDClassifier on digits.",
+        trainer_name="sklearn-digits-example",
+        make_trainer=make_trainer,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
