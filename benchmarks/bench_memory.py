@@ -53,7 +53,7 @@ def _own_rss() -> int:
 
 
 # the measured process ----------------------------------------------------------------------
-def combiner_process(url: str, pipe) -> None:  # noqa: ANN001
+def combiner_process(url: str, pipe) -> None:
     import gc
 
     setup_logging()
@@ -73,7 +73,7 @@ def combiner_process(url: str, pipe) -> None:  # noqa: ANN001
 
 
 # the devices -------------------------------------------------------------------------------
-def publisher(idx: int, url: str, pipe) -> None:  # noqa: ANN001
+def publisher(idx: int, url: str, pipe) -> None:
     setup_logging()
     from edgefl.protocol import Topics, decode
     from edgefl.protocol.chunking import DEFAULT_CHUNK_SIZE, split_payload
@@ -121,7 +121,7 @@ def publisher(idx: int, url: str, pipe) -> None:  # noqa: ANN001
         conn.stop()
 
 
-def _expect(pipe, what: str):  # noqa: ANN001, ANN202
+def _expect(pipe, what: str):
     if not pipe.poll(TIMEOUT_S):
         raise TimeoutError(f"no {what!r} from a child process")
     tag, value = pipe.recv()

@@ -25,6 +25,7 @@ encode and split cost is reported separately.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing as mp
 import os
@@ -57,7 +58,7 @@ TARGET = 0.90
 TIMEOUT_S = 120.0
 
 
-def _raw_client(url: str, client_id: str):  # noqa: ANN202
+def _raw_client(url: str, client_id: str):
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -69,7 +70,7 @@ def _raw_client(url: str, client_id: str):  # noqa: ANN202
     client.max_queued_messages_set(0)
     connected = threading.Event()
 
-    def on_connect(c, _u, _f, rc, _p=None) -> None:  # noqa: ANN001
+    def on_connect(c, _u, _f, rc, _p=None) -> None:
         c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         connected.set()
 
@@ -82,7 +83,7 @@ def _raw_client(url: str, client_id: str):  # noqa: ANN202
 
 
 # publisher processes ---------------------------------------------------------------------
-def publisher(idx: int, url: str, pipe) -> None:  # noqa: ANN001
+def publisher(idx: int, url: str, pipe) -> None:
     """Runs in a child process: prepares a trial on command, publishes it on 'go'."""
     setup_logging()
     from edgefl.protocol import Topics
@@ -156,7 +157,7 @@ class Publishers:
         return [self._expect(pipe, "done") for pipe in self.pipes]
 
     @staticmethod
-    def _expect(pipe, what: str):  # noqa: ANN001, ANN205
+    def _expect(pipe, what: str):
         if not pipe.poll(TIMEOUT_S):
             raise TimeoutError(f"publisher did not answer {what!r}")
         tag, value = pipe.recv()
@@ -165,10 +166,8 @@ class Publishers:
 
     def stop(self) -> None:
         for pipe in self.pipes:
-            try:
+            with contextlib.suppress(OSError):
                 pipe.send(("stop",))
-            except OSError:
-                pass
         for p in self.procs:
             p.join(10)
             if p.is_alive():
@@ -189,7 +188,7 @@ class RawCounter:
         if not subscribed.wait(10):
             raise TimeoutError("raw subscriber: no SUBACK")
 
-    def _on_message(self, _c, _u, msg) -> None:  # noqa: ANN001
+    def _on_message(self, _c, _u, msg) -> None:
         self.bytes += len(msg.payload)
         if self.bytes >= self.expected:
             self.done.set()
@@ -230,7 +229,7 @@ class CpuMeter:
         return {k: v - self._t0[k] for k, v in self._now().items()}
 
 
-def run_edgefl_trial(trial: int, comb, opener: RoundOpener, pubs: Publishers, weights, cpu) -> dict:  # noqa: ANN001
+def run_edgefl_trial(trial: int, comb, opener: RoundOpener, pubs: Publishers, weights, cpu) -> dict:
     task_id = f"bench-transport:{trial}"
     devices = [
         [f"p{i}-dev-{j:03d}" for j in range(UPDATES_PER_PUBLISHER)] for i in range(N_PUBLISHERS)

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,7 @@ class DeviceAgent:
         self.config = config
         self.trainer = trainer
         self.topics = Topics(config.project)
-        self._tasks: queue.Queue[dict | None] = queue.Queue()
+        self._tasks: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._model_cache: tuple[str, dict[str, np.ndarray]] | None = None
         self._worker: threading.Thread | None = None
@@ -119,7 +120,7 @@ class DeviceAgent:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("%s: task %s failed", self.config.device_id, task.get("task_id"))
 
-    def _run_task(self, task: dict) -> None:
+    def _run_task(self, task: dict[str, Any]) -> None:
         c = self.config
         if time.time() > task["deadline"]:
             log.warning(
@@ -131,7 +132,10 @@ class DeviceAgent:
         result = self.trainer.train(
             weights,
             TrainTask(
-                round=task["round"], config=task["train"], seed=int(c.seed), task_id=task["task_id"]
+                round=task["round"],
+                config=task["train"],
+                seed=int(c.seed or 0),
+                task_id=task["task_id"],
             ),
         )
         train_s = time.perf_counter() - t0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,10 @@ def load_config(
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"unknown agent config keys {unknown}; known: {sorted(names)}")
-    env = os.environ if env is None else env
+    source: Mapping[str, str] = os.environ if env is None else env
     for name in names:
         key = ENV_PREFIX + name.upper()
-        if key in env:
-            values[name] = _coerce(name, env[key])
+        if key in source:
+            values[name] = _coerce(name, source[key])
     values.update({k: v for k, v in overrides.items() if v is not None})
     return AgentConfig(**values)

@@ -95,13 +95,11 @@ class Deployment:
         names = region_names(regions) if isinstance(regions, int) else list(regions)
         started = []
         for region in names:
-            cfg = CombinerConfig(
-                self.url,
-                project=self.project,
-                region=region,
+            options: dict[str, Any] = {
                 **self.credentials.login(f"combiner-{region}", Role.combiner, region),
                 **config,
-            )
+            }
+            cfg = CombinerConfig(self.url, project=self.project, region=region, **options)
             comb = self._own(Combiner(cfg).start())
             started.append(comb)
         self.regions.extend(names)

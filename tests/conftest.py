@@ -52,7 +52,7 @@ def broker_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def deployment(broker_url: str, tmp_path):  # noqa: ANN001, ANN201
+def deployment(broker_url: str, tmp_path):
     """A fresh tiered deployment (own project) on each test broker, torn down afterwards."""
     from tests.harness import Deployment
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -50,7 +51,7 @@ class RogueDevice:
 
     def __init__(
         self, url: str, project: str, region: str, device: str, mode: str, on_task=None
-    ) -> None:  # noqa: ANN001
+    ) -> None:
         self.topics = Topics(project)
         self.region, self.device, self.mode = region, device, mode
         self.tasks: list[dict] = []
@@ -72,7 +73,7 @@ class RogueDevice:
             retain=True,
         ).wait_for_publish(5)
 
-    def _on_message(self, _c, _u, msg) -> None:  # noqa: ANN001
+    def _on_message(self, _c, _u, msg) -> None:
         task = decode(msg.payload, "task")
         self.tasks.append(task)
         if self.on_task is not None:
@@ -147,10 +148,8 @@ class CuttingProxy:
         except OSError:
             pass
         for s in (src, dst):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ def claims(role: Role, sub: str = "d1", region: str | None = "r1", project: str 
 
 
 @pytest.mark.parametrize(
-    "topic, action, ok",
+    ("topic", "action", "ok"),
     [
         (f"{B}/r1/dev/d1/update", "publish", True),
         (f"{B}/r1/dev/d1/status", "publish", True),

@@ -47,7 +47,7 @@ class ServerSide:
         self.client.subscribe(self.topics.device_wildcard(None, "status"), qos=1)
         time.sleep(0.3)
 
-    def _on_message(self, _c, _u, msg) -> None:  # noqa: ANN001
+    def _on_message(self, _c, _u, msg) -> None:
         _, device, channel = self.topics.parse_device_topic(msg.topic)
         if channel == "status":
             if msg.payload:
@@ -88,7 +88,7 @@ class ServerSide:
 
 
 @pytest.fixture
-def server(broker_url):  # noqa: ANN001, ANN201
+def server(broker_url):
     s = ServerSide(broker_url)
     yield s
     s.stop()
@@ -108,7 +108,7 @@ def _agent(url: str, device: str) -> DeviceAgent:
     return DeviceAgent(cfg, NumpyTrainer(X, y))
 
 
-def test_task_published_while_offline_is_delivered_on_return(broker_url, server) -> None:  # noqa: ANN001
+def test_task_published_while_offline_is_delivered_on_return(broker_url, server) -> None:
     device = f"off-{time.time_ns() % 10**9}"
     agent = _agent(broker_url, device).start()
     try:
@@ -136,7 +136,7 @@ def test_task_published_while_offline_is_delivered_on_return(broker_url, server)
     assert update["metrics"]["train_loss"] > 0
 
 
-def test_presence_online_then_last_will(broker_url, server) -> None:  # noqa: ANN001
+def test_presence_online_then_last_will(broker_url, server) -> None:
     device = f"lw-{time.time_ns() % 10**9}"
     agent = _agent(broker_url, device).start()
     deadline = time.time() + 5
@@ -151,7 +151,7 @@ def test_presence_online_then_last_will(broker_url, server) -> None:  # noqa: AN
         time.sleep(0.05)
 
 
-def test_model_digest_mismatch_is_refused(broker_url, server) -> None:  # noqa: ANN001
+def test_model_digest_mismatch_is_refused(broker_url, server) -> None:
     device = f"dig-{time.time_ns() % 10**9}"
     agent = _agent(broker_url, device).start()
     try:

@@ -26,7 +26,7 @@ from edgefl.tasks import digits
     size=st.integers(1, 70_000),
     seed=st.integers(0, 2**16),
 )
-def test_partials_merge_to_the_same_mean(n_updates, n_parts, size, seed) -> None:  # noqa: ANN001
+def test_partials_merge_to_the_same_mean(n_updates, n_parts, size, seed) -> None:
     rng = np.random.default_rng(seed)
     updates = [{"x": rng.normal(size=size).astype(np.float32)} for _ in range(n_updates)]
     weights = rng.integers(1, 500, n_updates).astype(float)
@@ -54,7 +54,7 @@ def test_fold_rejects_non_positive_weight() -> None:
 
 
 @pytest.mark.parametrize(
-    "tensors, reason",
+    ("tensors", "reason"),
     [
         ({"W": np.zeros((2, 3))}, "missing"),
         ({"W": np.zeros((2, 3)), "b": np.zeros(3), "z": np.zeros(1)}, "unexpected"),
@@ -64,7 +64,7 @@ def test_fold_rejects_non_positive_weight() -> None:
         ({"W": np.zeros((2, 3)), "b": np.array([0, np.nan, 0])}, "NaN or infinite"),
     ],
 )
-def test_validate_update_rejects_with_reason(tensors, reason) -> None:  # noqa: ANN001
+def test_validate_update_rejects_with_reason(tensors, reason) -> None:
     spec = spec_of({"W": np.zeros((2, 3)), "b": np.zeros(3)})
     with pytest.raises(UpdateRejected, match=reason):
         validate_update(tensors, spec)
@@ -99,7 +99,7 @@ def test_unknown_aggregator_lists_the_known_ones() -> None:
 
 
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
-def test_fedopt_learns_the_digits_task(name) -> None:  # noqa: ANN001
+def test_fedopt_learns_the_digits_task(name) -> None:
     """Each server optimizer, run on the canonical partition, must actually learn."""
     d = digits.load()
     parts = digits.partition(d.ytr, 10)

@@ -11,7 +11,7 @@ from edgefl.store import make_store
 from edgefl.store.base import ModelRecord, RoundRecord, SessionRecord, Store
 
 
-def _filled_store(path) -> Store:  # noqa: ANN001
+def _filled_store(path) -> Store:
     store = make_store(f"sqlite:///{path}")
     store.create_session(
         SessionRecord("old", "p", {"rounds": 1}, "completed", 1, "old-r0001", 0.5, 0.6)
@@ -54,7 +54,7 @@ def _filled_store(path) -> Store:  # noqa: ANN001
 
 
 @pytest.fixture
-def store(tmp_path):  # noqa: ANN001, ANN201
+def store(tmp_path):
     store = _filled_store(tmp_path / "s.db")
     yield store
     store.close()

@@ -332,16 +332,19 @@ def test_mosquitto_failure_shows_its_log(tmp_path: Path) -> None:
 
 # construction, ports, lifecycle --------------------------------------------------------
 def test_no_secret_and_no_flag_refuses_to_build() -> None:
-    with pytest.raises(ValueError, match="secret.*allow_anonymous"):
+    with pytest.raises(ValueError, match=r"secret.*allow_anonymous"):
         EmbeddedBroker()
     with pytest.raises(ValueError, match="32 bytes"):
         EmbeddedBroker(secret="too-short")
 
 
 def test_insecure_flag_is_loud(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING), EmbeddedBroker(allow_anonymous=True) as broker:
-        with Probe(broker.url) as anon:
-            assert anon.connect() == 0
+    with (
+        caplog.at_level(logging.WARNING),
+        EmbeddedBroker(allow_anonymous=True) as broker,
+        Probe(broker.url) as anon,
+    ):
+        assert anon.connect() == 0
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any("INSECURE" in r.getMessage() and "any client" in r.getMessage() for r in warnings)
 
@@ -356,9 +359,12 @@ def test_port_zero_binds_loopback_and_stop_is_idempotent() -> None:
         a.stop()
         b.stop()
     a.stop()
-    with pytest.raises(RuntimeError, match="failed to start"):
-        with EmbeddedBroker(port=b.port, secret=SECRET), EmbeddedBroker(port=b.port, secret=SECRET):
-            pass
+    with (
+        pytest.raises(RuntimeError, match="failed to start"),
+        EmbeddedBroker(port=b.port, secret=SECRET),
+        EmbeddedBroker(port=b.port, secret=SECRET),
+    ):
+        pass
 
 
 def test_broadcast_survives_subscribe_churn(

@@ -8,6 +8,7 @@ resend, senders never mix, and memory stays within its budget by spilling to dis
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 
@@ -318,10 +319,8 @@ def test_worked_chunk_example_from_the_docs() -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=512))
 def test_parse_chunk_on_arbitrary_bytes_raises_only_chunk_error(blob: bytes) -> None:
-    try:
+    with contextlib.suppress(ChunkError):
         parse_chunk(blob)
-    except ChunkError:
-        pass
 
 
 CBOR_VALUES = st.one_of(
@@ -352,10 +351,8 @@ def test_parse_chunk_on_mutated_headers_raises_only_chunk_error(
 ) -> None:
     msg = _valid_map(*shape)
     msg.update(changes)
-    try:
+    with contextlib.suppress(ChunkError):
         parse_chunk(cbor2.dumps(msg))
-    except ChunkError:
-        pass
 
 
 # expiry, budgets, limits -------------------------------------------------------------------
@@ -464,7 +461,7 @@ def test_payload_over_max_payload_rejected_then_ignored(
 def test_oversized_chunk_message_rejected() -> None:
     r = Reassembler(max_chunk_size=4096)
     (ch,) = split_payload(make_payload(20_000, 3), 65536)
-    with pytest.raises(ChunkError, match="exceeds|chunk size"):
+    with pytest.raises(ChunkError, match=r"exceeds|chunk size"):
         r.feed("d", ch.to_bytes())
 
 

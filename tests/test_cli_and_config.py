@@ -33,14 +33,14 @@ def test_agent_help() -> None:
     assert "--broker-url" in out.stdout and "EDGEFL_" in out.stdout
 
 
-def test_server_commands_refuse_to_run_without_secret(monkeypatch) -> None:  # noqa: ANN001
+def test_server_commands_refuse_to_run_without_secret(monkeypatch) -> None:
     monkeypatch.delenv("EDGEFL_JWT_SECRET", raising=False)
     result = CliRunner().invoke(app, ["combiner", "--region", "r0"])
     assert result.exit_code != 0
     assert "EDGEFL_JWT_SECRET" in result.output and "--insecure" in result.output
 
 
-def test_token_command_issues_a_verifiable_jwt(monkeypatch) -> None:  # noqa: ANN001
+def test_token_command_issues_a_verifiable_jwt(monkeypatch) -> None:
     from edgefl.auth.tokens import Role, TokenVerifier
 
     secret = "s" * 48
@@ -58,7 +58,7 @@ def test_token_command_issues_a_verifiable_jwt(monkeypatch) -> None:  # noqa: AN
     )
 
 
-def test_agent_config_precedence(tmp_path) -> None:  # noqa: ANN001
+def test_agent_config_precedence(tmp_path) -> None:
     path = tmp_path / "agent.json"
     path.write_text(
         json.dumps(
@@ -80,7 +80,7 @@ def test_agent_config_precedence(tmp_path) -> None:  # noqa: ANN001
     assert cfg.redacted()["password"] == "***"
 
 
-def test_agent_config_toml_and_errors(tmp_path) -> None:  # noqa: ANN001
+def test_agent_config_toml_and_errors(tmp_path) -> None:
     path = tmp_path / "agent.toml"
     path.write_text('device_id = "jetson-2"\nmax_chunk_size = 65536\n')
     cfg = load_config(path, env={})
@@ -95,6 +95,6 @@ def test_agent_config_toml_and_errors(tmp_path) -> None:  # noqa: ANN001
         load_config(None, env={})
 
 
-def test_agent_cli_reports_config_errors(capsys) -> None:  # noqa: ANN001
+def test_agent_cli_reports_config_errors(capsys) -> None:
     assert agent_main(["--broker-url", "mqtt://127.0.0.1:1"]) == 2
     assert "device_id" in capsys.readouterr().err

@@ -62,7 +62,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def served(tmp_path) -> Iterator[tuple[Store, str]]:  # noqa: ANN001
+def served(tmp_path) -> Iterator[tuple[Store, str]]:
     """The app in uvicorn on a loopback port, over its own store on a file the test writes."""
     url = f"sqlite:///{tmp_path / 'state.db'}"
     writer, reader = make_store(url), make_store(url)  # like a controller and a dashboard
@@ -114,7 +114,7 @@ def _rows(page: Page) -> list[list[str]]:
     ]
 
 
-def test_dashboard_shows_stored_rounds_and_follows_new_ones(served, browser) -> None:  # noqa: ANN001
+def test_dashboard_shows_stored_rounds_and_follows_new_ones(served, browser) -> None:
     store, url = served
     store.create_session(SessionRecord("old", "p", {"rounds": 2}, "completed", 2, "o2", 1.0, 1.0))
     store.create_session(
@@ -159,7 +159,7 @@ def test_dashboard_shows_stored_rounds_and_follows_new_ones(served, browser) -> 
         page.close()
 
 
-def test_dashboard_follows_a_live_session(mosquitto, tmp_path, browser) -> None:  # noqa: ANN001
+def test_dashboard_follows_a_live_session(mosquitto, tmp_path, browser) -> None:
     dep = Deployment(mosquitto.url, tmp_path)
     try:
         dep.start_combiners(2)

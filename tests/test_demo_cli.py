@@ -11,7 +11,7 @@ import pytest
 from edgefl.tasks import digits
 
 
-def _demo(tmp_path, *args: str) -> dict:  # noqa: ANN001
+def _demo(tmp_path, *args: str) -> dict:
     out = subprocess.run(
         [sys.executable, "-m", "edgefl.cli.main", "demo", "--workdir", str(tmp_path / "w"), *args],
         capture_output=True,
@@ -24,7 +24,7 @@ def _demo(tmp_path, *args: str) -> dict:  # noqa: ANN001
     return json.loads(lines[0])
 
 
-def test_demo_reproduces_the_reference_on_the_embedded_broker(tmp_path) -> None:  # noqa: ANN001
+def test_demo_reproduces_the_reference_on_the_embedded_broker(tmp_path) -> None:
     result = _demo(
         tmp_path, "--devices", "20", "--regions", "2", "--rounds", "20", "--no-dashboard"
     )
@@ -35,7 +35,7 @@ def test_demo_reproduces_the_reference_on_the_embedded_broker(tmp_path) -> None:
     assert (tmp_path / "w" / "state.db").exists()
 
 
-def test_demo_on_mosquitto_with_the_dashboard(tmp_path, mosquitto) -> None:  # noqa: ANN001
+def test_demo_on_mosquitto_with_the_dashboard(tmp_path, mosquitto) -> None:
     result = _demo(
         tmp_path,
         "--devices",

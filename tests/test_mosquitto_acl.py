@@ -20,7 +20,7 @@ def test_shipped_acl_matches_the_generator() -> None:
     assert shipped.strip() == mosquitto_acl_lines("default").strip()
 
 
-def test_acl_confines_devices(tmp_path) -> None:  # noqa: ANN001
+def test_acl_confines_devices(tmp_path) -> None:
     passwd = tmp_path / "passwd"
     passwd.touch()
     for user in ("controller", "dev-a", "dev-b"):

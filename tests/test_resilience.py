@@ -25,7 +25,7 @@ from tests.harness import CuttingProxy, Deployment, RogueDevice, completed_accur
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_device_cut_mid_upload_resumes(deployment) -> None:  # noqa: ANN001
+def test_device_cut_mid_upload_resumes(deployment) -> None:
     """One device's link drops in the middle of its chunked upload; it reconnects and the
     combiner completes the transfer from the chunks it already had plus the resent ones."""
     dep = deployment
@@ -69,7 +69,7 @@ def test_device_cut_mid_upload_resumes(deployment) -> None:  # noqa: ANN001
     assert fleet.completed_tasks == 3 * (n - 1)
 
 
-def test_vanished_device_does_not_stall_round(deployment) -> None:  # noqa: ANN001
+def test_vanished_device_does_not_stall_round(deployment) -> None:
     """A selected device that never answers holds its round only until the deadline."""
     dep = deployment
     dep.start_combiners(2)
@@ -130,7 +130,7 @@ def _bad_update(mode: str, task: dict) -> bytes | list[bytes]:
     return chunks_of(msg)
 
 
-def test_bad_updates_are_rejected_and_round_goes_on(broker_url, tmp_path) -> None:  # noqa: ANN001
+def test_bad_updates_are_rejected_and_round_goes_on(broker_url, tmp_path) -> None:
     dep = Deployment(broker_url, tmp_path)
     try:
         dep.start_combiners(2, max_update_bytes=1024 * 1024)
@@ -176,7 +176,7 @@ def test_bad_updates_are_rejected_and_round_goes_on(broker_url, tmp_path) -> Non
         dep.close()
 
 
-def test_malformed_control_messages_do_not_crash_components(deployment) -> None:  # noqa: ANN001
+def test_malformed_control_messages_do_not_crash_components(deployment) -> None:
     dep = deployment
     dep.start_combiners(1)
     dep.start_fleet(4)
@@ -202,7 +202,7 @@ def test_malformed_control_messages_do_not_crash_components(deployment) -> None:
     assert completed_accuracies(rounds) == pytest.approx(digits.reference_run(4, 2), abs=1e-9)
 
 
-def test_controller_killed_mid_session_resumes(deployment) -> None:  # noqa: ANN001
+def test_controller_killed_mid_session_resumes(deployment) -> None:
     """SIGKILL the controller process mid-round; a new one resumes from the stored state and
     the session ends exactly where an uninterrupted one would."""
     dep = deployment
@@ -226,16 +226,10 @@ def test_controller_killed_mid_session_resumes(deployment) -> None:  # noqa: ANN
         "warning",
     ]
     first = subprocess.Popen(
-        cmd
-        + [
-            "--session-id",
-            "crashy",
-            "--rounds",
-            "12",
-            "--min-devices",
-            "10",
-            "--round-timeout",
-            "30",
+        [
+            *cmd,
+            *("--session-id", "crashy", "--rounds", "12"),
+            *("--min-devices", "10", "--round-timeout", "30"),
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -259,7 +253,7 @@ def test_controller_killed_mid_session_resumes(deployment) -> None:  # noqa: ANN
     before = store.get_session("crashy")
     assert before.status == "running" and 4 <= before.current_round < 12
     second = subprocess.run(
-        cmd + ["--resume", "crashy"], cwd=ROOT, capture_output=True, timeout=120
+        [*cmd, "--resume", "crashy"], cwd=ROOT, capture_output=True, timeout=120
     )
     assert second.returncode == 0, second.stderr.decode()
     after = store.get_session("crashy")
@@ -298,7 +292,7 @@ def _retained_model_versions(url: str, project: str) -> set[str]:
     return seen
 
 
-def test_combiner_stops_promptly_under_a_flood(tmp_path) -> None:  # noqa: ANN001
+def test_combiner_stops_promptly_under_a_flood(tmp_path) -> None:
     """Stopping while devices flood the combiner must not deadlock on its bounded inbox.
 
     It runs on a broker of its own: the flood must not slow the brokers other tests share.

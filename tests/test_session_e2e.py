@@ -16,7 +16,7 @@ from edgefl.telemetry import JsonLinesSink
 from tests.harness import Deployment, completed_accuracies
 
 
-def test_two_regions_reproduce_reference_20_devices(deployment) -> None:  # noqa: ANN001
+def test_two_regions_reproduce_reference_20_devices(deployment) -> None:
     deployment.start_combiners(2)
     deployment.start_fleet(20)
     sink = JsonLinesSink(deployment.workdir / "telemetry.jsonl")
@@ -47,7 +47,7 @@ def test_two_regions_reproduce_reference_20_devices(deployment) -> None:  # noqa
 
 
 @pytest.mark.parametrize("n_regions", [1, 3])
-def test_region_count_does_not_change_the_result(broker_url, tmp_path, n_regions) -> None:  # noqa: ANN001
+def test_region_count_does_not_change_the_result(broker_url, tmp_path, n_regions) -> None:
     dep = Deployment(broker_url, tmp_path)
     try:
         dep.start_combiners(n_regions)
@@ -61,7 +61,7 @@ def test_region_count_does_not_change_the_result(broker_url, tmp_path, n_regions
         dep.close()
 
 
-def test_mlp_learns(broker_url, tmp_path) -> None:  # noqa: ANN001
+def test_mlp_learns(broker_url, tmp_path) -> None:
     dep = Deployment(broker_url, tmp_path)
     try:
         dep.start_combiners(2)

@@ -32,11 +32,11 @@ def _round(sid: str, r: int, attempt: int = 0) -> RoundRecord:
 
 
 @pytest.fixture
-def url(tmp_path) -> str:  # noqa: ANN001
+def url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'state.db'}"
 
 
-def test_sessions_rounds_models_round_trip_and_survive_reopen(url) -> None:  # noqa: ANN001
+def test_sessions_rounds_models_round_trip_and_survive_reopen(url) -> None:
     store = make_store(url)
     store.create_session(_session())
     with pytest.raises(ValueError):
@@ -90,7 +90,7 @@ def test_sessions_rounds_models_round_trip_and_survive_reopen(url) -> None:  # n
     again.close()
 
 
-def test_update_and_finish_change_only_what_they_are_given(url) -> None:  # noqa: ANN001
+def test_update_and_finish_change_only_what_they_are_given(url) -> None:
     store = make_store(url)
     assert isinstance(store, SqlStore)
     store.create_session(_session())
@@ -130,7 +130,7 @@ def test_update_and_finish_change_only_what_they_are_given(url) -> None:  # noqa
     store.close()
 
 
-def test_sessions_are_listed_oldest_first(url) -> None:  # noqa: ANN001
+def test_sessions_are_listed_oldest_first(url) -> None:
     store = make_store(url)
     for sid, created in (("b", 2.0), ("a", 3.0), ("c", 1.0)):
         store.create_session(SessionRecord(sid, "p", {}, "running", 0, "v", created, created))
@@ -138,7 +138,7 @@ def test_sessions_are_listed_oldest_first(url) -> None:  # noqa: ANN001
     store.close()
 
 
-def test_refuses_a_newer_schema(url) -> None:  # noqa: ANN001
+def test_refuses_a_newer_schema(url) -> None:
     make_store(url).close()
     engine = create_engine(url)
     with engine.begin() as conn:
@@ -148,7 +148,7 @@ def test_refuses_a_newer_schema(url) -> None:  # noqa: ANN001
         make_store(url)
 
 
-def test_a_refused_database_is_left_untouched(tmp_path) -> None:  # noqa: ANN001
+def test_a_refused_database_is_left_untouched(tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'future.db'}"
     engine = create_engine(url)
     with engine.begin() as conn:
@@ -162,7 +162,7 @@ def test_a_refused_database_is_left_untouched(tmp_path) -> None:  # noqa: ANN001
     assert [t[0] for t in tables] == ["edgefl_meta"]
 
 
-def test_new_database_records_schema_version_1(url) -> None:  # noqa: ANN001
+def test_new_database_records_schema_version_1(url) -> None:
     make_store(url).close()
     engine = create_engine(url)
     with engine.connect() as conn:
@@ -174,7 +174,7 @@ def test_new_database_records_schema_version_1(url) -> None:  # noqa: ANN001
     assert version == "1" and mode == "wal"
 
 
-def test_concurrent_writers(url) -> None:  # noqa: ANN001
+def test_concurrent_writers(url) -> None:
     store = make_store(url)
     errors: list[BaseException] = []
 
@@ -184,7 +184,7 @@ def test_concurrent_writers(url) -> None:  # noqa: ANN001
             for r in range(1, 21):
                 store.start_round(_round(f"s{t}", r))
                 store.update_session(f"s{t}", current_round=r)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     done = threading.Event()
@@ -194,7 +194,7 @@ def test_concurrent_writers(url) -> None:  # noqa: ANN001
             while not done.is_set():
                 for sess in store.list_sessions():
                     store.list_rounds(sess.session_id)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     reader = threading.Thread(target=read)
@@ -223,7 +223,7 @@ def test_in_memory_sqlite_is_one_database_for_all_threads() -> None:
     store.close()
 
 
-def test_blob_store(tmp_path) -> None:  # noqa: ANN001
+def test_blob_store(tmp_path) -> None:
     blobs = FileBlobStore(tmp_path / "b")
     blobs.put("m-r0001", b"one")
     blobs.put("m-r0001", b"two")  # atomic overwrite
@@ -248,7 +248,7 @@ def test_blob_store(tmp_path) -> None:  # noqa: ANN001
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["m-r0002.opt"]
 
 
-def test_blob_overwrite_is_atomic_for_concurrent_readers(tmp_path) -> None:  # noqa: ANN001
+def test_blob_overwrite_is_atomic_for_concurrent_readers(tmp_path) -> None:
     """A reader sees the old bytes or the new bytes, never a mix or a truncated file."""
     blobs = FileBlobStore(tmp_path)
     old, new = b"a" * 1_000_000, b"b" * 1_500_000
@@ -271,7 +271,7 @@ def test_blob_overwrite_is_atomic_for_concurrent_readers(tmp_path) -> None:  # n
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def test_model_versions_are_content_addressed(tmp_path, url) -> None:  # noqa: ANN001
+def test_model_versions_are_content_addressed(tmp_path, url) -> None:
     """A round retried after a crash must never overwrite a recorded version's bytes."""
     import numpy as np
 

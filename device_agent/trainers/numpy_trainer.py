@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from device_agent.trainers.base import TrainResult, TrainTask, Weights
+from device_agent.trainers.base import TrainResult, TrainTask
 from edgefl.models.numpy_models import evaluate, train_epochs
+from edgefl.protocol.types import Weights
 
 
 class NumpyTrainer:

@@ -42,8 +42,10 @@ def available_aggregators() -> list[str]:
 def make_aggregator(name: str, **params: Any) -> ServerAggregator:
     builtin = _builtin()
     if name in builtin:
-        return builtin[name](**params)
+        made: ServerAggregator = builtin[name](**params)
+        return made
     for ep in entry_points(group="edgefl.aggregators"):
         if ep.name == name:
-            return ep.load()(**params)
+            plugin: ServerAggregator = ep.load()(**params)
+            return plugin
     raise ValueError(f"unknown aggregator {name!r}; available: {available_aggregators()}")

@@ -59,11 +59,13 @@ class FedYogi(_FedOpt):
     name = "fedyogi"
 
     def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
-        return v - (1 - self.beta2) * d2 * np.sign(v - d2)
+        out: np.ndarray = v - (1 - self.beta2) * d2 * np.sign(v - d2)
+        return out
 
 
 class FedAdaGrad(_FedOpt):
     name = "fedadagrad"
 
     def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
-        return v + d2
+        out: np.ndarray = v + d2
+        return out

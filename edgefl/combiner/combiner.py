@@ -209,7 +209,7 @@ class Combiner:
                     self._round.timer.cancel()
             old = self._round.task_id if self._round else None
             if old:
-                self.reassembler.discard(lambda meta, old=old: meta.get("task_id") == old)
+                self.reassembler.discard(_for_task(old))
             try:
                 spec = spec_from_wire(plan.get("spec"))
             except (ValueError, TypeError) as exc:
@@ -339,6 +339,8 @@ class Combiner:
 
     def _progress(self) -> None:
         rnd = self._round
+        if rnd is None:
+            return
         msg = encode(
             "progress",
             task_id=rnd.task_id,
@@ -355,7 +357,7 @@ class Combiner:
         rnd.flushed = True
         if rnd.timer:
             rnd.timer.cancel()
-        self._closed_ids = (self._closed_ids + [rnd.task_id])[-16:]
+        self._closed_ids = ([*self._closed_ids, rnd.task_id])[-16:]
         payload = encode(
             "partial",
             task_id=rnd.task_id,
@@ -373,7 +375,7 @@ class Combiner:
         ):
             self.conn.publish(topic, chunk.to_bytes(), qos=1)
         self.stats["partials"] += 1
-        self.reassembler.discard(lambda meta: meta.get("task_id") == rnd.task_id)
+        self.reassembler.discard(_for_task(rnd.task_id))
         log.info(
             "combiner %s: round %s partial sent (%d updates, %d rejected; %s)",
             self.config.name,
@@ -384,3 +386,8 @@ class Combiner:
         )
         # free the model-sized sums now; the round record stays for late-update diagnostics
         rnd.acc = WeightedSum({})
+
+
+def _for_task(task_id: str) -> Callable[[dict[str, Any]], bool]:
+    """A reassembler filter matching the transfers of one round."""
+    return lambda meta: meta.get("task_id") == task_id

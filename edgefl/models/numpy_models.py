@@ -38,14 +38,15 @@ def model_kind(weights: Weights) -> str:
 def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
 
 
 def logits(weights: Weights, X: np.ndarray) -> np.ndarray:
     if "W" in weights:
-        return X @ weights["W"] + weights["b"]
+        return np.asarray(X @ weights["W"] + weights["b"])
     h = np.maximum(X @ weights["W1"] + weights["b1"], 0.0)
-    return h @ weights["W2"] + weights["b2"]
+    return np.asarray(h @ weights["W2"] + weights["b2"])
 
 
 def evaluate(weights: Weights, X: np.ndarray, y: np.ndarray) -> dict[str, float]:

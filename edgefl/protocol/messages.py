@@ -110,9 +110,9 @@ def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Keep only finite numeric metrics with string names (metrics come from devices)."""
     out: dict[str, float] = {}
     for k, v in metrics.items():
-        if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool):
-            if math.isfinite(float(v)):
-                out[k] = float(v)
+        numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if isinstance(k, str) and numeric and math.isfinite(float(v)):
+            out[k] = float(v)
     return out
 
 

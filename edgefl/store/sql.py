@@ -96,7 +96,7 @@ def _record(cls: type[R], row: _Base) -> R:
 
     JSON columns are copied: a caller mutating a record must never touch the ORM's state.
     """
-    values = {}
+    values: dict[str, Any] = {}
     for f in fields(cls):
         v = getattr(row, f.name)
         values[f.name] = copy.deepcopy(v) if isinstance(v, (dict, list)) else v
