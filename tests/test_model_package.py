@@ -6,9 +6,11 @@ files); the end-to-end test builds a package from a real ONNX model with the rea
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -533,3 +535,220 @@ def test_cli_keygen_verify_inspect(tmp_path):
     bad = runner.invoke(package_app, ["inspect", str(tampered)])
     assert bad.exit_code == 1
     assert "does not match its digest" in bad.output
+
+
+# --- the documented worked example ----------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "model-package.md"
+
+
+def worked_example_package() -> ModelPackage:
+    """The inputs of docs/model-package.md section 11."""
+    manifest = {
+        "parameters": [{"name": "b", "dtype": "float32", "shape": [2]}],
+        "inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 2]}],
+        "labels": {"name": "y", "dtype": "int64", "shape": [-1]},
+        "loss": "cross_entropy",
+        "optimizer": {"name": "sgd", "lr": 0.5},
+        "training": {},
+    }
+    weights = {"b": np.array([1.5, -2.0], np.float32)}
+    art = TrainingArtifacts("onnx", {"model.onnx": b"\x08\x09"}, manifest, weights)
+    return ModelPackage.from_artifacts(art, name="t", created="2026-11-05T10:00:00Z")
+
+
+def test_documented_worked_example_byte_for_byte():
+    text = DOC.read_text(encoding="utf-8")
+    block = text.split("<!-- worked-example-begin -->")[1].split("<!-- worked-example-end -->")[0]
+    data = bytes.fromhex("".join(block.replace("```", "").split()))
+    pub_hex = re.search(r"Its public key is\s+`([0-9a-f]{64})`", text).group(1)
+    kid = re.search(r"key id `([0-9a-f]{32})`", text).group(1)
+    digest = re.search(r"Package digest: `([0-9a-f]{64})`", text).group(1)
+    seed = bytes(range(32))  # the documented example seed 00 01 ... 1f
+    assert (
+        signing.public_key_bytes(
+            signing.private_key_from_text("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
+        ).hex()
+        == pub_hex
+    )
+    pkg = ModelPackage.loads(data, trusted_keys=[bytes.fromhex(pub_hex)], require_signature=True)
+    assert pkg.verified_key_id == kid
+    assert pkg.digest == digest
+    assert len(data) == 711
+    assert data[57 : 57 + 466] == cbor2.loads(data)["manifest"]  # offset and length as documented
+    np.testing.assert_array_equal(pkg.initial_weights()["b"], np.array([1.5, -2.0], np.float32))
+    # The reference writer produces exactly the documented bytes.
+    assert worked_example_package().dumps(signing_key=seed) == data
+
+
+# --- end to end: a real ONNX model through the real builder -------------------------------------
+
+
+def softmax_onnx(path: Path, *, op: str = "MatMul") -> np.ndarray:
+    """A 64->10 softmax regression as an ONNX file (float32, seeded small initial weights)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    w = (0.01 * rng.standard_normal((64, 10))).astype(np.float32)
+    b = np.zeros(10, np.float32)
+    nodes = [helper.make_node(op, ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])]
+    if op == "Einsum":
+        nodes[0] = helper.make_node("Einsum", ["x", "W"], ["xw"], equation="nk,kc->nc")
+    graph = helper.make_graph(
+        nodes,
+        "softmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return w
+
+
+def raw_digits():
+    """The digits split of the canonical task, before standardisation (what a device holds)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    perm = np.random.RandomState(0).permutation(len(y))
+    test, train = perm[:360], perm[360:]
+    return x[train], y[train].astype(np.int64), x[test], y[test].astype(np.int64)
+
+
+def sgd_epoch_from_package(pkg: ModelPackage, x, y, weights, lr: float, batch: int = 32):
+    """Train with onnxruntime using only what the package holds: its graphs and manifest names."""
+    import onnxruntime as ort
+
+    tr = pkg.manifest["training"]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    step = ort.InferenceSession(pkg.files[tr["train_step"]], opts, ["CPUExecutionProvider"])
+    dtype = np.dtype(pkg.manifest["inputs"][0]["dtype"])
+    w = dict(weights)
+    losses = []
+    for s in range(0, len(y), batch):
+        feed = {
+            tr["data_input"]: x[s : s + batch].astype(dtype),
+            tr["label_input"]: y[s : s + batch],
+        }
+        feed[tr["lr_input"]] = np.array(lr, dtype)
+        feed.update({p["input"]: w[p["name"]] for p in tr["params"]})
+        outs = step.run([p["output"] for p in tr["params"]] + [tr["loss_output"]], feed)
+        w = {p["name"]: o for p, o in zip(tr["params"], outs[:-1])}
+        losses.append(float(outs[-1]))
+    return w, losses
+
+
+def eval_from_package(pkg: ModelPackage, x, y, weights) -> tuple[float, float]:
+    import onnxruntime as ort
+
+    tr = pkg.manifest["training"]
+    sess = ort.InferenceSession(pkg.files[tr["eval"]], providers=["CPUExecutionProvider"])
+    dtype = np.dtype(pkg.manifest["inputs"][0]["dtype"])
+    feed = {tr["data_input"]: x.astype(dtype), tr["eval_label_input"]: y}
+    feed.update({p["input"]: weights[p["name"]] for p in tr["params"]})
+    loss, logits = sess.run([tr["eval_loss_output"], tr["eval_logits_output"]], feed)
+    return float(loss), float(np.mean(np.argmax(logits, 1) == y))
+
+
+def test_build_package_from_real_onnx_and_train_from_it(tmp_path, key):
+    from edgefl.packages.build import build_package
+    from edgefl.tasks import digits
+
+    model = tmp_path / "softmax.onnx"
+    w0 = softmax_onnx(model)
+    xtr, ytr, xte, yte = raw_digits()
+    mu, sd = xtr.mean(0), xtr.std(0)
+    sd[sd == 0] = 1
+    pre = {"mean": mu, "std": sd, "description": "digits, standardised on the train split"}
+    pkg = build_package(model, name="digits-softmax", labels=10, preprocessing=pre, signing_key=key)
+    out = tmp_path / "digits.efp"
+    digest = pkg.write(out)
+
+    back = ModelPackage.read(out, trusted_keys=[key.public_key()], require_signature=True)
+    assert back.digest == digest
+    assert back.verified_key_id == signing.key_id_of(key)
+    m = back.manifest
+    assert set(back.files) == {"model.onnx", "train_step.onnx", "eval.onnx", "weights.cbor"}
+    assert back.files["model.onnx"] == model.read_bytes()
+    assert m["framework"] == "onnx"
+    assert [(p["name"], p["dtype"], p["shape"]) for p in m["parameters"]] == [
+        ("W", "float32", [64, 10]),
+        ("b", "float32", [10]),
+    ]
+    assert m["labels"]["num_classes"] == 10
+    assert m["optimizer"]["name"] == "sgd"
+    init = back.initial_weights()
+    np.testing.assert_array_equal(init["W"], w0)
+    np.testing.assert_array_equal(init["b"], np.zeros(10, np.float32))
+
+    # Device side: raw data -> the package's preprocessing -> the canonical standardised data.
+    x = apply_preprocessing(m, xtr)
+    np.testing.assert_allclose(x, digits.load().Xtr, rtol=0, atol=1e-12)
+    check_data_shape(m, x, ytr)
+    with pytest.raises(PackageError, match=r"input 'x' expects \(-1, 64\), local data has"):
+        check_data_shape(m, x[:, :63])
+
+    # Everything a device needs to train is in the package: one epoch of SGD learns.
+    xt = apply_preprocessing(m, xte)
+    loss0, acc0 = eval_from_package(back, xt, yte, init)
+    w1, losses = sgd_epoch_from_package(back, x, ytr, init, m["optimizer"]["lr"])
+    loss1, acc1 = eval_from_package(back, xt, yte, w1)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert loss1 < loss0 / 3
+    assert acc1 > 0.85
+    assert acc1 > acc0 + 0.5
+
+
+def test_rebuilding_with_source_date_epoch_gives_the_same_digest(tmp_path, monkeypatch):
+    from edgefl.packages.build import build_package
+
+    model = tmp_path / "m.onnx"
+    softmax_onnx(model)
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1790000000")
+    first = build_package(model, labels=10)
+    second = build_package(model, labels=10)
+    expected = datetime.datetime.fromtimestamp(1790000000, datetime.timezone.utc)
+    assert first.manifest["created"] == expected.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert first.dumps() == second.dumps()
+    assert first.digest == second.digest
+
+
+def test_cli_build_verify_inspect_real_onnx(tmp_path):
+    model = tmp_path / "softmax.onnx"
+    softmax_onnx(model)
+    stem = tmp_path / "release"
+    assert runner.invoke(package_app, ["keygen", str(stem)]).exit_code == 0
+    pre = tmp_path / "pre.json"
+    pre.write_text(json.dumps({"scale": 0.0625, "description": "pixels 0..16"}))
+    out = tmp_path / "m.efp"
+    args = ["build", str(model), "--out", str(out), "--name", "digits", "--labels", "10"]
+    args += ["--optimizer", "momentum", "--lr", "0.05", "--preprocessing", str(pre)]
+    result = runner.invoke(package_app, [*args, "--sign-key", f"{stem}.key"])
+    assert result.exit_code == 0, result.output
+    key_id_text = signing.key_id_of(signing.load_public_key(f"{stem}.pub"))
+    assert f"signed by key {key_id_text}" in result.output
+    assert f"digest sha256:{hashlib.sha256(out.read_bytes()).hexdigest()}" in result.output
+
+    ok = runner.invoke(
+        package_app, ["verify", str(out), "--public-key", f"{stem}.pub", "--require-signature"]
+    )
+    assert ok.exit_code == 0, ok.output
+    doc = json.loads(runner.invoke(package_app, ["inspect", str(out), "--json"]).output)
+    assert doc["manifest"]["optimizer"] == {"name": "momentum", "lr": 0.05, "momentum": 0.9}
+    assert doc["manifest"]["preprocessing"]["scale"] == 0.0625
+    assert doc["manifest"]["name"] == "digits"
+
+    # A model the builder cannot differentiate: non-zero exit, the op named.
+    bad = tmp_path / "einsum.onnx"
+    softmax_onnx(bad, op="Einsum")
+    result = runner.invoke(package_app, ["build", str(bad), "--out", str(tmp_path / "x.efp")])
+    assert result.exit_code == 1
+    assert "Einsum" in result.output
+    assert not (tmp_path / "x.efp").exists()
+    result = runner.invoke(package_app, ["build", str(pre), "--out", str(tmp_path / "y.efp")])
+    assert result.exit_code == 1
+    assert "expected a .onnx or .tflite file" in result.output

@@ -55,7 +55,9 @@ def build(
     out: Path = typer.Option(..., "--out", "-o", help="where to write the package"),
     name: str = typer.Option(None, help="package name (default: the model file's stem)"),
     loss: str = typer.Option("cross_entropy", help="cross_entropy (class labels) or mse"),
-    optimizer: str = typer.Option("sgd", help="device optimizer: sgd, momentum or adam"),
+    optimizer: str = typer.Option(
+        None, help="device optimizer: sgd, momentum or adam (default: the builder's, sgd)"
+    ),
     lr: float = typer.Option(None, help="learning rate (default 0.1; 0.001 for adam)"),
     momentum: float = typer.Option(0.9, help="momentum coefficient (for --optimizer momentum)"),
     labels: int = typer.Option(None, min=1, help="number of classes, checked on the devices"),
@@ -91,7 +93,9 @@ def build(
             model,
             name=name,
             loss=loss,
-            optimizer=optimizer_config(optimizer, lr, momentum),
+            optimizer=None
+            if optimizer is None and lr is None
+            else optimizer_config(optimizer or "sgd", lr, momentum),
             labels=labels,
             preprocessing=pre,
             signing_key=key,

@@ -91,10 +91,13 @@ def build_package(
         raise PackageError(f"unknown loss '{loss}'; supported: {', '.join(LOSSES)}")
     if not path.is_file():
         raise PackageError(f"model file {path} does not exist")
-    opt = dict(optimizer) if optimizer is not None else optimizer_config()
+    opt = dict(optimizer) if optimizer is not None else None  # None: the builder's defaults
     artifacts = _builder(framework)(path, loss=loss, optimizer=opt, trainable=trainable)
 
     label_spec = dict(artifacts.manifest.get("labels") or {})
+    classes = (artifacts.manifest.get("training") or {}).get("classes")
+    if labels is None and isinstance(classes, int) and loss == "cross_entropy":
+        label_spec.setdefault("num_classes", classes)  # the model's output width
     if labels is not None:
         if isinstance(labels, int):
             if labels <= 0:

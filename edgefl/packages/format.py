@@ -66,7 +66,7 @@ _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 # Python 3.9 evaluates module-level aliases at import: no `X | Y` here.
 Manifest = dict[str, Any]
-Shape = list[Union[int, str]]  # noqa: UP007
+Shape = list[Union[int, str]]
 
 
 class PackageError(ValueError):
@@ -769,8 +769,7 @@ def _fits(expected: Shape, actual: tuple[int, ...]) -> bool:
     """Per-example shapes agree (symbolic dims match anything) or have equal element counts."""
     exp, act = expected[1:], actual[1:]
     if len(exp) == len(act) and all(
-        not _is_int(e) or int(e) < 0 or int(e) == a
-        for e, a in zip(exp, act)  # noqa: B905 (3.9)
+        not _is_int(e) or int(e) < 0 or int(e) == a for e, a in zip(exp, act)
     ):
         return True
     size = _example_size(expected)
