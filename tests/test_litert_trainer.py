@@ -22,6 +22,7 @@ MODELS = Path(__file__).resolve().parents[1] / "edgefl" / "packages" / "models"
 SOFTMAX = MODELS / "digits_litert.tflite"
 MLP = MODELS / "digits_litert_mlp.tflite"
 NO_RESTORE = MODELS / "digits_litert_no_restore.tflite"
+FLEX = MODELS / "digits_litert_flex.tflite"  # TF's own cross-entropy + SELECT_TF_OPS
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +154,18 @@ def test_federated_rounds_lower_the_loss_and_match_the_reference(
 def test_a_model_without_restore_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="lacks the 'restore' signature"):
         build_tflite_training(NO_RESTORE)
+
+
+def test_a_model_that_needs_flex_ops_is_refused_naming_the_op() -> None:
+    # it has all four signatures and loads; only preparing `train` shows the missing op
+    assert set(load_interpreter(FLEX.read_bytes()).get_signature_list()) == {
+        "train",
+        "infer",
+        "save",
+        "restore",
+    }
+    with pytest.raises(ValueError, match="FlexSparseSoftmaxCrossEntropyWithLogits"):
+        build_tflite_training(FLEX)
 
 
 def test_the_trainer_refuses_a_model_missing_a_signature_the_manifest_names(

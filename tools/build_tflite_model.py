@@ -22,15 +22,19 @@ Contract (what ``edgefl.packages.tflite.build_tflite_training`` checks):
 * ``infer(x: float32[B, 64]) -> {"logits": float32[B, 10]}``.
 * ``save() -> {name: tensor}`` and ``restore(**{name: tensor}) -> {name: tensor}`` (returns
   what it assigned), with the same names: ``W``, ``b`` (softmax) or ``W1``, ``b1``, ``W2``,
-  ``b2`` (MLP), as in ``device_agent.trainers.numpy_models``.
+  ``b2`` (MLP), as in the numpy reference models (``edgefl.models.numpy_models``).
 * Model metadata ``edgefl_training``: JSON with the baked-in loss and optimizer.
 
 Built for the committed fixtures with tensorflow-cpu 2.21.0 on Python 3.11 (Linux x86_64)::
 
     python3 -m venv /tmp/tfvenv && /tmp/tfvenv/bin/pip install tensorflow-cpu==2.21.0
     /tmp/tfvenv/bin/python tools/build_tflite_model.py
+    /tmp/tfvenv/bin/python tools/build_tflite_model.py --model mlp \\
+        --out edgefl/packages/models/digits_litert_mlp.tflite
     /tmp/tfvenv/bin/python tools/build_tflite_model.py --without restore \\
         --out edgefl/packages/models/digits_litert_no_restore.tflite
+    /tmp/tfvenv/bin/python tools/build_tflite_model.py --select-tf-ops \\
+        --out edgefl/packages/models/digits_litert_flex.tflite
 """
 
 from __future__ import annotations
@@ -68,8 +72,14 @@ def initial_weights(model: str, hidden: int, seed: int) -> dict[str, Any]:
     return {k: v.astype(np.float32) for k, v in w.items()}
 
 
-def build_module(weights: dict[str, Any], without: str | None) -> tuple[Any, dict[str, Any]]:
-    """A tf.Module with the four signatures (minus ``without``) over ``weights`` as variables."""
+def build_module(
+    weights: dict[str, Any], without: str | None, select_tf_ops: bool = False
+) -> tuple[Any, dict[str, Any]]:
+    """A tf.Module with the four signatures (minus ``without``) over ``weights`` as variables.
+
+    ``select_tf_ops`` uses TF's own sparse cross-entropy, as the guide does; its gradient is a
+    Flex op, so the result only runs where the Flex delegate exists (a refusal fixture).
+    """
     import tensorflow as tf
 
     @tf.custom_gradient
@@ -118,7 +128,12 @@ def build_module(weights: dict[str, Any], without: str | None) -> tuple[Any, dic
         def train(self, x: Any, y: Any, lr: Any) -> Any:
             variables = [self.vars[n] for n in names]
             with tf.GradientTape() as tape:
-                loss = cross_entropy(self.logits(x), tf.one_hot(y, N_CLASSES))
+                if select_tf_ops:
+                    loss = tf.reduce_mean(
+                        tf.nn.sparse_softmax_cross_entropy_with_logits(y, self.logits(x))
+                    )
+                else:
+                    loss = cross_entropy(self.logits(x), tf.one_hot(y, N_CLASSES))
             grads = tape.gradient(loss, variables)
             for var, g in zip(variables, grads, strict=True):
                 var.assign_sub(lr * g)
@@ -147,14 +162,17 @@ def build_module(weights: dict[str, Any], without: str | None) -> tuple[Any, dic
     return module, signatures
 
 
-def convert(module: Any, signatures: dict[str, Any]) -> bytes:
-    """SavedModel -> TFLite with resource variables and builtin ops only (as in the guide)."""
+def convert(module: Any, signatures: dict[str, Any], select_tf_ops: bool = False) -> bytes:
+    """SavedModel -> TFLite with resource variables (as in the guide), builtin ops only
+    unless ``select_tf_ops``."""
     import tensorflow as tf
 
     with tempfile.TemporaryDirectory() as tmp:
         tf.saved_model.save(module, tmp, signatures=signatures)
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if select_tf_ops:
+            converter.target_spec.supported_ops.append(tf.lite.OpsSet.SELECT_TF_OPS)
         converter.experimental_enable_resource_variables = True
         return bytes(converter.convert())
 
@@ -188,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=SIGNATURES,
         help="leave one signature out (builds the refusal fixture for the tests)",
     )
+    ap.add_argument(
+        "--select-tf-ops",
+        action="store_true",
+        help="TF's sparse cross-entropy + SELECT_TF_OPS, as in the guide: needs the Flex "
+        "delegate, so edgefl refuses it (builds the second refusal fixture)",
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
 
@@ -195,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     weights = initial_weights(args.model, args.hidden, args.seed)
-    module, signatures = build_module(weights, args.without)
+    module, signatures = build_module(weights, args.without, args.select_tf_ops)
     meta = {
         "format": "edgefl-litert-training",
         "version": 1,
@@ -204,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "optimizer": {"name": "sgd", "lr": args.lr},
         "built_with": f"tensorflow {tf.__version__}",
     }
-    model = add_metadata(convert(module, signatures), meta)
+    model = add_metadata(convert(module, signatures, args.select_tf_ops), meta)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(model)
     print(

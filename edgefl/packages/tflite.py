@@ -108,6 +108,34 @@ def _resolve_optimizer(
     return given
 
 
+def _trial_step(
+    runners: Mapping[str, Any], train_in: Mapping[str, Any], initial: Mapping[str, np.ndarray]
+) -> None:
+    """Run ``train`` and ``infer`` once on a one-sample zero batch, then put the initial
+    weights back: an op this interpreter lacks (a Flex op from ``SELECT_TF_OPS``, say) only
+    shows when a signature is prepared, and it must fail here rather than on every device."""
+    x_detail = train_in["x"]
+    shape = [1] + [int(d) if int(d) > 0 else 1 for d in x_detail["shape_signature"][1:]]
+    feed = {
+        "x": np.zeros(shape, dtype=x_detail["dtype"]),
+        "y": np.zeros([1], dtype=train_in["y"]["dtype"]),
+    }
+    if "lr" in train_in:
+        feed["lr"] = np.zeros([], dtype=train_in["lr"]["dtype"])
+    try:
+        loss = np.asarray(runners["train"](**feed)["loss"])
+        runners["infer"](x=feed["x"])
+    except RuntimeError as exc:
+        raise ValueError(
+            f"the model does not run on a stock TFLite interpreter (edgefl needs builtin ops "
+            f"only, no SELECT_TF_OPS): {exc}"
+        ) from exc
+    finally:
+        runners["restore"](**initial)
+    if loss.size != 1 or not np.isfinite(loss).all():
+        raise ValueError(f"signature 'train' must output a finite scalar 'loss'; got {loss!r}")
+
+
 def build_tflite_training(
     model: bytes | str | Path,
     *,
@@ -120,7 +148,8 @@ def build_tflite_training(
     Refuses (``ValueError`` naming the reason) a model that lacks one of the ``train``,
     ``infer``, ``save``, ``restore`` signatures, whose ``train`` is not ``(x, y[, lr]) ->
     {loss}`` with a dynamic batch dimension, or whose ``save`` outputs and ``restore`` inputs
-    differ. ``loss`` and ``optimizer`` must agree with the model's edgefl metadata when it has
+    differ, or that does not run here (it takes one trial step on a zero batch, which catches
+    Flex ops). ``loss`` and ``optimizer`` must agree with the model's edgefl metadata when it has
     some (the update rule is baked into the graph; only a runtime ``lr`` input can change the
     rate); ``trainable`` picks the variables that are federated (default: all ``save`` outputs).
     """
@@ -201,6 +230,7 @@ def build_tflite_training(
                 f"variable {name!r}: save gives {initial[name].dtype}{list(initial[name].shape)}, "
                 f"restore takes {want[0]}{list(want[1])}"
             )
+    _trial_step(runners, train_in, initial)
     variables = sorted(initial)
     params = variables if trainable is None else list(trainable)
     unknown = sorted(set(params) - set(variables))
