@@ -539,7 +539,11 @@ def test_cli_keygen_verify_inspect(tmp_path):
 
 # --- the documented worked example ----------------------------------------------------------------
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "model-package.md"
+DOC = next(
+    d / "docs" / "model-package.md"
+    for d in Path(__file__).resolve().parents
+    if (d / "docs" / "model-package.md").is_file()
+)
 
 
 def worked_example_package() -> ModelPackage:
@@ -618,42 +622,6 @@ def raw_digits():
     return x[train], y[train].astype(np.int64), x[test], y[test].astype(np.int64)
 
 
-def sgd_epoch_from_package(pkg: ModelPackage, x, y, weights, lr: float, batch: int = 32):
-    """Train with onnxruntime using only what the package holds: its graphs and manifest names."""
-    import onnxruntime as ort
-
-    tr = pkg.manifest["training"]
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    step = ort.InferenceSession(pkg.files[tr["train_step"]], opts, ["CPUExecutionProvider"])
-    dtype = np.dtype(pkg.manifest["inputs"][0]["dtype"])
-    w = dict(weights)
-    losses = []
-    for s in range(0, len(y), batch):
-        feed = {
-            tr["data_input"]: x[s : s + batch].astype(dtype),
-            tr["label_input"]: y[s : s + batch],
-        }
-        feed[tr["lr_input"]] = np.array(lr, dtype)
-        feed.update({p["input"]: w[p["name"]] for p in tr["params"]})
-        outs = step.run([p["output"] for p in tr["params"]] + [tr["loss_output"]], feed)
-        w = {p["name"]: o for p, o in zip(tr["params"], outs[:-1])}
-        losses.append(float(outs[-1]))
-    return w, losses
-
-
-def eval_from_package(pkg: ModelPackage, x, y, weights) -> tuple[float, float]:
-    import onnxruntime as ort
-
-    tr = pkg.manifest["training"]
-    sess = ort.InferenceSession(pkg.files[tr["eval"]], providers=["CPUExecutionProvider"])
-    dtype = np.dtype(pkg.manifest["inputs"][0]["dtype"])
-    feed = {tr["data_input"]: x.astype(dtype), tr["eval_label_input"]: y}
-    feed.update({p["input"]: weights[p["name"]] for p in tr["params"]})
-    loss, logits = sess.run([tr["eval_loss_output"], tr["eval_logits_output"]], feed)
-    return float(loss), float(np.mean(np.argmax(logits, 1) == y))
-
-
 def test_build_package_from_real_onnx_and_train_from_it(tmp_path, key):
     from edgefl.packages.build import build_package
     from edgefl.tasks import digits
@@ -692,15 +660,19 @@ def test_build_package_from_real_onnx_and_train_from_it(tmp_path, key):
     with pytest.raises(PackageError, match=r"input 'x' expects \(-1, 64\), local data has"):
         check_data_shape(m, x[:, :63])
 
-    # Everything a device needs to train is in the package: one epoch of SGD learns.
-    xt = apply_preprocessing(m, xte)
-    loss0, acc0 = eval_from_package(back, xt, yte, init)
-    w1, losses = sgd_epoch_from_package(back, x, ytr, init, m["optimizer"]["lr"])
-    loss1, acc1 = eval_from_package(back, xt, yte, w1)
-    assert np.mean(losses[-5:]) < np.mean(losses[:5])
-    assert loss1 < loss0 / 3
-    assert acc1 > 0.85
-    assert acc1 > acc0 + 0.5
+    # The device trainer needs nothing but the package: one round of SGD learns.
+    from device_agent.trainers.base import TrainTask
+    from device_agent.trainers.onnx_trainer import OnnxTrainer
+
+    trainer = OnnxTrainer.from_package(back, x, ytr)
+    held_out = OnnxTrainer.from_package(back, apply_preprocessing(m, xte), yte)
+    before = held_out.evaluate(init)
+    result = trainer.train(init, TrainTask(round=1, config={}, seed=0))
+    after = held_out.evaluate(result.weights)
+    assert result.num_examples == len(ytr)
+    assert after["loss"] < before["loss"] / 3
+    assert after["accuracy"] > 0.85
+    assert after["accuracy"] > before["accuracy"] + 0.5
 
 
 def test_rebuilding_with_source_date_epoch_gives_the_same_digest(tmp_path, monkeypatch):
@@ -752,3 +724,42 @@ def test_cli_build_verify_inspect_real_onnx(tmp_path):
     result = runner.invoke(package_app, ["build", str(pre), "--out", str(tmp_path / "y.efp")])
     assert result.exit_code == 1
     assert "expected a .onnx or .tflite file" in result.output
+
+
+def test_build_package_from_the_litert_fixture_and_train_from_it(tmp_path, key):
+    """The .tflite branch of build_package, with the committed LiteRT fixture and trainer."""
+    import edgefl.packages
+    from device_agent.trainers.base import TrainTask
+    from device_agent.trainers.litert_trainer import LiteRtTrainer
+    from edgefl.packages.build import build_package
+    from edgefl.tasks import digits
+
+    models = Path(edgefl.packages.__file__).resolve().parent / "models"
+    pkg = build_package(models / "digits_litert.tflite", name="digits-litert", signing_key=key)
+    out = tmp_path / "litert.efp"
+    pkg.write(out)
+    back = ModelPackage.read(out, trusted_keys=[key.public_key()], require_signature=True)
+    assert back.manifest["framework"] == "tflite"
+    assert set(back.files) == {"model.tflite", "weights.cbor"}
+    assert back.manifest["labels"]["num_classes"] == 10
+    x, y = digits.device_data(10, 3)
+    check_data_shape(back.manifest, x, y)
+    trainer = LiteRtTrainer.from_package(back, x, y)
+    init = back.initial_weights()
+    before = trainer.evaluate(init)
+    result = trainer.train(init, TrainTask(round=1, config={"epochs": 3}, seed=3))
+    after = trainer.evaluate(result.weights)
+    assert after["loss"] < before["loss"]
+    assert after["accuracy"] > before["accuracy"]
+    assert after["accuracy"] > 0.8
+    assert {k: (v.dtype, v.shape) for k, v in result.weights.items()} == {
+        k: (v.dtype, v.shape) for k, v in init.items()
+    }
+
+    # A model without the restore signature is refused by `package build`, naming it.
+    result = runner.invoke(
+        package_app,
+        ["build", str(models / "digits_litert_no_restore.tflite"), "--out", str(tmp_path / "x")],
+    )
+    assert result.exit_code == 1
+    assert "'restore'" in result.output

@@ -95,7 +95,8 @@ def build_package(
     artifacts = _builder(framework)(path, loss=loss, optimizer=opt, trainable=trainable)
 
     label_spec = dict(artifacts.manifest.get("labels") or {})
-    classes = (artifacts.manifest.get("training") or {}).get("classes")
+    training = artifacts.manifest.get("training") or {}
+    classes = training.get("classes", training.get("num_classes"))  # onnx, tflite builders
     if labels is None and isinstance(classes, int) and loss == "cross_entropy":
         label_spec.setdefault("num_classes", classes)  # the model's output width
     if labels is not None:

@@ -586,7 +586,11 @@ class ModelPackage:
 
     @property
     def digest(self) -> str:
-        """SHA-256 hex of the encoded package: how controllers and devices name and cache it."""
+        """SHA-256 hex of the encoded package: how controllers and devices name and cache it.
+
+        The bytes are those last read, written or returned by ``dumps`` (encoded now if none
+        yet); after changing ``manifest`` or ``files``, call ``dumps`` again.
+        """
         data = self._encoded if self._encoded is not None else self.dumps()
         return sha256_hex(data)
 
@@ -605,11 +609,15 @@ class ModelPackage:
         data = self.dumps(signing_key)
         path = os.fspath(path)
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return sha256_hex(data)
 
     # -- decoding -----------------------------------------------------------------------------
