@@ -252,6 +252,26 @@ def test_federated_session_on_a_real_broker(example: Example, deployment: Any) -
     assert cli.stop() == 0, cli.output()
 
 
+def test_run_agent_refuses_to_start_without_local_data(example: Example, tmp_path: Path) -> None:
+    """A device without data fails at start with the reason, not at its first round."""
+    script = str(EXAMPLES_DIR / example.name / "run_agent.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFL_")}
+    out = subprocess.run(
+        [sys.executable, script, "--device-id", "d1", "--broker-url", "mqtt://127.0.0.1:1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "--data-path" in out.stderr, out.stderr
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, X=np.zeros((3, 5)), y=np.zeros(3, dtype=np.int64))
+    out = subprocess.run(
+        [sys.executable, script, "--device-id", "d1", "--data-path", str(bad)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "shape (3, 5)" in out.stderr, out.stderr
+
+
 # (c) the agent stays framework-free ---------------------------------------------------------
 def test_numpy_agent_imports_no_framework() -> None:
     code = (
