@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -69,9 +70,7 @@ def load_config(
         p = Path(path)
         text = p.read_text()
         if p.suffix == ".toml":
-            import tomllib
-
-            values.update(tomllib.loads(text))
+            values.update(_load_toml(text))
         else:
             values.update(json.loads(text))
     names = {f.name for f in fields(AgentConfig)}
@@ -85,3 +84,13 @@ def load_config(
             values[name] = _coerce(name, source[key])
     values.update({k: v for k, v in overrides.items() if v is not None})
     return AgentConfig(**values)
+
+
+def _load_toml(text: str) -> dict[str, Any]:
+    """TOML through the stdlib on 3.11+, else ``tomli`` (the agent's one extra on 3.9/3.10)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised by the agent tests on the older Pythons
+        import tomli as tomllib
+    loaded: dict[str, Any] = tomllib.loads(text)
+    return loaded

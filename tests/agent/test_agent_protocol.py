@@ -18,13 +18,28 @@ from paho.mqtt.enums import CallbackAPIVersion
 from device_agent.agent import DeviceAgent
 from device_agent.config import AgentConfig
 from device_agent.trainers.numpy_trainer import NumpyTrainer
-from edgefl.models.numpy_models import train_epochs
+from edgefl.models.numpy_models import init_weights, train_epochs
 from edgefl.protocol import Reassembler, Topics, decode, encode, split_payload
 from edgefl.protocol.tensors import decode_tensors, dumps_tensors
-from edgefl.tasks import digits
 from edgefl.transport import parse_broker_url
 
 PROJECT = "agenttest"
+
+
+def _local_data() -> tuple[np.ndarray, np.ndarray]:
+    """A device's private data set: 150 samples of 64 features, 10 classes.
+
+    Synthetic on purpose: these tests also run on the device Pythons with the base install
+    only, where scikit-learn (and so the digits task) is not available.
+    """
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 10, 150)
+    X = rng.normal(size=(150, 64)) + y[:, None] * 0.3
+    return X, y
+
+
+def _initial_weights() -> dict[str, np.ndarray]:
+    return init_weights("softmax", 64, 10)
 
 
 class ServerSide:
@@ -95,7 +110,7 @@ def server(broker_url):
 
 
 def _agent(url: str, device: str) -> DeviceAgent:
-    X, y = digits.device_data(10, 3)
+    X, y = _local_data()
     cfg = AgentConfig(
         broker_url=url,
         project=PROJECT,
@@ -112,7 +127,7 @@ def test_task_published_while_offline_is_delivered_on_return(broker_url, server)
     device = f"off-{time.time_ns() % 10**9}"
     agent = _agent(broker_url, device).start()
     try:
-        weights = digits.initial_weights()
+        weights = _initial_weights()
         digest = server.publish_model("v-off", weights)
         # the device goes away (clean DISCONNECT keeps its persistent session on the broker)
         agent.conn.client.disconnect()
@@ -127,7 +142,7 @@ def test_task_published_while_offline_is_delivered_on_return(broker_url, server)
     finally:
         agent.stop()
     update = server.completed[0]
-    X, y = digits.device_data(10, 3)
+    X, y = _local_data()
     expected = train_epochs(weights, X, y, round_=4, seed=3)
     got = decode_tensors(update["tensors"])
     assert update["task_id"] == "s:4:0" and update["num_examples"] == len(y)
@@ -155,7 +170,7 @@ def test_model_digest_mismatch_is_refused(broker_url, server) -> None:
     device = f"dig-{time.time_ns() % 10**9}"
     agent = _agent(broker_url, device).start()
     try:
-        server.publish_model("v-dig", digits.initial_weights())
+        server.publish_model("v-dig", _initial_weights())
         server.send_task("r1", device, "v-dig", b"\x00" * 32, rnd=1)
         deadline = time.time() + 10
         while agent.last_error is None:
