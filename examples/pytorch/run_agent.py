@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from device_agent.trainers.base import Trainer
+
 _HERE = Path(__file__).resolve().parent
 
 
@@ -25,14 +27,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.path.remove(folder)
         sys.path.insert(0, folder)
     from _runner import run_agent
-    from trainer import TorchDigitsTrainer
 
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--threads", type=int, help="torch intra-op threads (default: torch's choice)"
         )
 
-    def make_trainer(args: argparse.Namespace, data_path: str) -> TorchDigitsTrainer:
+    def make_trainer(args: argparse.Namespace, data_path: str) -> Trainer:
+        # imported here: --help and bad flags answer without the framework's slow import
+        from trainer import TorchDigitsTrainer
+
         return TorchDigitsTrainer(data_path=data_path, threads=args.threads)
 
     return run_agent(

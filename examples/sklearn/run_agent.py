@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from device_agent.trainers.base import Trainer
+
 _HERE = Path(__file__).resolve().parent
 
 
@@ -25,9 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.path.remove(folder)
         sys.path.insert(0, folder)
     from _runner import run_agent
-    from trainer import SklearnDigitsTrainer
 
-    def make_trainer(_args: argparse.Namespace, data_path: str) -> SklearnDigitsTrainer:
+    def make_trainer(_args: argparse.Namespace, data_path: str) -> Trainer:
+        # imported here: --help and bad flags answer without the framework's slow import
+        from trainer import SklearnDigitsTrainer
+
         return SklearnDigitsTrainer(data_path=data_path)
 
     return run_agent(
