@@ -22,13 +22,16 @@ _DTYPES: Dict[str, Any] = {"float32": np.float32, "float64": np.float64, "int64"
 EVAL_CHUNK = 1024  # rows per eval-graph call: bounds the activations' memory
 
 
-def _session(model: bytes, threads: int) -> Any:
+def _session(model: bytes, threads: int, float64: bool) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if float64:  # extended optimizations fuse into com.microsoft ops that older onnxruntime
+        # releases (1.19, the last for Python 3.9) implement for float32 only
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -89,8 +92,9 @@ class OnnxTrainer:
         self.X = _fit_data(data_spec, X)
         self.dtype = _DTYPES[self.params[0]["dtype"]]
         self.y = self._fit_labels(label_spec, y)
-        self._train = _session(files[train_file], threads)
-        self._eval = _session(files[eval_file], threads)
+        float64 = self.dtype == np.float64
+        self._train = _session(files[train_file], threads, float64)
+        self._eval = _session(files[eval_file], threads, float64)
 
     @classmethod
     def from_package(

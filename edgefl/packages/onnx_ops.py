@@ -289,19 +289,25 @@ def _matmul(ctx: Ctx, n: onnx.NodeProto, g: str, need: list[bool]) -> list[str |
     if len(sa) < 2 or len(sb) < 2:
         raise UnsupportedModelError(f"{describe(n)}: MatMul with a 1-D operand is not supported")
     da = db = None
+    if len(sb) == 2:  # a weight matrix: fold A's batch dims into rows and use Gemm's transposes
+        # (Gemm, not MatMul(Transpose): older onnxruntime fuses the latter into a float-only op)
+        a2 = a if len(sa) == 2 else e.op("Flatten", [a], axis=len(sa) - 1)
+        g2 = g if len(sy) == 2 else e.op("Flatten", [g], axis=len(sy) - 1)
+        if need[0]:
+            da = e.op("Gemm", [g2, b], transB=1)
+            if len(sa) > 2:
+                da = e.op("Reshape", [da, e.shape_of(a)], f"d/{a}")
+        if need[1]:
+            db = e.op("Gemm", [a2, g2], transA=1)
+        return [da, db]
     if need[0]:
         full = e.op("MatMul", [g, _swap_last(ctx, b, len(sb))])
         ctx.shapes[full] = tuple(sy[:-2]) + tuple(sa[-2:])
         da = reduce_to(ctx, full, full, a)
     if need[1]:
-        if len(sa) > 2 and len(sb) == 2:  # shared weight: fold the batch dims into the rows
-            a2 = e.op("Flatten", [a], axis=len(sa) - 1)
-            g2 = e.op("Flatten", [g], axis=len(sy) - 1)
-            db = e.op("MatMul", [e.op("Transpose", [a2], perm=[1, 0]), g2])
-        else:
-            full = e.op("MatMul", [_swap_last(ctx, a, len(sa)), g])
-            ctx.shapes[full] = tuple(sy[:-2]) + tuple(sb[-2:])
-            db = reduce_to(ctx, full, full, b)
+        full = e.op("MatMul", [_swap_last(ctx, a, len(sa)), g])
+        ctx.shapes[full] = tuple(sy[:-2]) + tuple(sb[-2:])
+        db = reduce_to(ctx, full, full, b)
     return [da, db]
 
 
