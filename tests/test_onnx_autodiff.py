@@ -29,7 +29,9 @@ TOL = 1e-4
 TorchFn = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
-def export(module: torch.nn.Module, example: torch.Tensor, preserve: bool = False) -> bytes:
+def export(
+    module: torch.nn.Module, example: torch.Tensor, preserve: bool = False, opset: int = 17
+) -> bytes:
     """Export as the edge teams do (legacy exporter, opset 17, dynamic batch)."""
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -39,7 +41,7 @@ def export(module: torch.nn.Module, example: torch.Tensor, preserve: bool = Fals
             (example,),
             buf,
             dynamo=False,
-            opset_version=17,
+            opset_version=opset,
             input_names=["x"],
             output_names=["out"],
             dynamic_axes={"x": {0: "batch"}, "out": {0: "batch"}},
@@ -425,6 +427,24 @@ def test_exported_cnn_matches_torch_over_steps(batchnorm: bool) -> None:
     ops = set(build_onnx_training(case.onnx_model).manifest["ops"])
     assert ({"BatchNormalization"} <= ops) == batchnorm
     check(case, {"name": "sgd", "lr": 0.1}, steps=4)
+
+
+def test_an_older_opset_is_converted_first() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(18, 3),
+        torch.nn.Softmax(dim=1),
+    ).eval()
+    x = rand(6, 1, 8, 8, dtype=np.float32)
+    case = module_case(net, x, 3, head="probs")
+    case.onnx_model = export(net, torch.from_numpy(x), opset=11)
+    assert onnx.load_from_string(case.onnx_model).opset_import[0].version == 11
+    assert build_onnx_training(case.onnx_model).manifest["training"]["opset"] == 17
+    check(case)
 
 
 def test_shipped_digits_models_train_like_torch() -> None:
