@@ -6,17 +6,29 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := mosquitto mosquitto-clients chromium chromium-driver
 
-.PHONY: demo test lint bench system-deps clean
+.PHONY: demo test test-fast test-device-pythons lint bench system-deps clean
 
 demo: $(STAMP)
 	$(BIN)/edgefl demo $(ARGS)
 
+# Everything CI runs: lint, types, the whole suite, and the agent on each device Python.
 test: system-deps $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	tools/test_device_pythons.sh
+
+# For daily work: lint and the suite without the slow end-to-end runs (a minute or two).
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+test-device-pythons:
+	tools/test_device_pythons.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: system-deps $(STAMP)
 	@for b in benchmarks/bench_*.py; do $(BIN)/python $$b; done
@@ -39,4 +51,4 @@ system-deps:
 	fi
 
 clean:
-	rm -rf $(VENV) edgefl-demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-device edgefl-demo .pytest_cache .ruff_cache .mypy_cache

@@ -70,27 +70,34 @@ def test_device_cut_mid_upload_resumes(deployment) -> None:
 
 
 def test_vanished_device_does_not_stall_round(deployment) -> None:
-    """A selected device that never answers holds its round only until the deadline."""
+    """A selected device that never answers, or only sends line noise, holds its round only
+    until the deadline; then the round completes with everyone else."""
     dep = deployment
     dep.start_combiners(2)
     dep.start_fleet(10)
-    ghost = RogueDevice(dep.url, dep.project, "region-1", "ghost", mode="silent")
-    dep.own(ghost)
+    ghost = dep.own(RogueDevice(dep.url, dep.project, "region-1", "ghost", mode="silent"))
+
+    def respond(rogue: RogueDevice, task: dict) -> None:
+        for payload in _bad_update(rogue.mode, task):
+            rogue.client.publish(rogue.topics.device(rogue.region, rogue.device, "update"), payload)
+
+    noisy = RogueDevice(dep.url, dep.project, "region-0", "noisy", "garbage-chunk", respond)
+    dep.own(noisy)
     ctl = dep.controller()
     timeout = 2.0
-    t0 = time.time()
     _, rounds = dep.run_session(
         ctl, rounds=3, min_devices=10, round_timeout_s=timeout, close_grace_s=2.0
     )
-    elapsed = time.time() - t0
     assert [r.status for r in rounds] == ["completed"] * 3
     for rec in rounds:
-        assert "ghost" in rec.devices
-        assert "ghost" not in {p["device"] for p in rec.participants}
-        assert timeout * 0.9 <= rec.finished - rec.started < timeout + 2.0
-    assert len(ghost.tasks) == 3
-    assert elapsed < 3 * (timeout + 2.0) + 5
-    # the ghost contributed nothing, so the result is the 10-device reference exactly
+        assert {"ghost", "noisy"} <= set(rec.devices)
+        assert not {"ghost", "noisy"} & {p["device"] for p in rec.participants}
+        # a garbage chunk may be line noise (a resend could still succeed): so it is
+        # recorded, but the round waits for the deadline rather than closing early
+        assert [(r["device"], r["reason"][:9]) for r in rec.rejected] == [("noisy", "bad chunk")]
+        assert rec.finished - rec.started >= timeout * 0.9
+    assert len(ghost.tasks) == 3 and len(noisy.tasks) == 3
+    # neither contributed anything, so the result is the 10-device reference exactly
     assert completed_accuracies(rounds) == pytest.approx(digits.reference_run(10, 3), abs=1e-9)
 
 
@@ -130,20 +137,25 @@ def _bad_update(mode: str, task: dict) -> bytes | list[bytes]:
     return chunks_of(msg)
 
 
+# each hostile upload, and the words its rejection must give as the reason
+REJECTION_REASONS = {
+    "garbage-update": "bad update message",
+    "oversized": "transfer refused: payload of",
+    "wrong-shape": "tensor 'W': shape (10, 64), expected (64, 10)",
+    "nan": "tensor 'b' holds NaN",
+    "wrong-dtype": "dtype float32, expected float64",
+    "missing-tensor": "missing ['b']",
+}
+
+
 def test_bad_updates_are_rejected_and_round_goes_on(broker_url, tmp_path) -> None:
+    """Every hostile update is refused for its own reason; the round closes as soon as every
+    selected device has answered, and the honest ones give exactly the reference result."""
     dep = Deployment(broker_url, tmp_path)
     try:
         dep.start_combiners(2, max_update_bytes=1024 * 1024)
         dep.start_fleet(10)
-        modes = [
-            "garbage-chunk",
-            "garbage-update",
-            "oversized",
-            "wrong-shape",
-            "nan",
-            "wrong-dtype",
-            "missing-tensor",
-        ]
+        modes = list(REJECTION_REASONS)
         rogues = []
         for i, mode in enumerate(modes):
 
@@ -159,44 +171,52 @@ def test_bad_updates_are_rejected_and_round_goes_on(broker_url, tmp_path) -> Non
             rogues.append(rogue)
             dep.own(rogue)
         ctl = dep.controller()
-        # buffer_size: close as soon as the 10 honest updates are in
-        _, rounds = dep.run_session(
-            ctl, rounds=3, min_devices=10, buffer_size=10, round_timeout_s=20
-        )
+        # no buffer_size: the round closes when all 16 selected devices have answered, so
+        # every rogue's update is judged on its content, never as "late"
+        timeout = 60
+        _, rounds = dep.run_session(ctl, rounds=3, min_devices=10, round_timeout_s=timeout)
         assert [r.status for r in rounds] == ["completed"] * 3
         for rec in rounds:
             assert {p["device"] for p in rec.participants} == {f"dev-{k:04d}" for k in range(10)}
-            assert rec.finished - rec.started < 15, "round waited for its deadline"
-        reasons = " | ".join(str(r.metrics) for r in rounds)
-        assert all(r.metrics["rejected"] >= 4 for r in rounds), reasons
+            got = {r["device"]: r["reason"] for r in rec.rejected}
+            assert set(got) == {f"rogue-{i}" for i in range(len(modes))}
+            for i, mode in enumerate(modes):
+                assert REJECTION_REASONS[mode] in got[f"rogue-{i}"], (mode, got[f"rogue-{i}"])
+            assert rec.metrics["rejected"] == len(modes)
+            assert rec.finished - rec.started < timeout / 2, "the round waited for its deadline"
         assert completed_accuracies(rounds) == pytest.approx(digits.reference_run(10, 3), abs=1e-9)
-        for comb in dep.combiners:
-            assert comb.stats["rejected"] > 0
     finally:
         dep.close()
 
 
 def test_malformed_control_messages_do_not_crash_components(deployment) -> None:
+    """Junk on every control topic reaches the combiner, the devices and the controller; each
+    refuses it, and a session afterwards runs exactly as it would have without it."""
     dep = deployment
     dep.start_combiners(1)
     dep.start_fleet(4)
+    ctl = dep.controller()  # subscribed before the junk is sent: it must really receive it
     rogue = RogueDevice(dep.url, dep.project, "region-0", "noisy", mode="noise")
     dep.own(rogue)
     t = dep.combiners[0].topics
+    junks = (
+        b"",
+        b"\x00\x01",
+        cbor2.dumps({"v": 1, "type": "round"}),
+        cbor2.dumps({"v": 99, "type": "task"}),
+    )
     for topic in (
         t.combiner("region-0", "round"),
         t.device("region-0", "dev-0000", "task"),
         t.combiner("region-0", "partial"),
         t.combiner("region-0", "progress"),
     ):
-        for junk in (
-            b"",
-            b"\x00\x01",
-            cbor2.dumps({"v": 1, "type": "round"}),
-            cbor2.dumps({"v": 99, "type": "task"}),
-        ):
+        for junk in junks:
             rogue.client.publish(topic, junk, qos=1).wait_for_publish(5)
-    ctl = dep.controller()
+    deadline = time.time() + 20
+    while ctl.inbox.refused != {"partial": len(junks), "progress": len(junks)}:
+        assert time.time() < deadline, f"the controller saw only {ctl.inbox.refused}"
+        time.sleep(0.02)
     # the noisy client looks like a device but never trains: buffer_size closes the round
     _, rounds = dep.run_session(ctl, rounds=2, min_devices=4, buffer_size=4, round_timeout_s=20)
     assert completed_accuracies(rounds) == pytest.approx(digits.reference_run(4, 2), abs=1e-9)

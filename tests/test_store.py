@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, text
 from edgefl.store import make_store
 from edgefl.store.base import ModelRecord, RoundRecord, SessionRecord
 from edgefl.store.blobs import FileBlobStore
-from edgefl.store.sql import REASON_MAX, SchemaError, SqlStore
+from edgefl.store.sql import REASON_MAX, SCHEMA_VERSION, SchemaError, SqlStore
 
 
 def _session(sid: str = "s1") -> SessionRecord:
@@ -153,8 +153,10 @@ def test_a_refused_database_is_left_untouched(tmp_path) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE edgefl_meta (key VARCHAR(64) PRIMARY KEY, value TEXT)"))
-        conn.execute(text("INSERT INTO edgefl_meta VALUES ('schema_version', '2')"))
-    with pytest.raises(SchemaError, match=r"schema version 2 is newer .*\(1\)"):
+        newer = SCHEMA_VERSION + 1
+        conn.execute(text(f"INSERT INTO edgefl_meta VALUES ('schema_version', '{newer}')"))
+    refusal = rf"schema version {newer} is newer .*\({SCHEMA_VERSION}\)"
+    with pytest.raises(SchemaError, match=refusal):
         SqlStore(url)
     with engine.connect() as conn:
         tables = conn.execute(text("SELECT name FROM sqlite_master WHERE type='table'")).all()
@@ -162,7 +164,7 @@ def test_a_refused_database_is_left_untouched(tmp_path) -> None:
     assert [t[0] for t in tables] == ["edgefl_meta"]
 
 
-def test_new_database_records_schema_version_1(url) -> None:
+def test_new_database_records_the_current_schema_version(url) -> None:
     make_store(url).close()
     engine = create_engine(url)
     with engine.connect() as conn:
@@ -171,7 +173,40 @@ def test_new_database_records_schema_version_1(url) -> None:
         ).scalar()
         mode = conn.execute(text("PRAGMA journal_mode")).scalar()
     engine.dispose()
-    assert version == "1" and mode == "wal"
+    assert version == str(SCHEMA_VERSION) and mode == "wal"
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_rounds(url) -> None:
+    """v1 had no ``rejected`` column: opening it adds the column, old rows read as []."""
+    store = make_store(url)
+    store.create_session(_session())
+    store.start_round(_round("s1", 1))
+    store.close()
+    engine = create_engine(url)
+    with engine.begin() as conn:  # turn it back into a v1 database
+        conn.execute(text("ALTER TABLE rounds DROP COLUMN rejected"))
+        conn.execute(text("UPDATE edgefl_meta SET value='1' WHERE key='schema_version'"))
+    engine.dispose()
+    store = make_store(url)
+    old = store.get_round("s1:1:0")
+    assert old is not None and old.rejected == [] and old.devices == ["d1", "d2"]
+    why = [{"device": "d2", "reason": "tensor 'W' holds NaN or infinite values"}]
+    store.finish_round(
+        "s1:1:0",
+        status="completed",
+        model_out="s1-r0001",
+        participants=[],
+        metrics={},
+        finished=2.0,
+        rejected=why,
+    )
+    assert store.get_round("s1:1:0").rejected == why
+    store.close()
+    with create_engine(url).connect() as conn:
+        version = conn.execute(
+            text("SELECT value FROM edgefl_meta WHERE key='schema_version'")
+        ).scalar()
+    assert version == str(SCHEMA_VERSION)
 
 
 def test_concurrent_writers(url) -> None:

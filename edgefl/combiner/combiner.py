@@ -23,7 +23,12 @@ from typing import Any
 
 from edgefl.aggregation import UpdateRejected, WeightedSum, validate_update
 from edgefl.protocol import ChunkError, CodecError, MessageError, Topics, decode, encode
-from edgefl.protocol.chunking import DEFAULT_CHUNK_SIZE, Reassembler, split_payload
+from edgefl.protocol.chunking import (
+    DEFAULT_CHUNK_SIZE,
+    Reassembler,
+    TransferRefused,
+    split_payload,
+)
 from edgefl.protocol.messages import SCHEMAS, clean_metrics
 from edgefl.protocol.tensors import decode_tensors, encode_tensors
 from edgefl.protocol.types import Participant, Rejection, Spec, spec_from_wire
@@ -257,18 +262,21 @@ class Combiner:
         with self._lock:
             try:
                 done = self.reassembler.feed(device, payload)
-            except ChunkError as exc:
+            except TransferRefused as exc:
+                self._reject(device, f"transfer refused: {exc}", final_for=exc.meta)
+                return
+            except ChunkError as exc:  # maybe line noise: a clean resend may still succeed
                 self._reject(device, f"bad chunk: {exc}")
                 return
             if done is not None:
                 self._accept(device, done.payload, done.meta)
 
-    def _accept(self, device: str, payload: bytes, meta: dict) -> None:
+    def _accept(self, device: str, payload: bytes, meta: dict[str, Any]) -> None:
         rnd = self._round
         try:
             msg = decode(payload, "update")
-        except MessageError as exc:
-            self._reject(device, f"bad update message: {exc}")
+        except MessageError as exc:  # a complete, intact transfer of junk: the device's answer
+            self._reject(device, f"bad update message: {exc}", final_for=meta)
             return
         if rnd is None or msg["task_id"] != rnd.task_id:
             self._reject(
@@ -321,7 +329,18 @@ class Combiner:
         if rnd and not rnd.flushed and rnd.reported >= rnd.devices:
             self._flush("all devices reported")
 
-    def _reject(self, device: str, reason: str, quiet: bool = False) -> None:
+    def _reject(
+        self,
+        device: str,
+        reason: str,
+        quiet: bool = False,
+        final_for: dict[str, Any] | None = None,
+    ) -> None:
+        """Count and log a refused update; record it against the open round.
+
+        ``final_for`` is the transfer meta of a refusal that no resend can fix: when it names
+        the open round, the device counts as reported, so the round need not wait for it.
+        """
         self.stats["rejected"] += 1
         (log.debug if quiet else log.warning)(
             "combiner %s: rejected update from %s: %s", self.config.name, device, reason
@@ -336,6 +355,14 @@ class Combiner:
         ):
             rnd.rejected.append(Rejection(device=device, reason=reason))
             self._progress()
+        if (
+            final_for is not None
+            and rnd is not None
+            and final_for.get("task_id") == rnd.task_id
+            and device in rnd.devices
+        ):
+            rnd.reported.add(device)
+            self._maybe_complete()
 
     def _progress(self) -> None:
         rnd = self._round

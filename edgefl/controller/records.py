@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from edgefl.protocol.types import Participant
+from edgefl.protocol.types import Participant, Rejection
 from edgefl.store.base import RoundRecord, Store
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class RoundAttempt:
         reason: str,
         *,
         participants: list[Participant] | None = None,
+        rejected: list[Rejection] | None = None,
         started: float | None = None,
     ) -> None:
         """Record the attempt as failed (creating its record first if it never started)."""
@@ -62,6 +63,7 @@ class RoundAttempt:
             status="failed",
             model_out=None,
             participants=list(participants or []),
+            rejected=list(rejected or []),
             metrics={},
             reason=reason,
             finished=time.time(),
@@ -73,6 +75,7 @@ class RoundAttempt:
         *,
         model_out: str,
         participants: list[Participant],
+        rejected: list[Rejection],
         metrics: dict[str, float],
     ) -> None:
         """Record the attempt as completed with the model version it produced."""
@@ -81,6 +84,7 @@ class RoundAttempt:
             status="completed",
             model_out=model_out,
             participants=participants,
+            rejected=rejected,
             metrics=metrics,
             finished=time.time(),
         )

@@ -130,6 +130,7 @@ class RoundRunner:
                 f"quorum not met: {merged.count} accepted updates, "
                 f"{config.min_devices} needed ({len(rejected)} rejected)",
                 participants=participants,
+                rejected=rejected,
                 started=started,
             )
             return None
@@ -148,7 +149,11 @@ class RoundRunner:
             meta={"metrics": metrics},
         )
         attempt.complete(
-            self.store, model_out=record.version, participants=participants, metrics=metrics
+            self.store,
+            model_out=record.version,
+            participants=participants,
+            rejected=rejected,
+            metrics=metrics,
         )
         log.info(
             "round %s done: %d updates, metrics %s",

@@ -47,6 +47,17 @@ class ChunkError(ValueError):
     """A chunk or a reassembled payload that must be rejected."""
 
 
+class TransferRefused(ChunkError):
+    """A well-formed transfer that can never be accepted (too large): no resend will help.
+
+    ``meta`` is the transfer's metadata, so the receiver can tell which round it was for.
+    """
+
+    def __init__(self, message: str, meta: Meta) -> None:
+        super().__init__(message)
+        self.meta = meta
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One slice of a payload plus everything a receiver needs to place and verify it.
@@ -317,8 +328,9 @@ class Reassembler:
             return None  # a duplicate of a delivered transfer, or the rest of a refused one
         if chunk.size > self.max_payload:
             self._refused[key] = now
-            raise ChunkError(
-                f"payload of {chunk.size} bytes exceeds the limit of {self.max_payload}"
+            raise TransferRefused(
+                f"payload of {chunk.size} bytes exceeds the limit of {self.max_payload}",
+                dict(chunk.meta),
             )
         part = self._partials.get(key)
         if part is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from edgefl.protocol.types import Participant, RoundStatus, SessionStatus
+from edgefl.protocol.types import Participant, Rejection, RoundStatus, SessionStatus
 
 
 @dataclass
@@ -39,6 +39,7 @@ class RoundRecord:
     model_out: str | None
     devices: list[str]  # selected devices
     participants: list[Participant] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)  # refused updates and why
     metrics: dict[str, float] = field(default_factory=dict)  # e.g. accuracy, loss
     reason: str = ""  # why a round failed
     started: float = 0.0
@@ -89,6 +90,7 @@ class Store(Protocol):
         metrics: dict[str, float],
         reason: str = "",
         finished: float,
+        rejected: list[Rejection] | None = None,
     ) -> None: ...
     def get_round(self, task_id: str) -> RoundRecord | None: ...
     def list_rounds(self, session_id: str) -> list[RoundRecord]: ...  # by (round, attempt)

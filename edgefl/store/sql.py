@@ -13,15 +13,29 @@ import time
 from dataclasses import fields
 from typing import Any, TypeVar
 
-from sqlalchemy import JSON, Float, Integer, String, create_engine, event, inspect, select
+from sqlalchemy import (
+    JSON,
+    Float,
+    Integer,
+    String,
+    create_engine,
+    event,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
 
-from edgefl.protocol.types import Participant, RoundStatus, SessionStatus
+from edgefl.protocol.types import Participant, Rejection, RoundStatus, SessionStatus
 from edgefl.store.base import ModelRecord, RoundRecord, SessionRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# version -> the statements that bring a database of that version to the next one
+_MIGRATIONS: dict[int, list[str]] = {
+    1: ["ALTER TABLE rounds ADD COLUMN rejected JSON"],  # v2: why each refused update was
+}
 REASON_MAX = 1024  # the `reason` column's length; PostgreSQL rejects longer strings
 
 
@@ -62,6 +76,7 @@ class _Round(_Base):
     model_out: Mapped[str | None] = mapped_column(String(128), nullable=True)
     devices: Mapped[list] = mapped_column(JSON)
     participants: Mapped[list] = mapped_column(JSON)
+    rejected: Mapped[list | None] = mapped_column(JSON, nullable=True)  # NULL in v1 rows
     metrics: Mapped[dict] = mapped_column(JSON)
     reason: Mapped[str] = mapped_column(String(1024))
     started: Mapped[float] = mapped_column(Float)
@@ -99,6 +114,8 @@ def _record(cls: type[R], row: _Base) -> R:
     values: dict[str, Any] = {}
     for f in fields(cls):
         v = getattr(row, f.name)
+        if v is None and f.default_factory is list:  # a column added by a migration
+            v = []
         values[f.name] = copy.deepcopy(v) if isinstance(v, (dict, list)) else v
     return cls(**values)
 
@@ -158,11 +175,23 @@ class SqlStore:
                 f"{self._where()}: schema version {found} is newer than this edgefl "
                 f"supports ({SCHEMA_VERSION}); upgrade edgefl to open it"
             )
+        if found is not None and found < SCHEMA_VERSION:
+            self._migrate(found)
         _Base.metadata.create_all(self.engine)
         if found is None:
             with self._lock, Session(self.engine) as s, s.begin():
                 if s.get(_Meta, "schema_version") is None:
                     s.add(_Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+
+    def _migrate(self, found: int) -> None:
+        """Bring an older database forward, one version per transaction."""
+        for version in range(found, SCHEMA_VERSION):
+            with self._lock, Session(self.engine) as s, s.begin():
+                for statement in _MIGRATIONS[version]:
+                    s.execute(text(statement))
+                row = s.get(_Meta, "schema_version")
+                if row is not None:
+                    row.value = str(version + 1)
 
     def _where(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)
@@ -247,6 +276,7 @@ class SqlStore:
         metrics: dict[str, float],
         reason: str = "",
         finished: float,
+        rejected: list[Rejection] | None = None,
     ) -> None:
         with self._lock, self._write() as s, s.begin():
             row = s.get(_Round, task_id)
@@ -259,6 +289,7 @@ class SqlStore:
                 finished,
             )
             row.participants = list(participants)
+            row.rejected = list(rejected or [])
             row.metrics = dict(metrics)
 
     def get_round(self, task_id: str) -> RoundRecord | None:
