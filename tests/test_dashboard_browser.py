@@ -18,6 +18,8 @@ from edgefl.store import make_store
 from edgefl.store.base import RoundRecord, SessionRecord, Store
 from tests.harness import Deployment
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` leaves them out
+
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
     "--headless",

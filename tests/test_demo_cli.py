@@ -10,6 +10,8 @@ import pytest
 
 from edgefl.tasks import digits
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` leaves them out
+
 
 def _demo(tmp_path, *args: str) -> dict:
     out = subprocess.run(

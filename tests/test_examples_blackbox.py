@@ -202,6 +202,7 @@ class CliAgent:
         return int(self.proc.returncode)
 
 
+@pytest.mark.slow
 def test_federated_session_on_a_real_broker(example: Example, deployment: Any) -> None:
     n_devices, rounds = 4, 3
     deployment.start_combiners(1)
@@ -252,6 +253,7 @@ def test_federated_session_on_a_real_broker(example: Example, deployment: Any) -
     assert cli.stop() == 0, cli.output()
 
 
+@pytest.mark.slow
 def test_run_agent_refuses_to_start_without_local_data(example: Example, tmp_path: Path) -> None:
     """A device without data fails at start with the reason, not at its first round."""
     script = str(EXAMPLES_DIR / example.name / "run_agent.py")

@@ -22,6 +22,8 @@ from edgefl.tasks import digits
 from edgefl.transport import parse_broker_url
 from tests.harness import CuttingProxy, Deployment, RogueDevice, completed_accuracies
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` leaves them out
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -16,6 +16,7 @@ from edgefl.telemetry import JsonLinesSink
 from tests.harness import Deployment, completed_accuracies
 
 
+@pytest.mark.slow
 def test_two_regions_reproduce_reference_20_devices(deployment) -> None:
     deployment.start_combiners(2)
     deployment.start_fleet(20)
@@ -46,6 +47,7 @@ def test_two_regions_reproduce_reference_20_devices(deployment) -> None:
         assert models[cur].parent == prev
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_regions", [1, 3])
 def test_region_count_does_not_change_the_result(broker_url, tmp_path, n_regions) -> None:
     dep = Deployment(broker_url, tmp_path)
