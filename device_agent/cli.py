@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from types import FrameType
 
 from device_agent.agent import DeviceAgent
 from device_agent.config import AgentConfig, load_config
@@ -59,10 +61,34 @@ def main(argv: list[str] | None = None) -> int:
             "no password/token configured: connecting anonymously (only for a development broker)"
         )
     logging.info("starting agent with %s", cfg.redacted())
-    agent = DeviceAgent(cfg, trainer)
-    agent.start(timeout=None)
-    agent.run_forever()
+    return run_until_stopped(DeviceAgent(cfg, trainer))
+
+
+def run_until_stopped(agent: DeviceAgent) -> int:
+    """Run an agent until SIGTERM or SIGINT, then stop it cleanly (offline status first)."""
+    stop_on_signals()
+    try:
+        agent.start(timeout=None)
+    except KeyboardInterrupt:  # stopped while still dialling the broker
+        agent.stop()
+        return 0
+    agent.run_forever()  # stops the agent on KeyboardInterrupt
     return 0
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_on_signals() -> None:
+    """Turn SIGTERM and SIGINT into KeyboardInterrupt, the agent's clean stop.
+
+    Service managers (systemd, Docker) stop a device with SIGTERM, whose default would kill
+    the agent without its offline status; and a shell starts background jobs with SIGINT
+    ignored, which would leave Ctrl-C-style stops without effect.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
 
 
 if __name__ == "__main__":

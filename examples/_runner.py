@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from collections.abc import Callable, Sequence
-from types import FrameType
 
 from device_agent.agent import DeviceAgent
+from device_agent.cli import run_until_stopped
 from device_agent.config import AgentConfig, load_config
 from device_agent.trainers.base import Trainer
 
@@ -97,27 +96,4 @@ def run_agent(
             "no password/token configured (EDGEFL_PASSWORD): connecting anonymously"
         )
     logging.info("starting agent with %s", cfg.redacted())
-    agent = DeviceAgent(cfg, trainer)
-    stop_on_signals()
-    try:
-        agent.start(timeout=None)
-    except KeyboardInterrupt:  # stopped while still dialling the broker
-        agent.stop()
-        return 0
-    agent.run_forever()  # stops the agent on KeyboardInterrupt
-    return 0
-
-
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def stop_on_signals() -> None:
-    """Turn SIGTERM and SIGINT into KeyboardInterrupt, the agent's clean stop.
-
-    Service managers (systemd, Docker) stop a device with SIGTERM, whose default would kill
-    the agent without its offline status; and a shell starts background jobs with SIGINT
-    ignored, which would leave Ctrl-C-style stops without effect.
-    """
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+    return run_until_stopped(DeviceAgent(cfg, trainer))

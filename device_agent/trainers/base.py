@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import EntryPoint, entry_points
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edgefl.protocol.types import Weights
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 __all__ = [
     "CallableTrainer",
@@ -106,7 +108,13 @@ def load_trainer(name: str, **kwargs: Any) -> Trainer:
 
 
 def _trainer_entry_points() -> list[EntryPoint]:
-    """Installed ``edgefl.trainers`` plug-ins (Python 3.9's API has no ``group=`` yet)."""
+    """Installed ``edgefl.trainers`` plug-ins (Python 3.9's API has no ``group=`` yet).
+
+    Imported here, not at the top: importlib.metadata pulls in the email package, several MB
+    of resident memory an agent with the built-in trainer never needs.
+    """
+    from importlib.metadata import entry_points
+
     eps = entry_points()
     if hasattr(eps, "select"):
         return list(eps.select(group="edgefl.trainers"))
