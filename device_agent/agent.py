@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -118,7 +119,11 @@ class DeviceAgent:
                 self._run_task(task)
             except Exception as exc:  # one failed task must not kill the agent
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("%s: task %s failed", self.config.device_id, task.get("task_id"))
+                log.error(
+                    "%s: task %s failed: %s", self.config.device_id, task.get("task_id"), exc
+                )
+                log.debug("task failure", exc_info=True)
+                self._decline(task, self.last_error)
 
     def _run_task(self, task: dict[str, Any]) -> None:
         c = self.config
@@ -127,6 +132,8 @@ class DeviceAgent:
                 "%s: task %s arrived after its deadline; skipped", c.device_id, task["task_id"]
             )
             return
+        if "package" in task:
+            self._ensure_package(task["package"], task["deadline"])
         weights = self._fetch_model(task["model_version"], task["model_digest"], task["deadline"])
         t0 = time.perf_counter()
         result = self.trainer.train(
@@ -169,11 +176,89 @@ class DeviceAgent:
         )
         self.conn.publish(self.topics.device(c.region, c.device_id, "telemetry"), tele, qos=0)
 
+    def _decline(self, task: dict[str, Any], reason: str) -> None:
+        """Tell the combiner this device cannot take part, so the round need not wait for it."""
+        if time.time() > float(task.get("deadline", 0)):
+            return  # the round is over anyway
+        msg = encode("decline", task_id=task["task_id"], reason=reason[:512])
+        topic = self.topics.device(self.config.region, self.config.device_id, "update")
+        for ch in split_payload(msg, MIN_CHUNK_SIZE, meta={"task_id": task["task_id"]}):
+            self.conn.publish(topic, ch.to_bytes(), qos=1)
+
+    # model packages --------------------------------------------------------------------
+    def _ensure_package(self, ref: dict[str, Any], deadline: float) -> None:
+        """Make the trainer train the session's package: fetch, verify, cache, load.
+
+        A trainer that does not take packages (the numpy reference) trains the weights it is
+        given, so a mixed fleet works when the architectures agree. Raises PackageError or
+        ValueError naming why a package is refused; the task is then declined.
+        """
+        load = getattr(self.trainer, "load_package", None)
+        if load is None:
+            return
+        digest = ref["digest"].hex()
+        if getattr(self.trainer, "package_digest", None) == digest:
+            return
+        from edgefl.packages.format import ModelPackage
+
+        data = self._cached_package(digest)
+        if data is None:
+            data = self._download(ref["id"], ref["digest"], deadline, max_payload=ref["size"])
+        package = ModelPackage.loads(
+            data,
+            trusted_keys=self._trusted_keys(),
+            require_signature=self.config.require_signature,
+        )
+        load(package)
+        self._cache_package(digest, data)
+        log.info(
+            "%s: training package %s (%s, %s...)",
+            self.config.device_id,
+            package.manifest.get("name"),
+            package.manifest.get("framework"),
+            digest[:12],
+        )
+
+    def _trusted_keys(self) -> list[Any] | None:
+        if not self.config.trusted_key:
+            return None
+        from edgefl.packages.signing import load_public_key
+
+        return [load_public_key(self.config.trusted_key)]
+
+    def _cached_package(self, digest: str) -> bytes | None:
+        if not self.config.package_cache:
+            return None
+        path = Path(self.config.package_cache) / f"pkg-{digest}"
+        if not path.is_file():
+            return None
+        data = path.read_bytes()
+        return data if hashlib.sha256(data).hexdigest() == digest else None
+
+    def _cache_package(self, digest: str, data: bytes) -> None:
+        if not self.config.package_cache:
+            return
+        folder = Path(self.config.package_cache)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".pkg-{digest}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(folder / f"pkg-{digest}")
+
     # model download --------------------------------------------------------------------
     def _fetch_model(self, version: str, digest: bytes, deadline: float) -> dict[str, np.ndarray]:
         if self._model_cache and self._model_cache[0] == version:
             return self._model_cache[1]
+        weights = loads_tensors(self._download(version, digest, deadline))
+        self._model_cache = (version, weights)
+        return weights
+
+    def _download(
+        self, version: str, digest: bytes, deadline: float, max_payload: int | None = None
+    ) -> bytes:
+        """Fetch a retained, chunked transfer from the model tree and check its digest."""
         reasm = Reassembler(ttl_s=self.config.download_timeout_s)
+        if max_payload is not None:  # a package announces its size: accept no more
+            reasm = Reassembler(ttl_s=self.config.download_timeout_s, max_payload=max_payload)
         done = threading.Event()
         result: dict[str, bytes] = {}
 
@@ -198,7 +283,5 @@ class DeviceAgent:
         finally:
             self.conn.unsubscribe(flt)
         if hashlib.sha256(result["payload"]).digest() != digest:
-            raise ValueError(f"model {version} does not match the digest in the task")
-        weights = loads_tensors(result["payload"])
-        self._model_cache = (version, weights)
-        return weights
+            raise ValueError(f"{version} does not match the digest in the task")
+        return result["payload"]

@@ -10,7 +10,7 @@ from types import FrameType
 
 from device_agent.agent import DeviceAgent
 from device_agent.config import AgentConfig, load_config
-from device_agent.trainers.base import load_trainer
+from device_agent.trainers.base import Trainer, load_trainer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-id")
     p.add_argument("--username", help="defaults to the device id when a password is set")
     p.add_argument("--trainer", help="trainer plug-in name (default: numpy)")
-    p.add_argument("--data-path", help=".npz file with local X and y for the numpy trainer")
+    p.add_argument("--data-path", help=".npz file with the device's local X and y")
+    p.add_argument(
+        "--package",
+        help="a model package file (edgefl package build) to train; implies --trainer package",
+    )
+    p.add_argument("--trusted-key", help="Ed25519 public key (.pub) that signs packages")
+    p.add_argument(
+        "--require-signature",
+        action="store_true",
+        default=None,
+        help="refuse unsigned packages (needs --trusted-key)",
+    )
+    p.add_argument("--package-cache", help="folder that keeps fetched packages by digest")
     p.add_argument("--seed", type=int, help="shuffling seed index")
     p.add_argument("--log-level", default="info")
     return p
@@ -50,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             trainer=args.trainer,
             data_path=args.data_path,
             seed=args.seed,
+            package=args.package,
+            trusted_key=args.trusted_key,
+            require_signature=args.require_signature,
+            package_cache=args.package_cache,
         )
-        kwargs = {"data_path": cfg.data_path} if cfg.trainer == "numpy" else {}
-        trainer = load_trainer(cfg.trainer, **kwargs)
+        trainer = build_trainer(cfg)
     except (ValueError, OSError) as exc:
         print(f"edgefl-agent: {exc}", file=sys.stderr)
         return 2
@@ -62,6 +77,25 @@ def main(argv: list[str] | None = None) -> int:
         )
     logging.info("starting agent with %s", cfg.redacted())
     return run_until_stopped(DeviceAgent(cfg, trainer))
+
+
+def build_trainer(cfg: AgentConfig) -> Trainer:
+    """The configured trainer on the device's data; with ``package``, loaded and verified.
+
+    Raises ValueError (PackageError included) or OSError with a message for the operator.
+    """
+    kwargs = {"data_path": cfg.data_path} if cfg.trainer in ("numpy", "package") else {}
+    trainer = load_trainer(cfg.trainer, **kwargs)
+    if cfg.package is not None:
+        from edgefl.packages.format import ModelPackage
+        from edgefl.packages.signing import load_public_key
+
+        keys = [load_public_key(cfg.trusted_key)] if cfg.trusted_key else None
+        package = ModelPackage.read(
+            cfg.package, trusted_keys=keys, require_signature=cfg.require_signature
+        )
+        trainer.load_package(package)  # type: ignore[attr-defined]
+    return trainer
 
 
 def run_until_stopped(agent: DeviceAgent) -> int:

@@ -19,14 +19,20 @@ ENV_PREFIX = "EDGEFL_"
 
 @dataclass
 class AgentConfig:
+    """One device's settings; the defaults suit a development broker on this machine."""
+
     broker_url: str = "mqtt://127.0.0.1:1883"
     project: str = "default"
     region: str = "region-0"
     device_id: str = ""
     username: str | None = None  # defaults to device_id when a password/token is given
     password: str | None = None  # the device's JWT (or broker password)
-    trainer: str = "numpy"
-    data_path: str | None = None  # local training data (.npz with X and y) for the numpy trainer
+    trainer: str = "numpy"  # "package" trains the session's model package (ONNX, LiteRT)
+    data_path: str | None = None  # local training data (.npz with X and y)
+    package: str | None = None  # a model package file to train (implies trainer "package")
+    trusted_key: str | None = None  # Ed25519 public key (.pub) that must sign packages
+    require_signature: bool = False  # refuse unsigned packages (needs trusted_key)
+    package_cache: str | None = None  # folder that keeps fetched packages by digest
     seed: int | None = None  # shuffling seed index; defaults to a hash of device_id
     max_chunk_size: int = 1024 * 1024
     keepalive: int = 30
@@ -43,6 +49,12 @@ class AgentConfig:
             self.seed = zlib.crc32(self.device_id.encode()) & 0x7FFFFFFF
         if self.password is not None and self.username is None:
             self.username = self.device_id
+        if self.package is not None:
+            self.trainer = "package"
+        if self.require_signature and not self.trusted_key:
+            raise ValueError(
+                "require_signature needs trusted_key: the public key packages are signed with"
+            )
 
     def redacted(self) -> dict[str, Any]:
         d = asdict(self)
@@ -54,6 +66,12 @@ class AgentConfig:
 def _coerce(name: str, raw: str) -> Any:
     kind = {f.name: f.type for f in fields(AgentConfig)}[name]
     kind = str(kind)
+    if kind == "bool":
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{ENV_PREFIX}{name.upper()} must be true or false, got {raw!r}")
     if "int" in kind and "str" not in kind:
         return int(raw)
     if "float" in kind:

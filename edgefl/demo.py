@@ -31,6 +31,7 @@ class DemoOptions:
     regions: int = 2
     rounds: int = 20
     model: str = "softmax"
+    trainer: str = "numpy"  # numpy (reference), onnx or litert: the fleet trains a package
     aggregator: str = "fedavg"
     broker_url: str | None = None  # None: the embedded amqtt broker
     dashboard: bool = True
@@ -76,8 +77,26 @@ class DemoRun:
             status(f"dashboard at {server.url}")
         dep.start_combiners(o.regions)
         sink = dep.own(JsonLinesSink(o.workdir / "telemetry.jsonl"))
-        ctl = dep.start_controller(evaluator=digits.evaluator, sink=sink)
-        dep.start_fleet(o.devices)
+        train: dict[str, Any] = {"model": o.model, "batch_size": 32, "epochs": 1}
+        if o.trainer == "numpy":
+            ctl = dep.start_controller(evaluator=digits.evaluator, sink=sink)
+            train["lr"] = DEFAULT_LR.get(o.model, 0.1)
+            dep.start_fleet(o.devices)
+            package_digest, initial = None, digits.initial_weights(o.model)
+        else:
+            from device_agent.trainers.package_trainer import PackageTrainer
+            from edgefl.tasks import digits_packages
+
+            built = digits_packages.build_digits_package(o.trainer, o.model, o.workdir)
+            r = digits_packages.recipe(o.trainer, o.model)
+            train.update(lr=r.lr, epochs=r.epochs)
+            evaluator = digits_packages.package_evaluator(built)
+            ctl = dep.start_controller(evaluator=evaluator, sink=sink)
+            package = ctl.add_package(built.dumps())
+            status(f"package {package.manifest['name']} ({o.trainer}, {package.digest[:12]})")
+            # the devices start without a model: each fetches the session's package over MQTT
+            dep.start_fleet(o.devices, trainer_factory=lambda _k, X, y: PackageTrainer(X, y))
+            package_digest, initial = package.digest, None
         status(f"{o.devices} devices online in {o.regions} regions")
         config = SessionConfig(
             session_id=time.strftime("demo-%Y%m%d-%H%M%S"),
@@ -85,14 +104,10 @@ class DemoRun:
             min_devices=o.devices,
             round_timeout_s=o.round_timeout_s,
             aggregator=o.aggregator,
-            train={
-                "model": o.model,
-                "lr": DEFAULT_LR.get(o.model, 0.1),
-                "batch_size": 32,
-                "epochs": 1,
-            },
+            train=train,
+            package=package_digest,
         )
-        ctl.create_session(config, digits.initial_weights(o.model))
+        ctl.create_session(config, initial)
         durations: list[float] = []
 
         def _on_round(rec: RoundRecord, sess: SessionRecord) -> None:
@@ -110,6 +125,7 @@ class DemoRun:
             "devices": o.devices,
             "regions": o.regions,
             "model": o.model,
+            "trainer": o.trainer,
             "aggregator": o.aggregator,
             "broker": "embedded-amqtt" if o.broker_url is None else "external",
             "round_s_median": round(statistics.median(durations), 4),

@@ -98,6 +98,10 @@ def load_trainer(name: str, **kwargs: Any) -> Trainer:
         from device_agent.trainers.numpy_trainer import NumpyTrainer
 
         return NumpyTrainer(**kwargs)
+    if name == "package":
+        from device_agent.trainers.package_trainer import PackageTrainer
+
+        return PackageTrainer(**kwargs)
     found = _trainer_entry_points()
     for ep in found:
         if ep.name == name:

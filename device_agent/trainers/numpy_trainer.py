@@ -11,6 +11,24 @@ from edgefl.models.numpy_models import evaluate, train_epochs
 from edgefl.protocol.types import Weights
 
 
+def load_local_data(
+    X: np.ndarray | None,
+    y: np.ndarray | None,
+    data_path: str | Path | None,
+    *,
+    who: str = "NumpyTrainer",
+) -> tuple[np.ndarray, np.ndarray]:
+    """The device's data set: arrays, or an .npz with ``X`` and ``y``; refuses empty data."""
+    if data_path is not None:
+        with np.load(data_path) as data:
+            X, y = data["X"], data["y"]
+    if X is None or y is None:
+        raise ValueError(f"{who} needs local data: X and y, or data_path to an .npz")
+    if len(X) != len(y) or len(y) == 0:
+        raise ValueError(f"local data has {len(X)} samples but {len(y)} labels")
+    return np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.int64)
+
+
 class NumpyTrainer:
     """Trains softmax regression or the MLP on local arrays ``X`` (float) and ``y`` (int labels)."""
 
@@ -20,15 +38,7 @@ class NumpyTrainer:
         y: np.ndarray | None = None,
         data_path: str | Path | None = None,
     ) -> None:
-        if data_path is not None:
-            with np.load(data_path) as data:
-                X, y = data["X"], data["y"]
-        if X is None or y is None:
-            raise ValueError("NumpyTrainer needs local data: X and y, or data_path to an .npz")
-        if len(X) != len(y) or len(y) == 0:
-            raise ValueError(f"local data has {len(X)} samples but {len(y)} labels")
-        self.X = np.asarray(X, dtype=np.float64)
-        self.y = np.asarray(y, dtype=np.int64)
+        self.X, self.y = load_local_data(X, y, data_path)
 
     def train(self, weights: Weights, task: TrainTask) -> TrainResult:
         cfg = task.config

@@ -34,7 +34,12 @@ def demo(
     devices: int = typer.Option(20, min=1, help="simulated devices"),
     regions: int = typer.Option(2, min=1, help="regions, one combiner each"),
     rounds: int = typer.Option(20, min=1, help="federated rounds"),
-    model: str = typer.Option("softmax", help="softmax (regression) or mlp"),
+    model: str = typer.Option("softmax", help="softmax (regression), mlp, or cnn (onnx only)"),
+    trainer: str = typer.Option(
+        "numpy",
+        help="numpy (built-in reference), onnx or litert: devices train an exported model "
+        "package fetched over MQTT",
+    ),
     aggregator: str = typer.Option("fedavg", help="fedavg, fedadam, fedyogi or fedadagrad"),
     broker: str = typer.Option(None, help="broker URL (mqtt://host:port); default: embedded"),
     dashboard: bool = typer.Option(True, help="serve the dashboard while training"),
@@ -50,13 +55,23 @@ def demo(
     from edgefl.demo import DemoOptions, DemoRun
 
     setup_logging(log_level)
-    if model not in ("softmax", "mlp"):
-        raise typer.BadParameter("model must be softmax or mlp")
+    if trainer not in ("numpy", "onnx", "litert"):
+        raise typer.BadParameter("trainer must be numpy, onnx or litert")
+    if trainer == "numpy" and model not in ("softmax", "mlp"):
+        raise typer.BadParameter("the numpy trainer has softmax and mlp; cnn needs --trainer onnx")
+    if trainer != "numpy":
+        from edgefl.tasks.digits_packages import recipe
+
+        try:
+            recipe(trainer, model)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
     opts = DemoOptions(
         devices=devices,
         regions=regions,
         rounds=rounds,
         model=model,
+        trainer=trainer,
         aggregator=aggregator,
         broker_url=broker,
         dashboard=dashboard,

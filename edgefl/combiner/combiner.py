@@ -29,7 +29,7 @@ from edgefl.protocol.chunking import (
     TransferRefused,
     split_payload,
 )
-from edgefl.protocol.messages import SCHEMAS, clean_metrics
+from edgefl.protocol.messages import OPTIONAL, SCHEMAS, clean_metrics
 from edgefl.protocol.tensors import decode_tensors, encode_tensors
 from edgefl.protocol.types import Participant, Rejection, Spec, spec_from_wire
 from edgefl.transport import MqttConnection
@@ -43,6 +43,7 @@ INBOX_MESSAGES = 16  # at most 16 chunks (4 MiB at the default chunk size) wait 
 
 # The task a device gets is the round plan minus what only the combiner needs.
 TASK_FIELDS = tuple(SCHEMAS["task"])
+TASK_OPTIONAL_FIELDS = tuple(OPTIONAL["task"])
 
 
 @dataclass
@@ -234,7 +235,9 @@ class Combiner:
             rnd.timer.daemon = True
             self._round = rnd
             rnd.timer.start()
-        task = encode("task", **{k: plan[k] for k in TASK_FIELDS})
+        fields = {k: plan[k] for k in TASK_FIELDS}
+        fields.update({k: plan[k] for k in TASK_OPTIONAL_FIELDS if k in plan})
+        task = encode("task", **fields)
         for dev in sorted(devices):
             self.conn.publish(self.topics.device(self.config.region, dev, "task"), task, qos=1)
         log.debug(
@@ -274,9 +277,18 @@ class Combiner:
     def _accept(self, device: str, payload: bytes, meta: dict[str, Any]) -> None:
         rnd = self._round
         try:
-            msg = decode(payload, "update")
+            msg = decode(payload, ("update", "decline"))
         except MessageError as exc:  # a complete, intact transfer of junk: the device's answer
             self._reject(device, f"bad update message: {exc}", final_for=meta)
+            return
+        if msg["type"] == "decline":  # the device cannot take part: do not wait for it
+            current = rnd is not None and msg["task_id"] == rnd.task_id
+            self._reject(
+                device,
+                f"device declined: {msg['reason'][:512]}",
+                quiet=not current,
+                final_for={"task_id": msg["task_id"]},
+            )
             return
         if rnd is None or msg["task_id"] != rnd.task_id:
             self._reject(

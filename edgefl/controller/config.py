@@ -37,6 +37,11 @@ class SessionConfig(BaseModel):
     max_attempts: int = Field(3, ge=1, description="tries per round before the session fails")
     close_grace_s: float = Field(5.0, ge=0, description="wait for partials after closing a round")
     seed: int = 0
+    package: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 (hex) of the model package devices train; None: weights only",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SessionConfig:

@@ -25,7 +25,9 @@ from edgefl.controller.presence import Presence
 from edgefl.controller.records import RoundAttempt
 from edgefl.controller.rounds import Evaluator, RoundRunner
 from edgefl.controller.telemetry_forward import TelemetryForwarder
+from edgefl.packages.format import ModelPackage
 from edgefl.protocol import Topics
+from edgefl.protocol.messages import package_ref
 from edgefl.protocol.types import Weights
 from edgefl.store.base import BlobStore, RoundRecord, SessionRecord, Store
 from edgefl.telemetry import NullSink, Point, TelemetrySink
@@ -34,6 +36,11 @@ from edgefl.transport import MqttConnection
 log = logging.getLogger(__name__)
 
 RoundCallback = Callable[[RoundRecord, SessionRecord], None]
+
+
+def package_blob_key(digest: str) -> str:
+    """Where a package lives in the blob store: content-addressed, beside the models."""
+    return f"pkg-{digest}"
 
 
 class SessionFailed(RuntimeError):
@@ -62,6 +69,7 @@ class Controller:
         sink: TelemetrySink | None = None,
     ) -> None:
         self.store = store
+        self.blobs = blobs
         self.models = ModelRepository(store, blobs)
         self.project = project
         self.topics = Topics(project)
@@ -102,12 +110,44 @@ class Controller:
         """Ask a running session to stop after the current step (it stays resumable)."""
         self._stop.set()
 
+    # packages --------------------------------------------------------------------------
+    def add_package(self, data: bytes) -> ModelPackage:
+        """Validate a model package and keep it (content-addressed); a session names its digest.
+
+        Raises PackageError naming what is wrong: the controller never hands devices a
+        package that its own checks refuse.
+        """
+        package = ModelPackage.loads(data)
+        key = package_blob_key(package.digest)
+        if not self.blobs.exists(key):
+            self.blobs.put(key, data)
+        return package
+
+    def load_package(self, digest: str) -> tuple[ModelPackage, bytes]:
+        """A stored package and its bytes; KeyError if it was never added."""
+        key = package_blob_key(digest)
+        if not self.blobs.exists(key):
+            raise KeyError(f"no model package {digest[:16]}... in the store; add it first")
+        blob = self.blobs.get(key)
+        return ModelPackage.loads(blob), blob
+
     # sessions --------------------------------------------------------------------------
-    def create_session(self, config: SessionConfig, initial_weights: Weights) -> SessionRecord:
-        """Store the initial model and the session; raise ValueError if the id is taken."""
+    def create_session(
+        self, config: SessionConfig, initial_weights: Weights | None = None
+    ) -> SessionRecord:
+        """Store the initial model and the session; raise ValueError if the id is taken.
+
+        With a package and no ``initial_weights``, the package's own weights start the session.
+        """
         if self.store.get_session(config.session_id) is not None:
             raise ValueError(f"session {config.session_id!r} exists; resume it or pick another id")
         make_aggregator(config.aggregator, **config.aggregator_params)  # fail early on typos
+        if config.package is not None:
+            package, _ = self.load_package(config.package)
+            if initial_weights is None:
+                initial_weights = package.initial_weights()
+        if initial_weights is None:
+            raise ValueError("a session needs initial weights, or a package that carries them")
         record, _ = self.models.save(
             initial_weights, parent=None, session_id=config.session_id, round_=0
         )
@@ -152,6 +192,11 @@ class Controller:
                 version,
             )
         self.distributor.forget_stale(self.store, session_id, version, config.chunk_size)
+        package = None
+        if config.package is not None:
+            _, package_blob = self.load_package(config.package)
+            package = package_ref(config.package, len(package_blob))
+            self.distributor.publish_package(package["id"], package_blob, config.chunk_size)
         self.distributor.publish(version, blob, config.chunk_size)
         attempts = self._attempts_so_far(session_id)
         r = sess.current_round + 1
@@ -167,7 +212,7 @@ class Controller:
                 )
             attempts[r] = attempt + 1
             outcome = self.rounds.run(
-                config, RoundAttempt(session_id, r, attempt, version), weights, aggregator
+                config, RoundAttempt(session_id, r, attempt, version), weights, aggregator, package
             )
             if outcome is None:
                 continue

@@ -45,6 +45,22 @@ class ModelDistributor:
             old, n = self._published.pop(0)
             self._clear(old, n)
 
+    def publish_package(self, package_id: str, blob: bytes, chunk_size: int) -> None:
+        """Publish a model package as retained chunks under its id (``pkg-...``).
+
+        Packages stay retained for the session: a device that joins late needs the package
+        as much as the model. They are not part of the version rotation.
+        """
+        chunks = split_payload(blob, chunk_size, transfer=package_id, meta={"package": package_id})
+        infos = [
+            self.conn.publish(
+                self.topics.model_chunk(package_id, c.index), c.to_bytes(), qos=1, retain=True
+            )
+            for c in chunks
+        ]
+        for info in infos:
+            info.wait_for_publish(timeout=30)
+
     def forget_stale(self, store: Store, session_id: str, current: str, chunk_size: int) -> None:
         """Clear what a predecessor controller may have left retained for this session.
 

@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from edgefl.aggregation import ServerAggregator, WeightedSum
 from edgefl.controller.config import SessionConfig
@@ -93,6 +94,7 @@ class RoundRunner:
         attempt: RoundAttempt,
         weights: Weights,
         aggregator: ServerAggregator,
+        package: dict[str, Any] | None = None,
     ) -> RoundOutcome | None:
         """Run one attempt; None (with a failed record) when the round cannot complete."""
         online = self.presence.wait_for(config.min_devices, config.wait_for_devices_s)
@@ -110,7 +112,7 @@ class RoundRunner:
         attempt.start(self.store, selected, started)
         spec = spec_of(weights)
         self.inbox.drain()
-        self._dispatch(config, attempt, by_region, deadline, spec_to_wire(spec))
+        self._dispatch(config, attempt, by_region, deadline, spec_to_wire(spec), package)
         partials = self._collect(attempt.task_id, by_region, config, deadline)
 
         merged = WeightedSum(spec)
@@ -169,14 +171,17 @@ class RoundRunner:
         attempt: RoundAttempt,
         by_region: dict[str, list[str]],
         deadline: float,
-        wire_spec: list[list[object]],
+        wire_spec: list[list[Any]],
+        package: dict[str, Any] | None,
     ) -> None:
         model = self.store.get_model(attempt.model_in)
         if model is None:
             raise KeyError(f"model version {attempt.model_in!r} is not in the store")
+        extra = {} if package is None else {"package": package}
         for region, devs in sorted(by_region.items()):
             plan = encode(
                 "round",
+                **extra,
                 task_id=attempt.task_id,
                 session=attempt.session_id,
                 round=attempt.round,

@@ -66,7 +66,19 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "rejected": list,
         "sums": dict,
     },
+    # device -> combiner, on the update channel (chunked like an update): the device cannot
+    # take part in this round (a refused package, data that does not fit, a failed trainer)
+    "decline": {"task_id": str, "reason": str},
 }
+
+# Fields a message may carry; when present they must have this type.
+OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "round": {"package": dict},
+    "task": {"package": dict},
+}
+
+PACKAGE_REF: dict[str, type] = {"id": str, "digest": bytes, "size": int}
+"""A session's model package: published like a model version under ``id`` (``pkg-...``)."""
 
 
 class MessageError(ValueError):
@@ -103,7 +115,29 @@ def decode(payload: bytes, expected: str | tuple[str, ...] | None = None) -> dic
         value = msg.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise MessageError(f"{msg_type} message: field {key!r} missing or of the wrong type")
+    for key, kind in OPTIONAL.get(msg_type, {}).items():
+        if key in msg and (not isinstance(msg[key], kind) or isinstance(msg[key], bool)):
+            raise MessageError(f"{msg_type} message: field {key!r} of the wrong type")
+    if "package" in msg:
+        check_package_ref(msg["package"])
     return msg
+
+
+def check_package_ref(ref: Any) -> None:
+    """Raise MessageError unless ``ref`` is ``{"id": "pkg-...", "digest": 32 bytes, "size"}``."""
+    if not isinstance(ref, dict):
+        raise MessageError("package reference must be a map")
+    for key, kind in PACKAGE_REF.items():
+        value = ref.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise MessageError(f"package reference: field {key!r} missing or of the wrong type")
+    if len(ref["digest"]) != 32 or not ref["id"].startswith("pkg-") or ref["size"] <= 0:
+        raise MessageError("package reference: id must be pkg-..., digest 32 bytes, size > 0")
+
+
+def package_ref(digest_hex: str, size: int) -> dict[str, Any]:
+    """The wire reference of a package: its transfer id on the model tree, digest and size."""
+    return {"id": f"pkg-{digest_hex[:32]}", "digest": bytes.fromhex(digest_hex), "size": size}
 
 
 def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
