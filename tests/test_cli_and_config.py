@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from edgefl.cli.main import app
 
-COMMANDS = ["demo", "broker", "combiner", "simulate", "controller", "dashboard", "token"]
+COMMANDS = ["demo", "broker", "combiner", "simulate", "controller", "dashboard", "token", "package"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

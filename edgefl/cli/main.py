@@ -12,6 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from edgefl.cli.common import err_console, require_secret, setup_logging
+from edgefl.cli.package import package_app
 
 app = typer.Typer(
     help="edgefl: federated learning for IoT fleets over MQTT.",
@@ -191,11 +192,23 @@ def controller(
     buffer_size: int = typer.Option(None, min=1),
     aggregator: str = typer.Option("fedavg"),
     model: str = typer.Option("softmax", help="digits task model: softmax or mlp"),
-    lr: float = typer.Option(0.1),
+    package: Path = typer.Option(
+        None,
+        exists=True,
+        dir_okay=False,
+        help="a model package (edgefl package build): devices train it; metrics come from them",
+    ),
+    lr: float = typer.Option(0.1, help="devices' learning rate"),
+    epochs: int = typer.Option(1, min=1, help="local epochs per round"),
+    batch_size: int = typer.Option(32, min=1, help="local minibatch size"),
     insecure: bool = typer.Option(False, help="connect without a token (development only)"),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
-    """Create (or resume) a session on the digits task and run it to the end."""
+    """Create (or resume) a session and run it to the end.
+
+    With --package, devices train that exported model; without, the built-in digits model
+    (and the controller evaluates it on the digits test split).
+    """
     from edgefl.controller import SessionConfig
     from edgefl.deploy import Deployment
     from edgefl.tasks import digits
@@ -210,9 +223,17 @@ def controller(
         state_url=state,
         models_dir=models,
     ) as dep:
-        ctl = dep.start_controller(evaluator=digits.evaluator)
+        resumed = dep.store.get_session(resume) if resume else None
+        with_package = package is not None or bool(resumed and resumed.config.get("package"))
+        ctl = dep.start_controller(evaluator=None if with_package else digits.evaluator)
         if resume is None:
             kwargs = {"session_id": session_id} if session_id else {}
+            digest = None
+            if package is not None:
+                try:
+                    digest = ctl.add_package(package.read_bytes()).digest
+                except ValueError as exc:
+                    raise typer.BadParameter(f"{package}: {exc}") from None
             cfg = SessionConfig(
                 rounds=rounds,
                 min_devices=min_devices,
@@ -220,10 +241,11 @@ def controller(
                 round_timeout_s=round_timeout,
                 buffer_size=buffer_size,
                 aggregator=aggregator,
-                train={"model": model, "lr": lr, "batch_size": 32},
+                train={"model": model, "lr": lr, "batch_size": batch_size, "epochs": epochs},
+                package=digest,
                 **kwargs,
             )
-            ctl.create_session(cfg, digits.initial_weights(model))
+            ctl.create_session(cfg, None if digest else digits.initial_weights(model))
             resume = cfg.session_id
         sess = ctl.run(
             resume,
@@ -270,6 +292,9 @@ def token(
     from edgefl.auth.credentials import Credentials
 
     print(Credentials(require_secret(False), project, ttl_s=ttl).token(subject, role, region))
+
+
+app.add_typer(package_app, name="package")
 
 
 if __name__ == "__main__":
