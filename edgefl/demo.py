@@ -85,12 +85,13 @@ class DemoRun:
             package_digest, initial = None, digits.initial_weights(o.model)
         else:
             from device_agent.trainers.package_trainer import PackageTrainer
+            from edgefl.fleet.evaluation import package_evaluator
             from edgefl.tasks import digits_packages
 
             built = digits_packages.build_digits_package(o.trainer, o.model, o.workdir)
             r = digits_packages.recipe(o.trainer, o.model)
             train.update(lr=r.lr, epochs=r.epochs)
-            evaluator = digits_packages.package_evaluator(built)
+            evaluator = package_evaluator(built)
             ctl = dep.start_controller(evaluator=evaluator, sink=sink)
             package = ctl.add_package(built.dumps())
             status(f"package {package.manifest['name']} ({o.trainer}, {package.digest[:12]})")

@@ -4,18 +4,17 @@ An edge team exports a model (ONNX from PyTorch, LiteRT from TensorFlow), builds
 the fleet trains it. The demo and the tests do exactly that with the digits models shipped in
 ``edgefl/packages/models`` (``tools/export_digits_models.py`` and
 ``tools/build_tflite_model.py`` regenerate them). The server-side evaluator runs the package's
-own eval graph, so the accuracy reported is the exported model's, not a numpy stand-in's.
+own eval graph (``edgefl.fleet.evaluation``), so the accuracy reported is the exported
+model's, not a numpy stand-in's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgefl.packages.format import ModelPackage
-from edgefl.protocol.types import Weights
 from edgefl.tasks import digits
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "packages" / "models"
@@ -74,17 +73,3 @@ def build_digits_package(
         signing_key=signing_key,
         created="2026-01-01T00:00:00Z",
     )
-
-
-def package_evaluator(package: ModelPackage) -> Callable[[Weights], dict[str, float]]:
-    """Server-side evaluation on the 360-sample held-out split, through the package's runtime.
-
-    Uses the device trainer's evaluation on purpose: the server scores the model with the very
-    graph the devices train, so nothing is re-implemented that could disagree.
-    """
-    from device_agent.trainers.package_trainer import PackageTrainer
-
-    d = digits.load()
-    evaluator = PackageTrainer(d.Xte, d.yte)
-    evaluator.load_package(package)
-    return evaluator.evaluate
