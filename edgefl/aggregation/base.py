@@ -15,6 +15,14 @@ from edgefl.protocol.types import Weights
 
 
 class ServerAggregator(Protocol):
+    """The controller's optimizer: turns the fleet's exact weighted mean into the next model.
+
+    Runs once per round, at the controller, on the merged mean of every region, so it need
+    not be splittable. Its state (e.g. FedAdam's moments) must round-trip through
+    ``state_dict``/``load_state_dict``: it is stored with each model version, and a restarted
+    controller resumes with it. Not called concurrently.
+    """
+
     name: str
 
     def step(self, global_weights: Weights, mean: Weights) -> Weights:
@@ -23,7 +31,8 @@ class ServerAggregator(Protocol):
     def state_dict(self) -> Weights:
         """Optimizer state to persist with each model version (restart safety)."""
 
-    def load_state_dict(self, state: Weights) -> None: ...
+    def load_state_dict(self, state: Weights) -> None:
+        """Restore what ``state_dict`` returned (``{}`` before the first round)."""
 
 
 def _builtin() -> dict[str, type]:
@@ -34,12 +43,14 @@ def _builtin() -> dict[str, type]:
 
 
 def available_aggregators() -> list[str]:
+    """Built-in names plus those registered under the ``edgefl.aggregators`` entry point."""
     names = set(_builtin())
     names.update(ep.name for ep in entry_points(group="edgefl.aggregators"))
     return sorted(names)
 
 
 def make_aggregator(name: str, **params: Any) -> ServerAggregator:
+    """A fresh aggregator by name; ValueError lists the available names for a typo."""
     builtin = _builtin()
     if name in builtin:
         made: ServerAggregator = builtin[name](**params)

@@ -8,6 +8,8 @@ from edgefl.protocol.types import Weights
 
 
 class FedAvg:
+    """The next global model is the mean itself; stateless, so restarts need nothing stored."""
+
     name = "fedavg"
 
     def step(self, global_weights: Weights, mean: Weights) -> Weights:

@@ -49,6 +49,8 @@ class _FedOpt:
 
 
 class FedAdam(_FedOpt):
+    """Adam: v moves to d^2 exponentially (beta2)."""
+
     name = "fedadam"
 
     def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
@@ -56,6 +58,8 @@ class FedAdam(_FedOpt):
 
 
 class FedYogi(_FedOpt):
+    """Yogi: v moves towards d^2 by a sign step, so it grows slowly (Zaheer et al. 2018)."""
+
     name = "fedyogi"
 
     def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:
@@ -64,6 +68,8 @@ class FedYogi(_FedOpt):
 
 
 class FedAdaGrad(_FedOpt):
+    """AdaGrad: v accumulates d^2, so the step size only shrinks."""
+
     name = "fedadagrad"
 
     def _second_moment(self, v: np.ndarray, d2: np.ndarray) -> np.ndarray:

@@ -15,6 +15,8 @@ def _default_session_id() -> str:
 
 
 class SessionConfig(BaseModel):
+    """A session's settings, validated once and stored with the session (so resumes agree)."""
+
     model_config = ConfigDict(extra="forbid")
 
     session_id: str = Field(default_factory=_default_session_id, pattern=r"^[A-Za-z0-9_.-]{1,48}$")

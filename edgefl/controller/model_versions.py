@@ -17,6 +17,8 @@ def version_name(session_id: str, round_: int, digest_hex: str) -> str:
 
 
 class ModelRepository:
+    """Saves and loads model versions: blob first, record last, digest checked on load."""
+
     def __init__(self, store: Store, blobs: BlobStore) -> None:
         self.store = store
         self.blobs = blobs

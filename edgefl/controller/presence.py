@@ -11,6 +11,12 @@ log = logging.getLogger(__name__)
 
 
 class Presence:
+    """Who is online, from retained status messages and last wills; thread-safe.
+
+    Status callbacks run on the network thread; ``wait_for`` blocks the session loop until
+    enough devices are eligible (online, in a region whose combiner is online).
+    """
+
     def __init__(self, topics: Topics) -> None:
         self.topics = topics
         self._lock = threading.Lock()

@@ -61,11 +61,22 @@ class ModelRecord:
 
 
 class Store(Protocol):
-    """Durable control-plane state. Implementations must be safe to call from several threads."""
+    """Durable control-plane state: sessions, round attempts and model versions.
 
-    def create_session(self, record: SessionRecord) -> None: ...
-    def get_session(self, session_id: str) -> SessionRecord | None: ...
-    def list_sessions(self) -> list[SessionRecord]: ...
+    Implementations must be safe to call from several threads (the controller writes while the
+    dashboard reads), must make each call atomic, and return copies: mutating a returned record
+    never changes the store. ``SqlStore`` is the one implementation (SQLite, PostgreSQL).
+    """
+
+    def create_session(self, record: SessionRecord) -> None:
+        """Add a session; ValueError if its id exists."""
+
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        """The session, or None."""
+
+    def list_sessions(self) -> list[SessionRecord]:
+        """Every session, oldest first."""
+
     def update_session(
         self,
         session_id: str,
@@ -73,13 +84,21 @@ class Store(Protocol):
         status: SessionStatus | None = None,
         current_round: int | None = None,
         model_version: str | None = None,
-    ) -> None: ...
+    ) -> None:
+        """Change the given fields (and ``updated``) in one transaction; KeyError if unknown."""
 
-    def add_model(self, record: ModelRecord) -> None: ...
-    def get_model(self, version: str) -> ModelRecord | None: ...
-    def list_models(self, session_id: str | None = None) -> list[ModelRecord]: ...
+    def add_model(self, record: ModelRecord) -> None:
+        """Record a model version whose blob is already stored; ValueError if it exists."""
 
-    def start_round(self, record: RoundRecord) -> None: ...
+    def get_model(self, version: str) -> ModelRecord | None:
+        """The version's record, or None."""
+
+    def list_models(self, session_id: str | None = None) -> list[ModelRecord]:
+        """Model versions (of one session), oldest first."""
+
+    def start_round(self, record: RoundRecord) -> None:
+        """Record a round attempt as it starts; ValueError if its task id exists."""
+
     def finish_round(
         self,
         task_id: str,
@@ -91,17 +110,34 @@ class Store(Protocol):
         reason: str = "",
         finished: float,
         rejected: list[Rejection] | None = None,
-    ) -> None: ...
-    def get_round(self, task_id: str) -> RoundRecord | None: ...
-    def list_rounds(self, session_id: str) -> list[RoundRecord]: ...  # by (round, attempt)
+    ) -> None:
+        """Close a round attempt with its outcome; KeyError if it never started."""
 
-    def close(self) -> None: ...
+    def get_round(self, task_id: str) -> RoundRecord | None:
+        """The attempt's record, or None."""
+
+    def list_rounds(self, session_id: str) -> list[RoundRecord]:
+        """A session's attempts ordered by (round, attempt)."""
+
+    def close(self) -> None:
+        """Release connections; the store must not be used afterwards."""
 
 
 class BlobStore(Protocol):
-    """Content-addressed storage of model blobs (CBOR tensor sets)."""
+    """Storage of model blobs, optimizer state and packages, by key.
 
-    def put(self, key: str, data: bytes) -> None: ...
-    def get(self, key: str) -> bytes: ...  # KeyError when absent
-    def exists(self, key: str) -> bool: ...
-    def delete(self, key: str) -> None: ...
+    ``put`` must be atomic (a reader sees the old bytes or the new, never a torn write), since
+    a record is written only after its blob and must never point at half a file.
+    """
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key``, replacing what was there, atomically."""
+
+    def get(self, key: str) -> bytes:
+        """The bytes under ``key``; KeyError when absent."""
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` holds a blob."""
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; no error when it is absent."""

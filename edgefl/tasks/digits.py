@@ -1,4 +1,4 @@
-"""The canonical digits task (see docs/digits.md): data, split, partition, reference loop.
+"""The canonical digits task (docs/digits.md): data, split, partition, reference loop.
 
 Every step follows the protocol exactly, so a federated run of plain FedAvg must reproduce the
 single-process reference to within one test sample.
@@ -19,6 +19,8 @@ N_CLASSES = 10
 
 @dataclass(frozen=True)
 class DigitsData:
+    """The standardised train and test splits of the canonical task."""
+
     Xtr: np.ndarray
     ytr: np.ndarray
     Xte: np.ndarray
