@@ -71,9 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"edgefl-agent: {exc}", file=sys.stderr)
         return 2
+    return serve(cfg, trainer)
+
+
+def serve(cfg: AgentConfig, trainer: Trainer) -> int:
+    """Run one agent until stopped; warns loudly when it connects without credentials."""
     if cfg.password is None:
         logging.getLogger("edgefl.security").warning(
-            "no password/token configured: connecting anonymously (only for a development broker)"
+            "no password/token configured (EDGEFL_PASSWORD): connecting anonymously, "
+            "which only a development broker accepts"
         )
     logging.info("starting agent with %s", cfg.redacted())
     return run_until_stopped(DeviceAgent(cfg, trainer))

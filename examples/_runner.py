@@ -14,8 +14,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from device_agent.agent import DeviceAgent
-from device_agent.cli import run_until_stopped
+from device_agent.cli import serve
 from device_agent.config import AgentConfig, load_config
 from device_agent.trainers.base import Trainer
 
@@ -91,9 +90,4 @@ def run_agent(
     except (ValueError, OSError, KeyError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    if cfg.password is None:
-        logging.getLogger("edgefl.security").warning(
-            "no password/token configured (EDGEFL_PASSWORD): connecting anonymously"
-        )
-    logging.info("starting agent with %s", cfg.redacted())
-    return run_until_stopped(DeviceAgent(cfg, trainer))
+    return serve(cfg, trainer)

@@ -21,6 +21,8 @@ def load_local_data(
     """The device's data set: arrays, or an .npz with ``X`` and ``y``; refuses empty data."""
     if data_path is not None:
         with np.load(data_path) as data:
+            if "X" not in data or "y" not in data:
+                raise ValueError(f"{data_path}: the .npz needs arrays 'X' and 'y'")
             X, y = data["X"], data["y"]
     if X is None or y is None:
         raise ValueError(f"{who} needs local data: X and y, or data_path to an .npz")

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812 (the PyTorch convention)
 
 from device_agent.trainers.base import TrainResult, TrainTask
+from device_agent.trainers.numpy_trainer import load_local_data
 
 N_FEATURES = 64
 N_CLASSES = 10
@@ -152,15 +153,7 @@ class TorchDigitsTrainer:
         data_path: str | Path | None = None,
         threads: int | None = None,
     ) -> None:
-        if data_path is not None:
-            with np.load(data_path) as data:
-                if "X" not in data or "y" not in data:
-                    raise ValueError(f"{data_path}: the .npz needs arrays 'X' and 'y'")
-                X, y = data["X"], data["y"]
-        if X is None or y is None:
-            raise ValueError("TorchDigitsTrainer needs local data: X and y, or data_path (.npz)")
-        if len(X) != len(y) or len(y) == 0:
-            raise ValueError(f"local data has {len(X)} samples but {len(y)} labels")
+        X, y = load_local_data(X, y, data_path, who="TorchDigitsTrainer")
         if np.ndim(X) != 2 or np.shape(X)[1] != N_FEATURES:
             raise ValueError(f"local X has shape {np.shape(X)}; the digits task needs [n, 64]")
         if threads is not None:

@@ -21,6 +21,7 @@ from sklearn.linear_model import SGDClassifier
 from sklearn.metrics import log_loss
 
 from device_agent.trainers.base import TrainResult, TrainTask
+from device_agent.trainers.numpy_trainer import load_local_data
 
 N_FEATURES = 64
 N_CLASSES = 10
@@ -107,15 +108,7 @@ class SklearnDigitsTrainer:
         y: np.ndarray | None = None,
         data_path: str | Path | None = None,
     ) -> None:
-        if data_path is not None:
-            with np.load(data_path) as data:
-                if "X" not in data or "y" not in data:
-                    raise ValueError(f"{data_path}: the .npz needs arrays 'X' and 'y'")
-                X, y = data["X"], data["y"]
-        if X is None or y is None:
-            raise ValueError("SklearnDigitsTrainer needs local data: X and y, or data_path (.npz)")
-        if len(X) != len(y) or len(y) == 0:
-            raise ValueError(f"local data has {len(X)} samples but {len(y)} labels")
+        X, y = load_local_data(X, y, data_path, who="SklearnDigitsTrainer")
         if np.ndim(X) != 2 or np.shape(X)[1] != N_FEATURES:
             raise ValueError(f"local X has shape {np.shape(X)}; the digits task needs [n, 64]")
         self.x = np.ascontiguousarray(X, dtype=np.float64)
