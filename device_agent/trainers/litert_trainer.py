@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from device_agent.trainers.base import TrainResult, TrainTask
+from edgefl.models.numpy_models import minibatches
 from edgefl.protocol.types import Weights
 
 INSTALL_HINT = (
@@ -203,20 +204,19 @@ class LiteRtTrainer:
         loss_name = self.training["loss_output"]
         self._restore(weights)
         n = len(self.y)
-        rng = np.random.default_rng([task.seed, task.round])
-        for epoch in range(epochs):
-            perm = rng.permutation(n)
-            for s in range(0, n, batch_size):
-                idx = perm[s : s + batch_size]
-                feed = {names["x"]: self.X[idx], names["y"]: self.y[idx]}
-                if lr is not None:
-                    feed[names["lr"]] = lr
-                loss = float(np.asarray(self._run["train"](**feed)[loss_name]))
-                if not np.isfinite(loss):
-                    raise ValueError(
-                        f"training diverged: loss is {loss} in epoch {epoch + 1} at batch "
-                        f"offset {s} (lr {None if lr is None else float(lr)})"
-                    )
+        batches = minibatches(
+            n, seed=task.seed, round_=task.round, batch_size=batch_size, epochs=epochs
+        )
+        for step, idx in enumerate(batches):
+            feed = {names["x"]: self.X[idx], names["y"]: self.y[idx]}
+            if lr is not None:
+                feed[names["lr"]] = lr
+            loss = float(np.asarray(self._run["train"](**feed)[loss_name]))
+            if not np.isfinite(loss):
+                raise ValueError(
+                    f"training diverged: loss is {loss} at minibatch {step} "
+                    f"(lr {None if lr is None else float(lr)})"
+                )
         new = self._save(weights)
         metrics = {f"train_{k}": v for k, v in self._evaluate_current().items()}
         return TrainResult(new, n, metrics)

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from device_agent.trainers.base import TrainResult, TrainTask
+from edgefl.models.numpy_models import minibatches
 from edgefl.protocol.types import Weights
 
 _DTYPES: Dict[str, Any] = {"float32": np.float32, "float64": np.float64, "int64": np.int64}
@@ -153,18 +154,17 @@ class OnnxTrainer:
         s_io = [(s["input"], s["output"]) for s in tr["state"]]
         outputs = [o for _, o in p_io] + [o for _, o in s_io]
         n = len(self.y)
-        rng = np.random.default_rng([task.seed, task.round])
-        for _ in range(epochs):
-            perm = rng.permutation(n)
-            for s in range(0, n, batch_size):
-                idx = perm[s : s + batch_size]
-                feeds = {tr["data_input"]: self.X[idx], tr["label_input"]: self.y[idx]}
-                feeds[tr["lr_input"]] = lr
-                feeds.update(params)
-                feeds.update(state)
-                got = self._train.run(outputs, feeds)
-                params = {i: v for (i, _), v in zip(p_io, got)}
-                state = {i: v for (i, _), v in zip(s_io, got[len(p_io) :])}
+        batches = minibatches(
+            n, seed=task.seed, round_=task.round, batch_size=batch_size, epochs=epochs
+        )
+        for idx in batches:
+            feeds = {tr["data_input"]: self.X[idx], tr["label_input"]: self.y[idx]}
+            feeds[tr["lr_input"]] = lr
+            feeds.update(params)
+            feeds.update(state)
+            got = self._train.run(outputs, feeds)
+            params = {i: v for (i, _), v in zip(p_io, got)}
+            state = {i: v for (i, _), v in zip(s_io, got[len(p_io) :])}
         new = {name: params[name].astype(dtypes[name], copy=False) for name in dtypes}
         metrics = {f"train_{k}": v for k, v in self._evaluate(params).items()}
         return TrainResult(new, n, metrics)

@@ -31,16 +31,8 @@ class ModelDistributor:
         """Publish a model as retained chunks, and clear versions older than the previous one."""
         if self._published and self._published[-1][0] == version:
             return
-        chunks = split_payload(blob, chunk_size, transfer=version, meta={"version": version})
-        infos = [
-            self.conn.publish(
-                self.topics.model_chunk(version, c.index), c.to_bytes(), qos=1, retain=True
-            )
-            for c in chunks
-        ]
-        for info in infos:
-            info.wait_for_publish(timeout=30)
-        self._published.append((version, len(chunks)))
+        count = self._publish_retained(version, blob, chunk_size, {"version": version})
+        self._published.append((version, count))
         while len(self._published) > RETAINED_VERSIONS:
             old, n = self._published.pop(0)
             self._clear(old, n)
@@ -51,15 +43,22 @@ class ModelDistributor:
         Packages stay retained for the session: a device that joins late needs the package
         as much as the model. They are not part of the version rotation.
         """
-        chunks = split_payload(blob, chunk_size, transfer=package_id, meta={"package": package_id})
+        self._publish_retained(package_id, blob, chunk_size, {"package": package_id})
+
+    def _publish_retained(
+        self, transfer: str, blob: bytes, chunk_size: int, meta: dict[str, str]
+    ) -> int:
+        """Publish ``blob`` as retained chunks on the model tree; wait for every PUBACK."""
+        chunks = split_payload(blob, chunk_size, transfer=transfer, meta=meta)
         infos = [
             self.conn.publish(
-                self.topics.model_chunk(package_id, c.index), c.to_bytes(), qos=1, retain=True
+                self.topics.model_chunk(transfer, c.index), c.to_bytes(), qos=1, retain=True
             )
             for c in chunks
         ]
         for info in infos:
             info.wait_for_publish(timeout=30)
+        return len(chunks)
 
     def forget_stale(self, store: Store, session_id: str, current: str, chunk_size: int) -> None:
         """Clear what a predecessor controller may have left retained for this session.

@@ -6,6 +6,8 @@ exactly the same function. float64 throughout: the canonical digits task is bit-
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from edgefl.protocol.types import Weights
@@ -57,6 +59,22 @@ def evaluate(weights: Weights, X: np.ndarray, y: np.ndarray) -> dict[str, float]
     return {"accuracy": acc, "loss": loss}
 
 
+def minibatches(
+    n: int, *, seed: int, round_: int, batch_size: int = 32, epochs: int = 1
+) -> Iterator[np.ndarray]:
+    """Sample indices of each minibatch, in the order every edgefl trainer uses.
+
+    One generator seeded with ``(seed, round)`` draws a fresh permutation per epoch; batches
+    are consecutive slices of it (the last may be partial). A retried or resumed round
+    therefore retrains bit-identically, whatever the runtime.
+    """
+    rng = np.random.default_rng([seed, round_])
+    for _ in range(epochs):
+        perm = rng.permutation(n)
+        for s in range(0, n, batch_size):
+            yield perm[s : s + batch_size]
+
+
 def train_epochs(
     weights: Weights,
     X: np.ndarray,
@@ -70,29 +88,25 @@ def train_epochs(
 ) -> Weights:
     """Minibatch SGD as fixed by the digits protocol (shuffle with default_rng([seed, round]))."""
     w = {k: np.array(v, dtype=np.float64, copy=True) for k, v in weights.items()}
-    n = len(y)
-    rng = np.random.default_rng([seed, round_])
-    for _ in range(epochs):
-        perm = rng.permutation(n)
-        for s in range(0, n, batch_size):
-            idx = perm[s : s + batch_size]
-            Xb, yb = X[idx], y[idx]
-            B = len(idx)
-            if "W" in w:
-                P = _softmax(Xb @ w["W"] + w["b"])
-                P[np.arange(B), yb] -= 1
-                P /= B
-                w["W"] -= lr * (Xb.T @ P)
-                w["b"] -= lr * P.sum(0)
-            else:
-                pre = Xb @ w["W1"] + w["b1"]
-                h = np.maximum(pre, 0.0)
-                P = _softmax(h @ w["W2"] + w["b2"])
-                P[np.arange(B), yb] -= 1
-                P /= B
-                dh = (P @ w["W2"].T) * (pre > 0)
-                w["W2"] -= lr * (h.T @ P)
-                w["b2"] -= lr * P.sum(0)
-                w["W1"] -= lr * (Xb.T @ dh)
-                w["b1"] -= lr * dh.sum(0)
+    batches = minibatches(len(y), seed=seed, round_=round_, batch_size=batch_size, epochs=epochs)
+    for idx in batches:
+        Xb, yb = X[idx], y[idx]
+        B = len(idx)
+        if "W" in w:
+            P = _softmax(Xb @ w["W"] + w["b"])
+            P[np.arange(B), yb] -= 1
+            P /= B
+            w["W"] -= lr * (Xb.T @ P)
+            w["b"] -= lr * P.sum(0)
+        else:
+            pre = Xb @ w["W1"] + w["b1"]
+            h = np.maximum(pre, 0.0)
+            P = _softmax(h @ w["W2"] + w["b2"])
+            P[np.arange(B), yb] -= 1
+            P /= B
+            dh = (P @ w["W2"].T) * (pre > 0)
+            w["W2"] -= lr * (h.T @ P)
+            w["b2"] -= lr * P.sum(0)
+            w["W1"] -= lr * (Xb.T @ dh)
+            w["b1"] -= lr * dh.sum(0)
     return w

@@ -24,6 +24,7 @@ from torch.nn import functional as F  # noqa: N812 (the PyTorch convention)
 
 from device_agent.trainers.base import TrainResult, TrainTask
 from device_agent.trainers.numpy_trainer import load_local_data
+from edgefl.models.numpy_models import minibatches
 
 N_FEATURES = 64
 N_CLASSES = 10
@@ -170,16 +171,15 @@ class TorchDigitsTrainer:
         module = module_for(weights)
         opt = torch.optim.SGD(module.parameters(), lr=lr)
         n = len(self.y)
-        rng = np.random.default_rng([task.seed, task.round])
         module.train()
-        for _ in range(epochs):
-            perm = torch.from_numpy(rng.permutation(n))
-            for s in range(0, n, batch_size):
-                idx = perm[s : s + batch_size]
-                opt.zero_grad()
-                loss = F.cross_entropy(module(self.X[idx]), self.y[idx])
-                torch.autograd.backward(loss)
-                opt.step()
+        for batch in minibatches(
+            n, seed=task.seed, round_=task.round, batch_size=batch_size, epochs=epochs
+        ):
+            idx = torch.from_numpy(batch)
+            opt.zero_grad()
+            loss = F.cross_entropy(module(self.X[idx]), self.y[idx])
+            torch.autograd.backward(loss)
+            opt.step()
         new = state_to_numpy(module)
         out = {k: new[k].astype(np.asarray(weights[k]).dtype, copy=False) for k in weights}
         metrics = _evaluate_module(module, self.X, self.y)

@@ -22,6 +22,7 @@ from sklearn.metrics import log_loss
 
 from device_agent.trainers.base import TrainResult, TrainTask
 from device_agent.trainers.numpy_trainer import load_local_data
+from edgefl.models.numpy_models import minibatches
 
 N_FEATURES = 64
 N_CLASSES = 10
@@ -127,12 +128,10 @@ class SklearnDigitsTrainer:
             )
         est = make_estimator(weights, lr=lr, alpha=alpha)
         n = len(self.y)
-        rng = np.random.default_rng([task.seed, task.round])
-        for _ in range(epochs):
-            perm = rng.permutation(n)
-            for s in range(0, n, batch_size):
-                idx = perm[s : s + batch_size]
-                est.partial_fit(self.x[idx], self.y[idx], classes=CLASSES)
+        for idx in minibatches(
+            n, seed=task.seed, round_=task.round, batch_size=batch_size, epochs=epochs
+        ):
+            est.partial_fit(self.x[idx], self.y[idx], classes=CLASSES)
         new = {
             "coef": np.array(est.coef_, dtype=np.float64, copy=True),
             "intercept": np.array(est.intercept_, dtype=np.float64, copy=True),
