@@ -369,6 +369,36 @@ def test_controller_refuses_tampered_package(
     assert ctl.add_package(data).digest == softmax_package.digest  # the intact bytes are fine
 
 
+def test_agents_sharing_a_package_cache_all_train(
+    deployment: Deployment, softmax_package: ModelPackage, softmax_evaluator: Any, tmp_path: Path
+) -> None:
+    """Several agents on one host (a gateway, a simulation) may share one package cache.
+
+    Caching is a saving, not a condition: a device whose package loaded must train, whatever
+    another agent does to the same cache file at the same moment.
+    """
+    n = 12
+    cache = tmp_path / "package-cache"
+    deployment.start_combiners(2)
+    ctl = deployment.start_controller(evaluator=softmax_evaluator)
+    pkg = ctl.add_package(softmax_package.dumps())
+    for k in range(n):
+        x, y = digits.device_data(n, k)
+        start_agent(deployment, k, PackageTrainer(x, y), package_cache=str(cache))
+    assert len(ctl.presence.wait_for(n, 15)) == n
+    records = run_package_session(
+        ctl, pkg.digest, rounds=2, min_devices=n, train=train_settings("onnx", "softmax")
+    )
+    for rec in records:
+        assert rec.status == "completed", rec
+        assert rec.rejected == [], rec.rejected
+        assert devices_of(rec) == [device_name(k) for k in range(n)]
+    assert completed_accuracies(records) == pytest.approx(digits.reference_run(n, 2), abs=1e-9)
+    # one complete cached copy, no temp files left behind
+    assert sorted(p.name for p in cache.iterdir()) == [f"pkg-{pkg.digest}"]
+    assert hashlib.sha256((cache / f"pkg-{pkg.digest}").read_bytes()).hexdigest() == pkg.digest
+
+
 # 6. edgefl-agent --package as a device operator runs it --------------------------------------
 def agent_env() -> dict[str, str]:
     """The test's environment without EDGEFL_* settings that could override the flags."""
