@@ -8,8 +8,10 @@ duplicates, so an upload cut by a network drop resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -236,13 +238,20 @@ class DeviceAgent:
         return data if hashlib.sha256(data).hexdigest() == digest else None
 
     def _cache_package(self, digest: str, data: bytes) -> None:
+        """Keep a verified package by digest; best effort: a failure is logged, not raised."""
         if not self.config.package_cache:
             return
         folder = Path(self.config.package_cache)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".pkg-{digest}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(folder / f"pkg-{digest}")
+        # a unique temp name: several agents (a gateway, a simulation) may share one cache
+        tmp = folder / f".pkg-{digest}.{os.getpid()}-{threading.get_ident()}.tmp"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            tmp.replace(folder / f"pkg-{digest}")
+        except OSError as exc:
+            log.warning("%s: package not cached: %s", self.config.device_id, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     # model download --------------------------------------------------------------------
     def _fetch_model(self, version: str, digest: bytes, deadline: float) -> dict[str, np.ndarray]:
