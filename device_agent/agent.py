@@ -35,6 +35,16 @@ AGENT_VERSION = "0.1.0"
 
 
 class DeviceAgent:
+    """One device: announces itself, takes round tasks, trains, uploads, and declines what it
+    cannot do.
+
+    Owns its MQTT connection and one worker thread that runs tasks one at a time (training
+    never blocks the network thread). ``start`` returns once connected (or at once with
+    ``timeout=None``; it then keeps dialling); ``stop`` publishes an offline status, closes the
+    connection and joins the worker. A failed task never stops the agent: it is logged and
+    declined, so the round does not wait for this device.
+    """
+
     def __init__(self, config: AgentConfig, trainer: Trainer) -> None:
         self.config = config
         self.trainer = trainer
