@@ -94,9 +94,12 @@ def build_trainer(cfg: AgentConfig) -> Trainer:
     trainer = load_trainer(cfg.trainer, **kwargs)
     if cfg.package is not None:
         from edgefl.packages.format import ModelPackage
-        from edgefl.packages.signing import load_public_key
 
-        keys = [load_public_key(cfg.trusted_key)] if cfg.trusted_key else None
+        keys = None
+        if cfg.trusted_key:  # cryptography costs ~8 MB of RSS: only to check signatures
+            from edgefl.packages.signing import load_public_key
+
+            keys = [load_public_key(cfg.trusted_key)]
         package = ModelPackage.read(
             cfg.package, trusted_keys=keys, require_signature=cfg.require_signature
         )
