@@ -19,7 +19,7 @@ import re
 from edgefl.auth.tokens import Claims, Role
 from edgefl.protocol.topics import ROOT, TopicError, check_segment
 
-DEVICE_PUBLISH = ("update", "status", "telemetry")
+DEVICE_PUBLISH = ("update", "status", "telemetry", "request")
 # first levels under a project that are not regions (see protocol/topics.py)
 NON_REGION = ("model", "ctl")
 _CHUNK_INDEX = re.compile(r"^[0-9]+$")

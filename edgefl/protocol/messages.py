@@ -69,12 +69,17 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     # device -> combiner, on the update channel (chunked like an update): the device cannot
     # take part in this round (a refused package, data that does not fit, a failed trainer)
     "decline": {"task_id": str, "reason": str},
+    # device -> controller, on .../dev/{device}/request: a retained model or package that the
+    # device could not find (e.g. lost in a broker crash); the controller republishes it
+    "fetch": {"version": str},
 }
 
 # Fields a message may carry; when present they must have this type.
 OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "round": {"package": dict},
-    "task": {"package": dict},
+    # fence: the controller's lease token for the session; a plan or task with a lower fence
+    # than one already seen for its session comes from a stale controller and is dropped
+    "round": {"package": dict, "fence": int},
+    "task": {"package": dict, "fence": int},
 }
 
 PACKAGE_REF: dict[str, type] = {"id": str, "digest": bytes, "size": int}

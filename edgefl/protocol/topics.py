@@ -19,7 +19,7 @@ ROOT = f"edgefl/v{PROTOCOL_VERSION}"
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
-DEVICE_CHANNELS = ("task", "update", "status", "telemetry")
+DEVICE_CHANNELS = ("task", "update", "status", "telemetry", "request")
 COMBINER_CHANNELS = ("round", "partial", "progress", "status")
 
 
