@@ -58,6 +58,20 @@ class TransferRefused(ChunkError):
         self.meta = meta
 
 
+class ReceiverFull(ChunkError):
+    """A new transfer refused because the receiver has no room left for it right now.
+
+    Raised when every transfer slot, or both the memory budget and every spill file, are in
+    use. The rest of that transfer's chunks are ignored (until the TTL), but unlike
+    ``TransferRefused`` the sender did nothing wrong: the same payload under a new transfer id
+    may be accepted once room frees up. ``meta`` is the transfer's metadata.
+    """
+
+    def __init__(self, message: str, meta: Meta) -> None:
+        super().__init__(message)
+        self.meta = meta
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One slice of a payload plus everything a receiver needs to place and verify it.
@@ -269,12 +283,28 @@ class Reassembler:
 
     Transfers are keyed by ``(source, transfer id)``: the same id from two devices never
     mixes, because the caller takes ``source`` from the topic, which the broker ACL ties to
-    the sender's identity. Memory stays bounded: at most ``max_transfers`` transfers in
-    flight, ``memory_budget`` bytes of buffers in RAM (the rest spill to temporary files),
-    and idle transfers expire after ``ttl_s``. Not thread-safe: callers serialise access
-    (the combiner holds its lock around every call). Nothing blocks except file I/O of
-    spilled transfers.
+    the sender's identity.
+
+    State stays bounded whatever the senders do, and one sender cannot take another's room:
+
+    * per source, at most ``max_transfers_per_source`` transfers in flight and
+      ``max_bytes_per_source`` bytes of them; a new transfer from a source at its limit
+      evicts that source's oldest incomplete transfer (the sender has moved on), so a sender
+      that starts transfers and never finishes them only ever replaces its own;
+    * in all, at most ``max_transfers`` transfers in flight (a last resort against many
+      identities), ``memory_budget`` bytes of buffers in RAM, and ``max_spill_files``
+      transfers spilled to temporary files past it; a transfer that fits nowhere is refused
+      (``ReceiverFull``), never buffered;
+    * idle transfers expire after ``ttl_s``; ids of delivered or refused transfers are kept
+      (to ignore their late duplicates) for the TTL, at most ``REMEMBERED_PER_SOURCE`` per
+      source and ``max_transfers`` sources.
+
+    ``evictions`` and ``expirations`` count what was dropped, for the caller to report. Not
+    thread-safe: callers serialise access (the combiner feeds it from one worker thread).
+    Nothing blocks except file I/O of spilled transfers.
     """
+
+    REMEMBERED_PER_SOURCE = 16
 
     def __init__(
         self,
@@ -284,35 +314,62 @@ class Reassembler:
         ttl_s: float = 600.0,
         max_transfers: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        max_transfers_per_source: int = 2,
+        max_bytes_per_source: int | None = None,
+        max_spill_files: int = 64,
     ) -> None:
+        if max_transfers_per_source < 1:
+            raise ValueError("max_transfers_per_source must be at least 1")
         self.max_payload = max_payload
         self.max_chunk_size = max_chunk_size
         self.memory_budget = memory_budget
         self.ttl_s = ttl_s
         self.max_transfers = max_transfers
+        self.max_transfers_per_source = max_transfers_per_source
+        self.max_bytes_per_source = (
+            max_payload if max_bytes_per_source is None else max_bytes_per_source
+        )
+        self.max_spill_files = max_spill_files
+        self.evictions = 0
+        self.expirations = 0
         self._clock = clock
         self._partials: dict[tuple[str, str], _Partial] = {}
-        self._done: dict[tuple[str, str], float] = {}
-        self._refused: dict[tuple[str, str], float] = {}
+        # per source: its transfers in flight, oldest first, and their declared bytes
+        self._by_source: dict[str, dict[str, None]] = {}
+        self._source_bytes: dict[str, int] = {}
+        # per source (least recently used first): delivered or refused ids -> when
+        self._finished: dict[str, dict[str, float]] = {}
         self._pool: dict[int, list[bytearray]] = {}
         self._last_sweep = float("-inf")
         self._mem_bytes = 0
+        self._spilled = 0
 
     @property
     def pending(self) -> int:
         """Transfers started but not yet complete."""
         return len(self._partials)
 
+    def pending_from(self, source: str) -> int:
+        """Transfers from ``source`` started but not yet complete."""
+        return len(self._by_source.get(source, ()))
+
     @property
     def memory_bytes(self) -> int:
         """Bytes of in-memory reassembly buffers in use (spilled transfers not counted)."""
         return self._mem_bytes
+
+    @property
+    def spill_files(self) -> int:
+        """Temporary files open for spilled transfers (at most ``max_spill_files``)."""
+        return self._spilled
 
     def feed(self, source: str, payload: bytes) -> Completed | None:
         """Add one raw chunk message; return the payload when this chunk completes it.
 
         Raises ChunkError for chunks that must be rejected; a completed payload whose digest
         does not match raises too, and its state is dropped so a clean resend can succeed.
+        ``TransferRefused`` and ``ReceiverFull`` refuse a whole transfer at its first chunk;
+        its later chunks are then ignored quietly.
         """
         chunk = parse_chunk(payload, self.max_chunk_size)
         return self.feed_chunk(source, chunk)
@@ -324,25 +381,12 @@ class Reassembler:
         if now - self._last_sweep >= min(1.0, self.ttl_s / 100):
             self.expire(now)
         key = (source, chunk.transfer)
-        if key in self._done or key in self._refused:
+        finished = self._finished.get(source)
+        if finished is not None and chunk.transfer in finished:
             return None  # a duplicate of a delivered transfer, or the rest of a refused one
-        if chunk.size > self.max_payload:
-            self._refused[key] = now
-            raise TransferRefused(
-                f"payload of {chunk.size} bytes exceeds the limit of {self.max_payload}",
-                dict(chunk.meta),
-            )
         part = self._partials.get(key)
         if part is None:
-            if len(self._partials) >= self.max_transfers:
-                raise ChunkError("too many transfers in flight; try again later")
-            spill = self._mem_bytes + chunk.size > self.memory_budget
-            pooled = self._pool.get(chunk.size)
-            buf = _Buffer(chunk.size, spill, pooled.pop() if pooled and not spill else None)
-            if not spill:
-                self._mem_bytes += chunk.size
-            part = _Partial(chunk, buf, set(), now, now)
-            self._partials[key] = part
+            part = self._start(source, chunk, now)
         else:
             f = part.first
             if (f.count, f.size, f.chunk_size, f.digest) != (
@@ -374,8 +418,77 @@ class Reassembler:
         self._drop(key)
         if digest != chunk.digest:
             raise ChunkError(f"transfer {chunk.transfer} from {source}: digest mismatch, rejected")
-        self._done[key] = now
+        self._remember(source, chunk.transfer, now)
         return Completed(chunk.transfer, data, dict(part.first.meta), source)
+
+    def _start(self, source: str, chunk: Chunk, now: float) -> _Partial:
+        """Admit a new transfer, or raise why not; evicts the source's oldest if it must."""
+        size = chunk.size
+        if size > self.max_payload:
+            self._remember(source, chunk.transfer, now)
+            raise TransferRefused(
+                f"payload of {size} bytes exceeds the limit of {self.max_payload}",
+                dict(chunk.meta),
+            )
+        if size > self.max_bytes_per_source:
+            self._remember(source, chunk.transfer, now)
+            raise TransferRefused(
+                f"payload of {size} bytes exceeds the per-sender limit of "
+                f"{self.max_bytes_per_source}",
+                dict(chunk.meta),
+            )
+        # the source has moved on: its oldest transfers make room, never another source's
+        mine = self._by_source.get(source)
+        while mine and (
+            len(mine) >= self.max_transfers_per_source
+            or self._source_bytes.get(source, 0) + size > self.max_bytes_per_source
+        ):
+            oldest = next(iter(mine))
+            log.debug(
+                "transfer %s from %s evicted by its transfer %s", oldest, source, chunk.transfer
+            )
+            self._drop((source, oldest))
+            self.evictions += 1
+            mine = self._by_source.get(source)
+        if len(self._partials) >= self.max_transfers:
+            self._remember(source, chunk.transfer, now)
+            raise ReceiverFull(
+                f"too many transfers in flight ({self.max_transfers}); try again later",
+                dict(chunk.meta),
+            )
+        spill = self._mem_bytes + size > self.memory_budget
+        if spill and self._spilled >= self.max_spill_files:
+            self._remember(source, chunk.transfer, now)
+            raise ReceiverFull(
+                f"no room for a payload of {size} bytes: {self._mem_bytes} of the "
+                f"{self.memory_budget}-byte memory budget and all {self.max_spill_files} "
+                "spill files in use; try again later",
+                dict(chunk.meta),
+            )
+        pooled = self._pool.get(size)
+        buf = _Buffer(size, spill, pooled.pop() if pooled and not spill else None)
+        if spill:
+            self._spilled += 1
+        else:
+            self._mem_bytes += size
+        part = _Partial(chunk, buf, set(), now, now)
+        self._partials[(source, chunk.transfer)] = part
+        self._by_source.setdefault(source, {})[chunk.transfer] = None
+        self._source_bytes[source] = self._source_bytes.get(source, 0) + size
+        return part
+
+    def _remember(self, source: str, transfer: str, now: float) -> None:
+        """Note a delivered or refused transfer, so its late chunks are ignored (bounded)."""
+        seen = self._finished.pop(source, None)
+        if seen is None:
+            seen = {}
+            while len(self._finished) >= self.max_transfers:
+                self._finished.pop(next(iter(self._finished)))  # least recently used source
+        self._finished[source] = seen  # now the most recently used
+        seen.pop(transfer, None)
+        seen[transfer] = now
+        while len(seen) > self.REMEMBERED_PER_SOURCE:
+            seen.pop(next(iter(seen)))
 
     def missing(self, source: str, transfer: str) -> list[int] | None:
         """Indices still missing from a transfer in progress, or None if none is known."""
@@ -397,24 +510,47 @@ class Reassembler:
     def expire(self, now: float | None = None) -> int:
         """Drop transfers idle for longer than ``ttl_s`` and forget old delivered/refused ids.
 
-        ``feed`` calls this itself every so often; returns the number of transfers dropped.
+        ``feed`` calls this itself every so often, but only when chunks arrive: a receiver
+        that must free idle state on a quiet link calls it on a timer. Returns the number of
+        transfers dropped, and logs one line for them all.
         """
         now = self._clock() if now is None else now
         self._last_sweep = now
         stale = [k for k, p in self._partials.items() if now - p.touched > self.ttl_s]
         for k in stale:
-            log.warning("transfer %s from %s expired incomplete", k[1], k[0])
             self._drop(k)
-        for seen in (self._done, self._refused):
-            for k in [k for k, t in seen.items() if now - t > self.ttl_s]:
-                del seen[k]
+        if stale:
+            self.expirations += len(stale)
+            sources = sorted({src for src, _ in stale})
+            log.warning(
+                "%d incomplete transfer(s) expired after %.0f s idle, from %s%s",
+                len(stale),
+                self.ttl_s,
+                ", ".join(sources[:5]),
+                f" and {len(sources) - 5} more senders" if len(sources) > 5 else "",
+            )
+        for source in list(self._finished):
+            seen = self._finished[source]
+            for transfer in [t for t, when in seen.items() if now - when > self.ttl_s]:
+                del seen[transfer]
+            if not seen:
+                del self._finished[source]
         return len(stale)
 
     def _drop(self, key: tuple[str, str]) -> None:
         part = self._partials.pop(key, None)
         if part is None:
             return
-        if not part.buffer.spilled:
+        source, transfer = key
+        mine = self._by_source[source]
+        del mine[transfer]
+        if mine:
+            self._source_bytes[source] -= part.buffer.size
+        else:
+            del self._by_source[source], self._source_bytes[source]
+        if part.buffer.spilled:
+            self._spilled -= 1
+        else:
             self._mem_bytes -= part.buffer.size
         mem = part.buffer.close()
         # Keep a few buffers of the sizes in use: a fleet sends same-sized updates, and a

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import os
 
 import cbor2
 import numpy as np
@@ -24,6 +25,8 @@ from edgefl.protocol.chunking import (
     Chunk,
     ChunkError,
     Reassembler,
+    ReceiverFull,
+    TransferRefused,
     parse_chunk,
     split_payload,
 )
@@ -481,6 +484,163 @@ def test_discard_drops_transfers_by_meta() -> None:
     r.feed("d", new[0].to_bytes())
     assert r.discard(lambda meta: meta.get("task_id") == "s:1:0") == 1
     assert r.pending == 1 and r.memory_bytes == 3000
+
+
+# fairness between senders, bounded state ---------------------------------------------------
+
+
+def starts(size: int, seed: int, meta: dict | None = None) -> list[Chunk]:
+    """A 1 KiB-chunked transfer; feeding only its first chunk leaves it incomplete."""
+    return split_payload(make_payload(size, seed), 1024, meta=meta)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_source_at_its_limit_evicts_its_own_oldest_transfer_only() -> None:
+    r = Reassembler(max_transfers_per_source=2)
+    a1, a2, a3, a4 = (starts(3000, k) for k in range(4))
+    b1 = starts(3000, 10)
+    r.feed("a", a1[0].to_bytes())
+    r.feed("b", b1[0].to_bytes())
+    r.feed("a", a2[0].to_bytes())
+    r.feed("a", a1[1].to_bytes())  # activity does not make a1 younger: it was started first
+    assert (r.pending_from("a"), r.pending_from("b"), r.evictions) == (2, 1, 0)
+    r.feed("a", a3[0].to_bytes())
+    assert r.evictions == 1
+    assert r.missing("a", a1[0].transfer) is None  # the oldest went
+    assert r.missing("a", a2[0].transfer) == [1, 2]
+    r.feed("a", a4[0].to_bytes())
+    assert r.missing("a", a2[0].transfer) is None
+    assert (r.evictions, r.pending_from("a"), r.memory_bytes) == (2, 2, 3 * 3000)
+    # the other source never noticed, and the survivors complete
+    assert [d.payload for d in feed_all(r, "b", b1[1:])] == [make_payload(3000, 10)]
+    assert [d.payload for d in feed_all(r, "a", a4[1:])] == [make_payload(3000, 3)]
+    # an evicted transfer is not remembered: a full resend of it starts afresh
+    assert [d.payload for d in feed_all(r, "a", a1)] == [make_payload(3000, 0)]
+
+
+@SETTINGS
+@given(st.integers(1, 4), st.integers(50, 400), st.integers(1, 3), st.data())
+def test_a_flooding_source_cannot_grow_state_or_starve_others(
+    limit: int, flood: int, honest: int, data: st.DataObject
+) -> None:
+    r = Reassembler(max_transfers_per_source=limit, max_transfers=limit + honest)
+    uploads = {f"dev-{k}": starts(2500, k) for k in range(honest)}
+    stream = [(src, ch) for src, chunks in uploads.items() for ch in chunks]
+    # the flooder starts `flood` transfers (2 chunks each, one sent) among the honest chunks
+    junk = [("flood", starts(2000, 1000 + k)[0]) for k in range(flood)]
+    for item in junk:
+        stream.insert(data.draw(st.integers(0, len(stream))), item)
+    got = {}
+    for src, ch in stream:
+        done = r.feed(src, ch.to_bytes())
+        assert r.pending_from("flood") <= limit
+        assert r.pending <= limit + honest
+        if done is not None:
+            got[src] = done.payload
+    assert got == {src: make_payload(2500, k) for k, src in enumerate(uploads)}
+    assert r.evictions == flood - limit
+    assert (r.pending, r.memory_bytes) == (limit, limit * 2000)
+
+
+def test_bytes_per_source_evict_then_refuse() -> None:
+    r = Reassembler(max_bytes_per_source=10_000, max_transfers_per_source=8)
+    first, second = starts(6000, 1), starts(6000, 2)
+    r.feed("a", first[0].to_bytes())
+    r.feed("a", second[0].to_bytes())  # 12,000 bytes would not fit: the first makes room
+    assert (r.evictions, r.pending_from("a"), r.memory_bytes) == (1, 1, 6000)
+    big = starts(12_000, 3, meta={"task_id": "s:1:0"})
+    with pytest.raises(TransferRefused, match="per-sender limit") as err:
+        r.feed("a", big[0].to_bytes())
+    assert err.value.meta == {"task_id": "s:1:0"}
+    assert feed_all(r, "a", big[1:]) == []  # the rest of it is ignored quietly
+    assert r.pending_from("a") == 1  # refusing evicted nothing more
+    assert [d.payload for d in feed_all(r, "a", second[1:])] == [make_payload(6000, 2)]
+
+
+def test_spill_files_are_capped_and_a_transfer_that_fits_nowhere_is_refused() -> None:
+    fds = open_fds()
+    r = Reassembler(memory_budget=10_000, max_spill_files=2)
+    uploads = {src: starts(8000, k) for k, src in enumerate("abcd")}
+    for src in "abc":
+        r.feed(src, uploads[src][0].to_bytes())
+    assert (r.memory_bytes, r.spill_files, open_fds() - fds) == (8000, 2, 2)
+    with pytest.raises(ReceiverFull, match="all 2 spill files in use"):
+        r.feed("d", uploads["d"][0].to_bytes())
+    assert feed_all(r, "d", uploads["d"][1:]) == []  # refused, not buffered
+    assert (r.pending, r.memory_bytes, r.spill_files, open_fds() - fds) == (3, 8000, 2, 2)
+    # a small transfer still fits in memory while the spill files are busy
+    assert [d.payload for d in feed_all(r, "e", starts(1500, 9))] == [make_payload(1500, 9)]
+    # room frees up as transfers complete; the refused one succeeds under a new id
+    assert [d.payload for d in feed_all(r, "b", uploads["b"][1:])] == [make_payload(8000, 1)]
+    retry = split_payload(make_payload(8000, 3), 1024)
+    assert [d.payload for d in feed_all(r, "d", retry)] == [make_payload(8000, 3)]
+    for src in "ac":
+        feed_all(r, src, uploads[src][1:])
+    assert (r.pending, r.memory_bytes, r.spill_files, open_fds()) == (0, 0, 0, fds)
+
+
+@SETTINGS
+@given(
+    st.lists(st.integers(1000, 30_000), min_size=2, max_size=12),
+    st.integers(5000, 40_000),
+    st.integers(0, 3),
+    st.data(),
+)
+def test_memory_budget_and_spill_cap_hold_for_any_interleaving(
+    sizes: list[int], budget: int, max_spill: int, data: st.DataObject
+) -> None:
+    uploads = {f"dev-{k}": starts(size, k) for k, size in enumerate(sizes)}
+    stream = data.draw(st.permutations([(s, c) for s, cs in uploads.items() for c in cs]))
+    r = Reassembler(memory_budget=budget, max_spill_files=max_spill)
+    got, refused = {}, set()
+    for src, ch in stream:
+        try:
+            done = r.feed(src, ch.to_bytes())
+        except ReceiverFull:
+            assert src not in refused
+            assert r.missing(src, ch.transfer) is None
+            refused.add(src)
+            continue
+        assert r.memory_bytes <= budget
+        assert r.spill_files <= max_spill
+        if done is not None:
+            got[src] = done.payload
+    # every upload either completed intact or was refused whole at its first chunk
+    assert sorted([*got, *refused]) == sorted(uploads)
+    assert all(got[src] == make_payload(sizes[int(src[4:])], int(src[4:])) for src in got)
+    assert (r.pending, r.memory_bytes, r.spill_files) == (0, 0, 0)
+
+
+def test_remembered_ids_are_bounded_per_source() -> None:
+    """A sender refused again and again leaves only its latest ids behind."""
+    r = Reassembler(max_payload=1000)
+    n = 5 * Reassembler.REMEMBERED_PER_SOURCE
+    big = [starts(3000, k) for k in range(n)]
+    for chunks in big:
+        with pytest.raises(TransferRefused):
+            r.feed("a", chunks[0].to_bytes())
+    # the latest ids are still remembered: their later chunks are ignored quietly ...
+    for chunks in big[-Reassembler.REMEMBERED_PER_SOURCE :]:
+        assert r.feed("a", chunks[1].to_bytes()) is None
+    # ... the oldest were forgotten, so their chunks are judged (and refused) again
+    with pytest.raises(TransferRefused):
+        r.feed("a", big[0][1].to_bytes())
+
+
+def test_expiry_logs_one_line_for_many_transfers(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    r = Reassembler(ttl_s=10.0, clock=clock, max_transfers_per_source=1)
+    for k in range(200):
+        r.feed(f"dev-{k}", starts(2000, k)[0].to_bytes())
+    clock.now += 11.0
+    with caplog.at_level("WARNING", logger="edgefl.protocol.chunking"):
+        assert r.expire() == 200
+    assert (r.expirations, r.pending, len(caplog.records)) == (200, 0, 1)
+    assert "200 incomplete transfer(s) expired" in caplog.text
+    assert "and 195 more senders" in caplog.text
 
 
 # regressions (bugs these tests found) ------------------------------------------------------
