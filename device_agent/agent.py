@@ -271,6 +271,32 @@ class DeviceAgent:
         self._model_cache = (version, weights)
         return weights
 
+    def _await_download(self, version: str, done: threading.Event, deadline: float) -> None:
+        """Wait for a download; ask the controller for it when it stalls; give up when a newer
+        task is waiting (the round moved on) or time runs out.
+
+        Retained chunks normally arrive at once. When none has arrived for
+        ``fetch_after_s``, the broker may have lost them (a crash before it saved them), so
+        the agent publishes a ``fetch`` request, and repeats it while the wait goes on.
+        """
+        c = self.config
+        start = time.time()
+        give_up = start + max(0.1, min(c.download_timeout_s, deadline - start))
+        next_fetch = start + c.fetch_after_s
+        request = encode("fetch", version=version)
+        while not done.wait(0.1):
+            now = time.time()
+            if now >= give_up:
+                raise TimeoutError(f"model {version} did not arrive within {now - start:.1f}s")
+            if not self._tasks.empty():
+                raise TimeoutError(f"gave up on {version}: a newer task is waiting")
+            if now >= next_fetch:
+                log.info("%s: %s has not arrived; asking for it", c.device_id, version)
+                self.conn.publish(
+                    self.topics.device(c.region, c.device_id, "request"), request, qos=1
+                )
+                next_fetch = now + c.fetch_after_s
+
     def _download(
         self, version: str, digest: bytes, deadline: float, max_payload: int | None = None
     ) -> bytes:
@@ -296,9 +322,7 @@ class DeviceAgent:
         flt = self.topics.model_filter(version)
         self.conn.subscribe(flt, on_chunk)
         try:
-            wait = max(0.1, min(self.config.download_timeout_s, deadline - time.time()))
-            if not done.wait(wait):
-                raise TimeoutError(f"model {version} did not arrive within {wait:.1f}s")
+            self._await_download(version, done, deadline)
         finally:
             self.conn.unsubscribe(flt)
         if hashlib.sha256(result["payload"]).digest() != digest:

@@ -39,6 +39,7 @@ class AgentConfig:
     min_backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     download_timeout_s: float = 60.0
+    fetch_after_s: float = 3.0  # ask the controller for a model that has not arrived by then
 
     def __post_init__(self) -> None:
         if not self.device_id:

@@ -26,7 +26,7 @@ from edgefl.controller.records import RoundAttempt
 from edgefl.controller.rounds import Evaluator, RoundRunner
 from edgefl.controller.telemetry_forward import TelemetryForwarder
 from edgefl.packages.format import ModelPackage
-from edgefl.protocol import Topics
+from edgefl.protocol import MessageError, Topics, decode
 from edgefl.protocol.messages import package_ref
 from edgefl.protocol.types import Weights
 from edgefl.store.base import BlobStore, RoundRecord, SessionRecord, Store
@@ -84,6 +84,7 @@ class Controller:
             username=username,
             password=password,
             clean_session=False,
+            on_connect=self._on_connect,
         )
         self.distributor = ModelDistributor(self.conn, self.topics)
         self.rounds = RoundRunner(
@@ -99,11 +100,29 @@ class Controller:
         self.conn.subscribe(t.combiner_wildcard("partial"), self.inbox.on_partial_chunk)
         self.conn.subscribe(t.combiner_wildcard("progress"), self.inbox.on_progress)
         self.conn.subscribe(t.device_wildcard(None, "telemetry"), self.telemetry.on_telemetry)
+        self.conn.subscribe(t.device_wildcard(None, "request"), self._on_request)
         self.conn.start(timeout)
         return self
 
+    def _on_connect(self) -> None:
+        """After a reconnect, publish the retained model again: the broker may have lost it."""
+        if self.conn.connect_count > 1:
+            self.distributor.republish()
+
+    def _on_request(self, topic: str, payload: bytes) -> None:
+        """A device cannot find a retained model or package: republish it (rate-limited)."""
+        try:
+            self.topics.parse_device_topic(topic)
+            msg = decode(payload, "fetch")
+        except (MessageError, ValueError) as exc:
+            log.debug("controller: bad request on %s: %s", topic, exc)
+            return
+        self.distributor.republish(msg["version"])
+
     def stop(self) -> None:
+        """End a running session's loop at its next step, stop republishing, disconnect."""
         self._stop.set()
+        self.distributor.stop()
         self.conn.stop()
 
     def request_stop(self) -> None:

@@ -3,39 +3,83 @@
 Retained chunks let a device that connects late (or reconnects mid-round) fetch the current
 model without asking anyone. Only the current and the previous version stay retained, so the
 broker's memory does not grow with the number of rounds.
+
+The broker is not a store: a crash can lose retained messages it had not yet persisted. So
+the distributor keeps what it published and publishes it again whenever the controller
+reconnects, and when a device reports a model it cannot find (a ``fetch`` request).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
 from edgefl.protocol import Topics
-from edgefl.protocol.chunking import split_payload
+from edgefl.protocol.chunking import Chunk, split_payload
 from edgefl.store.base import Store
 from edgefl.transport import MqttConnection
 
+log = logging.getLogger(__name__)
+
 RETAINED_VERSIONS = 2  # the current model and the one before it (devices still finishing)
+PUBLISH_TIMEOUT_S = 300.0  # how long a publication waits for an unreachable broker
+FETCH_COOLDOWN_S = 5.0  # one republication per version per this long, however many ask
+
+
+class BrokerUnavailable(ConnectionError):
+    """The broker stayed unreachable for longer than a publication may wait."""
+
+
+@dataclass(frozen=True)
+class _Retained:
+    transfer: str
+    blob: bytes
+    chunk_size: int
+    meta_key: str  # "version" for models, "package" for packages
+
+    @property
+    def chunk_count(self) -> int:
+        return max(1, -(-len(self.blob) // self.chunk_size))
 
 
 class ModelDistributor:
-    """Publishes model blobs as retained chunks and clears old versions.
+    """Publishes model blobs and packages as retained chunks; republishes them on demand.
 
-    Not thread-safe: the controller's session loop is its only caller. ``publish`` blocks
-    until the broker has acknowledged every chunk.
+    ``publish`` and ``publish_package`` block until the broker has acknowledged every chunk,
+    waiting through disconnects (up to ``PUBLISH_TIMEOUT_S``, then ``BrokerUnavailable``).
+    ``republish`` may be called from any thread, including the network thread: it only wakes
+    the distributor's own worker, which ``stop`` ends. Publications never interleave.
     """
 
     def __init__(self, conn: MqttConnection, topics: Topics) -> None:
         self.conn = conn
         self.topics = topics
-        self._published: list[tuple[str, int]] = []  # (version, chunk count) on the broker
+        self._published: list[_Retained] = []  # model versions on the broker, oldest first
+        self._package: _Retained | None = None
+        self._lock = threading.Lock()  # one publication at a time
+        self._wanted: set[str] = set()  # transfers to republish ("*": everything retained)
+        self._wake = threading.Condition()
+        self._last_fetch: dict[str, float] = {}
+        self._closing = False
+        self._worker = threading.Thread(target=self._run, name="model-republisher", daemon=True)
+        self._worker.start()
+        self.republished = 0
 
+    # publishing -------------------------------------------------------------------------
     def publish(self, version: str, blob: bytes, chunk_size: int) -> None:
         """Publish a model as retained chunks, and clear versions older than the previous one."""
-        if self._published and self._published[-1][0] == version:
+        if self._published and self._published[-1].transfer == version:
             return
-        count = self._publish_retained(version, blob, chunk_size, {"version": version})
-        self._published.append((version, count))
-        while len(self._published) > RETAINED_VERSIONS:
-            old, n = self._published.pop(0)
-            self._clear(old, n)
+        item = _Retained(version, blob, chunk_size, "version")
+        with self._lock:
+            self._send(item)
+            self._published.append(item)
+            while len(self._published) > RETAINED_VERSIONS:
+                old = self._published.pop(0)
+                self._clear(old.transfer, old.chunk_count)
 
     def publish_package(self, package_id: str, blob: bytes, chunk_size: int) -> None:
         """Publish a model package as retained chunks under its id (``pkg-...``).
@@ -43,22 +87,10 @@ class ModelDistributor:
         Packages stay retained for the session: a device that joins late needs the package
         as much as the model. They are not part of the version rotation.
         """
-        self._publish_retained(package_id, blob, chunk_size, {"package": package_id})
-
-    def _publish_retained(
-        self, transfer: str, blob: bytes, chunk_size: int, meta: dict[str, str]
-    ) -> int:
-        """Publish ``blob`` as retained chunks on the model tree; wait for every PUBACK."""
-        chunks = split_payload(blob, chunk_size, transfer=transfer, meta=meta)
-        infos = [
-            self.conn.publish(
-                self.topics.model_chunk(transfer, c.index), c.to_bytes(), qos=1, retain=True
-            )
-            for c in chunks
-        ]
-        for info in infos:
-            info.wait_for_publish(timeout=30)
-        return len(chunks)
+        item = _Retained(package_id, blob, chunk_size, "package")
+        with self._lock:
+            self._send(item)
+            self._package = item
 
     def forget_stale(self, store: Store, session_id: str, current: str, chunk_size: int) -> None:
         """Clear what a predecessor controller may have left retained for this session.
@@ -70,6 +102,93 @@ class ModelDistributor:
         for m in recent:
             self._clear(m.version, max(1, -(-m.size // chunk_size)))
 
-    def _clear(self, version: str, n_chunks: int) -> None:
+    # republishing ------------------------------------------------------------------------
+    def republish(self, transfer: str | None = None) -> None:
+        """Publish again what is retained (one transfer, or all with None), in the background.
+
+        Requests for a transfer the distributor does not hold are ignored, and a transfer is
+        republished at most once per ``FETCH_COOLDOWN_S`` on request: a device cannot make
+        the controller flood the broker.
+        """
+        now = time.monotonic()
+        if transfer is not None:
+            if transfer not in {r.transfer for r in self._holding()}:
+                return
+            if now - self._last_fetch.get(transfer, float("-inf")) < FETCH_COOLDOWN_S:
+                return
+            self._last_fetch[transfer] = now
+        with self._wake:
+            self._wanted.add(transfer or "*")
+            self._wake.notify()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._worker.join(timeout=5)
+
+    def _holding(self) -> list[_Retained]:
+        held = list(self._published)
+        if self._package is not None:
+            held.append(self._package)
+        return held
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._closing or bool(self._wanted))
+                if self._closing:
+                    return
+                wanted, self._wanted = self._wanted, set()
+            with self._lock:
+                for item in self._holding():
+                    if "*" in wanted or item.transfer in wanted:
+                        try:
+                            self._send(item)
+                            self.republished += 1
+                            log.info("republished %s (%d bytes)", item.transfer, len(item.blob))
+                        except BrokerUnavailable as exc:
+                            log.error("could not republish %s: %s", item.transfer, exc)
+
+    # the wire -----------------------------------------------------------------------------
+    def _send(self, item: _Retained) -> None:
+        """Publish every chunk and wait for its PUBACK, resending what a disconnect cut off."""
+        chunks = split_payload(
+            item.blob, item.chunk_size, transfer=item.transfer, meta={item.meta_key: item.transfer}
+        )
+        pending: list[Chunk] = list(chunks)
+
+        def topic(index: int) -> str:
+            return self.topics.model_chunk(item.transfer, index)
+
+        give_up = time.monotonic() + PUBLISH_TIMEOUT_S
+        while pending:
+            if not self.conn.connected.wait(timeout=max(0.0, give_up - time.monotonic())):
+                raise BrokerUnavailable(
+                    f"broker unreachable for {PUBLISH_TIMEOUT_S:.0f}s while publishing "
+                    f"{item.transfer}"
+                )
+            infos = [
+                (c, self.conn.publish(topic(c.index), c.to_bytes(), qos=1, retain=True))
+                for c in pending
+            ]
+            failed = []
+            for chunk, info in infos:
+                # paho raises at once for a chunk queued while the connection was down
+                with contextlib.suppress(RuntimeError, ValueError):
+                    info.wait_for_publish(timeout=30)
+                if not info.is_published():
+                    failed.append(chunk)
+            if failed:
+                log.warning(
+                    "%d of %d chunks of %s unacknowledged (broker disconnect?); resending",
+                    len(failed),
+                    len(pending),
+                    item.transfer,
+                )
+                time.sleep(0.2)
+            pending = failed
+
+    def _clear(self, transfer: str, n_chunks: int) -> None:
         for i in range(n_chunks):
-            self.conn.publish(self.topics.model_chunk(version, i), b"", qos=1, retain=True)
+            self.conn.publish(self.topics.model_chunk(transfer, i), b"", qos=1, retain=True)

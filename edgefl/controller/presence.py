@@ -23,6 +23,7 @@ class Presence:
         self._devices: dict[tuple[str, str], str] = {}  # (region, device) -> state
         self._combiners: dict[str, str] = {}  # region -> state
         self.changed = threading.Condition(self._lock)
+        self.refused = 0  # malformed statuses dropped (one must not mark a device offline)
 
     def on_device_status(self, topic: str, payload: bytes) -> None:
         if not payload:
@@ -30,7 +31,9 @@ class Presence:
         try:
             region, device, _ = self.topics.parse_device_topic(topic)
             msg = decode(payload, "status")
+            _check_state(msg["state"])
         except (TopicError, MessageError) as exc:
+            self.refused += 1
             log.warning("ignoring bad device status on %s: %s", topic, exc)
             return
         with self._lock:
@@ -43,7 +46,9 @@ class Presence:
         try:
             region, _ = self.topics.parse_combiner_topic(topic)
             msg = decode(payload, "status")
+            _check_state(msg["state"])
         except (TopicError, MessageError) as exc:
+            self.refused += 1
             log.warning("ignoring bad combiner status on %s: %s", topic, exc)
             return
         with self._lock:
@@ -68,3 +73,8 @@ class Presence:
         with self._lock:
             devices = {f"{r}/{d}": s for (r, d), s in self._devices.items()}
             return {"devices": devices, "combiners": dict(self._combiners)}
+
+
+def _check_state(state: str) -> None:
+    if state not in ("online", "offline"):
+        raise MessageError(f"unknown presence state {state[:32]!r}")

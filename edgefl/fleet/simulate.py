@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -61,6 +62,7 @@ def start_fleet(
     on_started: Callable[[int], None] | None = None,
     partition_size: int | None = None,
     trainer_factory: TrainerFactory = numpy_trainer,
+    agent_options: dict[str, Any] | None = None,
 ) -> Fleet:
     """Start ``n_devices`` agents on the digits partition; device k lives in regions[k % R].
 
@@ -84,6 +86,7 @@ def start_fleet(
                 max_chunk_size=chunk_size,
                 min_backoff_s=0.2,
                 max_backoff_s=5.0,
+                **(agent_options or {}),
             )
             fleet.agents.append(DeviceAgent(cfg, trainer_factory(k, X, y)).start())
             if on_started:
