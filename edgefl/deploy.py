@@ -114,6 +114,10 @@ class Deployment:
         **kwargs: Any,
     ) -> Controller:
         """The controller, connected, on this deployment's store and model folder."""
+        options: dict[str, Any] = {
+            **self.credentials.login("controller", Role.controller),
+            **kwargs,
+        }
         ctl = Controller(
             self.url,
             self.store,
@@ -121,8 +125,7 @@ class Deployment:
             project=self.project,
             evaluator=evaluator,
             sink=sink,
-            **self.credentials.login("controller", Role.controller),
-            **kwargs,
+            **options,
         )
         return self._own(ctl.start())
 

@@ -244,6 +244,8 @@ def test_controller_killed_mid_session_resumes(deployment) -> None:
         "--models",
         str(dep.workdir / "models"),
         "--insecure",
+        "--lease-ttl",
+        "2",  # the resumed controller waits out the killed one's lease: keep it short
         "--log-level",
         "warning",
     ]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -177,7 +180,8 @@ def test_new_database_records_the_current_schema_version(url) -> None:
 
 
 def test_a_version_1_database_is_migrated_and_keeps_its_rounds(url) -> None:
-    """v1 had no ``rejected`` column: opening it adds the column, old rows read as []."""
+    """v1 had no ``rejected`` (rounds) or ``reason`` (sessions) column and no leases: opening
+    it migrates it forward, and old rows read as the fields' defaults."""
     store = make_store(url)
     store.create_session(_session())
     store.start_round(_round("s1", 1))
@@ -185,11 +189,15 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rounds(url) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:  # turn it back into a v1 database
         conn.execute(text("ALTER TABLE rounds DROP COLUMN rejected"))
+        conn.execute(text("ALTER TABLE sessions DROP COLUMN reason"))
+        conn.execute(text("DROP TABLE leases"))
         conn.execute(text("UPDATE edgefl_meta SET value='1' WHERE key='schema_version'"))
     engine.dispose()
     store = make_store(url)
     old = store.get_round("s1:1:0")
     assert old is not None and old.rejected == [] and old.devices == ["d1", "d2"]
+    assert store.get_session("s1").reason == ""
+    assert store.acquire_lease("s1", "ctl-a", 10.0) == 1
     why = [{"device": "d2", "reason": "tensor 'W' holds NaN or infinite values"}]
     store.finish_round(
         "s1:1:0",
@@ -330,3 +338,39 @@ def test_model_versions_are_content_addressed(tmp_path, url) -> None:
     assert repo.load_optimizer_state(other.version)["m/w"].tolist() == [1.0, 1.0, 1.0]
     assert repo.load_optimizer_state(first.version) == {}
     store.close()
+
+
+def test_one_lease_holder_at_a_time_and_takeover_raises_the_fence(url) -> None:
+    store = make_store(url)
+    other = make_store(url)  # a second controller process has its own connection pool
+    assert store.acquire_lease("s1", "a", 0.3) == 1
+    assert other.acquire_lease("s1", "b", 0.3) is None  # held by a
+    assert store.acquire_lease("s1", "a", 0.3) == 1  # the holder renews without a new fence
+    assert store.renew_lease("s1", "a", 1, 0.3)
+    deadline = time.time() + 5
+    while (fence := other.acquire_lease("s1", "b", 10.0)) is None:  # a's lease expires
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert fence == 2
+    assert not store.renew_lease("s1", "a", 1, 10.0)  # a learns it lost the session
+    other.release_lease("s1", "b", 2)
+    assert store.acquire_lease("s1", "a", 10.0) == 3  # fences only ever grow
+    assert store.get_lease("s1").holder == "a"
+    store.close()
+    other.close()
+
+
+def test_racing_processes_get_the_first_lease_once(tmp_path) -> None:
+    """Two processes race for a brand-new lease: exactly one wins."""
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    make_store(url).close()
+    code = (
+        "import sys; from edgefl.store import make_store; "
+        "s = make_store(sys.argv[1]); print(s.acquire_lease('race', sys.argv[2], 30.0))"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, url, f"p{i}"], stdout=subprocess.PIPE)
+        for i in range(4)
+    ]
+    results = [p.communicate(timeout=60)[0].decode().strip() for p in procs]
+    assert sorted(results) == ["1", "None", "None", "None"], results

@@ -33,6 +33,7 @@ def _session_summary(s: SessionRecord) -> dict[str, Any]:
         "rounds": s.config.get("rounds"),
         "aggregator": s.config.get("aggregator"),
         "model_version": s.model_version,
+        "reason": s.reason,
         "created": s.created,
         "updated": s.updated,
     }

@@ -184,6 +184,12 @@ def controller(
     state: str = typer.Option("sqlite:///edgefl-state/state.db", help="state store URL"),
     models: Path = typer.Option(Path("edgefl-state/models"), help="model blob folder"),
     resume: str = typer.Option(None, help="resume this session id instead of creating one"),
+    retry: bool = typer.Option(
+        False, help="with --resume: run a failed session again, with a fresh attempt budget"
+    ),
+    lease_ttl: float = typer.Option(
+        10.0, min=1.0, help="seconds a crashed controller's hold on the session outlives it"
+    ),
     session_id: str = typer.Option(None, help="id for a new session"),
     rounds: int = typer.Option(10, min=1),
     min_devices: int = typer.Option(1, min=1),
@@ -209,7 +215,7 @@ def controller(
     With --package, devices train that exported model; without, the built-in digits model
     (and the controller evaluates it on the digits test split).
     """
-    from edgefl.controller import SessionConfig
+    from edgefl.controller import SessionConfig, SessionFailed
     from edgefl.deploy import Deployment
     from edgefl.tasks import digits
 
@@ -225,7 +231,9 @@ def controller(
     ) as dep:
         resumed = dep.store.get_session(resume) if resume else None
         with_package = package is not None or bool(resumed and resumed.config.get("package"))
-        ctl = dep.start_controller(evaluator=None if with_package else digits.evaluator)
+        ctl = dep.start_controller(
+            evaluator=None if with_package else digits.evaluator, lease_ttl_s=lease_ttl
+        )
         if resume is None:
             kwargs = {"session_id": session_id} if session_id else {}
             digest = None
@@ -247,12 +255,18 @@ def controller(
             )
             ctl.create_session(cfg, None if digest else digits.initial_weights(model))
             resume = cfg.session_id
-        sess = ctl.run(
-            resume,
-            on_round=lambda rec, _s: err_console.print(
-                f"round {rec.round}: {json.dumps({k: round(v, 4) for k, v in rec.metrics.items()})}"
-            ),
-        )
+        try:
+            sess = ctl.run(
+                resume,
+                on_round=lambda rec, _s: err_console.print(
+                    f"round {rec.round}: "
+                    f"{json.dumps({k: round(v, 4) for k, v in rec.metrics.items()})}"
+                ),
+                retry_failed=retry,
+            )
+        except SessionFailed as exc:
+            err_console.print(f"[red]edgefl controller: {exc}")
+            raise typer.Exit(1) from None
         print(
             json.dumps(
                 {

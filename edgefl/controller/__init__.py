@@ -1,6 +1,6 @@
 """The controller: sessions, rounds, model versions; merges regional partials."""
 
 from edgefl.controller.config import SessionConfig
-from edgefl.controller.controller import Controller, SessionFailed
+from edgefl.controller.controller import Controller, SessionBusy, SessionFailed
 
-__all__ = ["Controller", "SessionConfig", "SessionFailed"]
+__all__ = ["Controller", "SessionBusy", "SessionConfig", "SessionFailed"]

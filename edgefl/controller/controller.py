@@ -12,8 +12,11 @@ retried under a new attempt id, and devices retrain it deterministically.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 from edgefl.aggregation import make_aggregator
@@ -47,6 +50,40 @@ class SessionFailed(RuntimeError):
     """A session that cannot go on (no quorum after all attempts, stopped, ...)."""
 
 
+class SessionBusy(SessionFailed):
+    """Another controller holds the session's lease: one session, one controller."""
+
+
+class _LeaseRenewer:
+    """Keeps a session lease alive from a background thread; ``lost`` is set if it cannot."""
+
+    def __init__(
+        self, store: Store, session_id: str, holder: str, fence: int, ttl_s: float
+    ) -> None:
+        self.lost = threading.Event()
+        self._done = threading.Event()
+        self._args = (store, session_id, holder, fence, ttl_s)
+        self._thread = threading.Thread(target=self._run, name="lease-renewer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        store, session_id, holder, fence, ttl_s = self._args
+        while not self._done.wait(ttl_s / 3):
+            try:
+                if store.renew_lease(session_id, holder, fence, ttl_s):
+                    continue
+            except Exception:  # a store hiccup: try again before the lease runs out
+                log.exception("renewing the lease of %s failed", session_id)
+                continue
+            log.error("session %s: lease lost to another controller (fence %d)", session_id, fence)
+            self.lost.set()
+            return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+
 class Controller:
     """Owns one MQTT connection and runs sessions of one project, one at a time.
 
@@ -67,6 +104,8 @@ class Controller:
         evaluator: Evaluator | None = None,
         controller_id: str = "controller",
         sink: TelemetrySink | None = None,
+        lease_ttl_s: float = 10.0,
+        lease_wait_s: float | None = None,
     ) -> None:
         self.store = store
         self.blobs = blobs
@@ -78,12 +117,21 @@ class Controller:
         self.inbox = CombinerInbox(self.topics)
         self.telemetry = TelemetryForwarder(self.topics, self.sink)
         self._stop = threading.Event()
+        self.lease_ttl_s = lease_ttl_s
+        # by default a controller waits out a crashed predecessor's lease, then takes over
+        self.lease_wait_s = lease_ttl_s + 2.0 if lease_wait_s is None else lease_wait_s
+        self.instance_id = (
+            f"{controller_id}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        )
+        # A client id of its own and a clean session: a second controller must never kick the
+        # first off the broker, and a resumed controller retries its round anyway, so it needs
+        # nothing the broker queued while it was down.
         self.conn = MqttConnection(
             broker_url,
-            client_id=f"edgefl-{project}-{controller_id}",
+            client_id=f"edgefl-{project}-{controller_id}-{self.instance_id[-8:]}",
             username=username,
             password=password,
-            clean_session=False,
+            clean_session=True,
             on_connect=self._on_connect,
         )
         self.distributor = ModelDistributor(self.conn, self.topics)
@@ -190,25 +238,79 @@ class Controller:
         )
         return session
 
-    def run(self, session_id: str, on_round: RoundCallback | None = None) -> SessionRecord:
-        """Run a session to the end, resuming from its stored state."""
+    def run(
+        self,
+        session_id: str,
+        on_round: RoundCallback | None = None,
+        *,
+        retry_failed: bool = False,
+    ) -> SessionRecord:
+        """Run a session to the end, resuming from its stored state.
+
+        Only one controller runs a session: this one takes the session's lease first (waiting
+        up to ``lease_wait_s`` for a crashed holder's lease to expire) and raises
+        ``SessionBusy`` if another live controller holds it. A failed session runs again only
+        with ``retry_failed``, which gives the failed round a fresh attempt budget.
+        """
         sess = self._get_session(session_id)
         if sess.status == "completed":
             return sess
+        if sess.status == "failed" and not retry_failed:
+            raise SessionFailed(
+                f"session {session_id} failed: {sess.reason or 'no reason recorded'}. "
+                "Run it again with retry_failed (edgefl controller --resume ID --retry) to give "
+                "the failed round a fresh attempt budget"
+            )
+        fence = self._acquire_lease(session_id)
+        renewer = _LeaseRenewer(self.store, session_id, self.instance_id, fence, self.lease_ttl_s)
+        try:
+            return self._run_leased(sess, fence, renewer, on_round, retry_failed)
+        finally:
+            renewer.stop()
+            self.store.release_lease(session_id, self.instance_id, fence)
+
+    def _acquire_lease(self, session_id: str) -> int:
+        give_up = time.time() + self.lease_wait_s
+        while True:
+            fence = self.store.acquire_lease(session_id, self.instance_id, self.lease_ttl_s)
+            if fence is not None:
+                return fence
+            lease = self.store.get_lease(session_id)
+            if time.time() >= give_up or self._stop.is_set():
+                holder = lease.holder if lease else "another controller"
+                raise SessionBusy(
+                    f"session {session_id} is run by {holder}; stop that controller, or wait "
+                    f"for its lease to expire ({self.lease_ttl_s:.0f}s after it stops renewing)"
+                )
+            time.sleep(min(0.5, self.lease_ttl_s / 4))
+
+    def _run_leased(
+        self,
+        sess: SessionRecord,
+        fence: int,
+        renewer: _LeaseRenewer,
+        on_round: RoundCallback | None,
+        retry_failed: bool,
+    ) -> SessionRecord:
+        session_id = sess.session_id
         config = SessionConfig(**sess.config)
         self._fail_orphaned_rounds(session_id)
+        attempts = self._attempts_so_far(session_id)
+        # a retried failed session starts its attempt budget afresh from what was used
+        spent = dict(attempts) if sess.status == "failed" and retry_failed else {}
         if sess.status != "running":
-            self.store.update_session(session_id, status="running")
+            self.store.update_session(session_id, status="running", reason="")
         aggregator = make_aggregator(config.aggregator, **config.aggregator_params)
         weights, blob = self.models.load(sess.model_version)
         aggregator.load_state_dict(self.models.load_optimizer_state(sess.model_version))
         version = sess.model_version
         if sess.current_round > 0:
             log.info(
-                "session %s: resuming after round %d (model %s)",
+                "session %s: resuming after round %d (model %s, fence %d)",
                 session_id,
                 sess.current_round,
                 version,
+                fence,
             )
         self.distributor.forget_stale(self.store, session_id, version, config.chunk_size)
         package = None
@@ -217,21 +319,28 @@ class Controller:
             package = package_ref(config.package, len(package_blob))
             self.distributor.publish_package(package["id"], package_blob, config.chunk_size)
         self.distributor.publish(version, blob, config.chunk_size)
-        attempts = self._attempts_so_far(session_id)
         r = sess.current_round + 1
         while r <= config.rounds:
+            if renewer.lost.is_set():  # another controller took over: touch nothing more
+                raise SessionBusy(f"session {session_id}: this controller lost its lease")
             if self._stop.is_set():
-                self.store.update_session(session_id, status="stopped")
-                raise SessionFailed(f"session {session_id} stopped by request after round {r - 1}")
+                why = f"stopped by request after round {r - 1}"
+                self.store.update_session(session_id, status="stopped", reason=why)
+                raise SessionFailed(f"session {session_id} {why}")
             attempt = attempts.get(r, 0)
-            if attempt >= config.max_attempts:
-                self.store.update_session(session_id, status="failed")
-                raise SessionFailed(
-                    f"round {r} failed {attempt} times; session {session_id} failed"
-                )
+            if attempt - spent.get(r, 0) >= config.max_attempts:
+                last = self.store.list_rounds(session_id)[-1].reason if attempt else ""
+                why = f"round {r} failed {config.max_attempts} times (last: {last})"
+                self.store.update_session(session_id, status="failed", reason=why)
+                raise SessionFailed(f"session {session_id} failed: {why}")
             attempts[r] = attempt + 1
             outcome = self.rounds.run(
-                config, RoundAttempt(session_id, r, attempt, version), weights, aggregator, package
+                config,
+                RoundAttempt(session_id, r, attempt, version),
+                weights,
+                aggregator,
+                package,
+                fence=fence,
             )
             if outcome is None:
                 continue

@@ -95,13 +95,13 @@ class RoundRunner:
         weights: Weights,
         aggregator: ServerAggregator,
         package: dict[str, Any] | None = None,
+        *,
+        fence: int | None = None,
     ) -> RoundOutcome | None:
         """Run one attempt; None (with a failed record) when the round cannot complete."""
         online = self.presence.wait_for(config.min_devices, config.wait_for_devices_s)
         if len(online) < config.min_devices:
-            attempt.fail(
-                self.store, f"only {len(online)} of {config.min_devices} devices online"
-            )
+            attempt.fail(self.store, f"only {len(online)} of {config.min_devices} devices online")
             return None
         selected = select_devices(online, config, attempt.round, attempt.attempt)
         by_region: dict[str, list[str]] = {}
@@ -112,7 +112,12 @@ class RoundRunner:
         attempt.start(self.store, selected, started)
         spec = spec_of(weights)
         self.inbox.drain()
-        self._dispatch(config, attempt, by_region, deadline, spec_to_wire(spec), package)
+        extra: dict[str, Any] = {}
+        if package is not None:
+            extra["package"] = package
+        if fence is not None:
+            extra["fence"] = fence
+        self._dispatch(config, attempt, by_region, deadline, spec_to_wire(spec), extra)
         partials = self._collect(attempt.task_id, by_region, config, deadline)
 
         merged = WeightedSum(spec)
@@ -172,12 +177,11 @@ class RoundRunner:
         by_region: dict[str, list[str]],
         deadline: float,
         wire_spec: list[list[Any]],
-        package: dict[str, Any] | None,
+        extra: dict[str, Any],
     ) -> None:
         model = self.store.get_model(attempt.model_in)
         if model is None:
             raise KeyError(f"model version {attempt.model_in!r} is not in the store")
-        extra = {} if package is None else {"package": package}
         for region, devs in sorted(by_region.items()):
             plan = encode(
                 "round",

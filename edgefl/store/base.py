@@ -24,6 +24,7 @@ class SessionRecord:
     model_version: str  # current global model version
     created: float  # unix seconds
     updated: float
+    reason: str = ""  # why the session failed or stopped ("" while it runs or completed)
 
 
 @dataclass
@@ -60,6 +61,16 @@ class ModelRecord:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class LeaseRecord:
+    """Who runs a session: one controller at a time, proven by an increasing fence token."""
+
+    session_id: str
+    holder: str  # the controller instance that holds (or last held) the lease
+    fence: int  # increases whenever another holder takes the session over
+    expires: float  # unix seconds; a lease not renewed by then may be taken over
+
+
 class Store(Protocol):
     """Durable control-plane state: sessions, round attempts and model versions.
 
@@ -84,6 +95,7 @@ class Store(Protocol):
         status: SessionStatus | None = None,
         current_round: int | None = None,
         model_version: str | None = None,
+        reason: str | None = None,
     ) -> None:
         """Change the given fields (and ``updated``) in one transaction; KeyError if unknown."""
 
@@ -118,6 +130,23 @@ class Store(Protocol):
 
     def list_rounds(self, session_id: str) -> list[RoundRecord]:
         """A session's attempts ordered by (round, attempt)."""
+
+    def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> int | None:
+        """Take (or renew) the session's lease; its fence token, or None if another holds it.
+
+        Atomic across processes sharing the database: of two controllers racing for a free
+        or expired lease, exactly one gets it. Taking over from another holder increases
+        the fence, so everything the previous holder sends can be told apart as stale.
+        """
+
+    def renew_lease(self, session_id: str, holder: str, fence: int, ttl_s: float) -> bool:
+        """Extend a lease this holder still holds with this fence; False if it was lost."""
+
+    def release_lease(self, session_id: str, holder: str, fence: int) -> None:
+        """Let the lease expire now (the fence stays, so the next holder's is higher)."""
+
+    def get_lease(self, session_id: str) -> LeaseRecord | None:
+        """The session's lease, held or expired, or None if it never had one."""
 
     def close(self) -> None:
         """Release connections; the store must not be used afterwards."""

@@ -10,7 +10,7 @@ import contextlib
 import copy
 import threading
 import time
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -18,23 +18,29 @@ from sqlalchemy import (
     Float,
     Integer,
     String,
+    case,
     create_engine,
     event,
+    insert,
     inspect,
+    or_,
     select,
     text,
+    update,
 )
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
 
 from edgefl.protocol.types import Participant, Rejection, RoundStatus, SessionStatus
-from edgefl.store.base import ModelRecord, RoundRecord, SessionRecord
+from edgefl.store.base import LeaseRecord, ModelRecord, RoundRecord, SessionRecord
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # version -> the statements that bring a database of that version to the next one
 _MIGRATIONS: dict[int, list[str]] = {
     1: ["ALTER TABLE rounds ADD COLUMN rejected JSON"],  # v2: why each refused update was
+    2: ["ALTER TABLE sessions ADD COLUMN reason VARCHAR(1024)"],  # v3 (+ the leases table)
 }
 REASON_MAX = 1024  # the `reason` column's length; PostgreSQL rejects longer strings
 
@@ -63,6 +69,15 @@ class _Session(_Base):
     model_version: Mapped[str] = mapped_column(String(128))
     created: Mapped[float] = mapped_column(Float)
     updated: Mapped[float] = mapped_column(Float)
+    reason: Mapped[str | None] = mapped_column(String(REASON_MAX), nullable=True)  # NULL in v2
+
+
+class _Lease(_Base):
+    __tablename__ = "leases"
+    session_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    fence: Mapped[int] = mapped_column(Integer)
+    expires: Mapped[float] = mapped_column(Float)
 
 
 class _Round(_Base):
@@ -103,7 +118,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-R = TypeVar("R", SessionRecord, RoundRecord, ModelRecord)
+R = TypeVar("R", SessionRecord, RoundRecord, ModelRecord, LeaseRecord)
 
 
 def _record(cls: type[R], row: _Base) -> R:
@@ -114,8 +129,11 @@ def _record(cls: type[R], row: _Base) -> R:
     values: dict[str, Any] = {}
     for f in fields(cls):
         v = getattr(row, f.name)
-        if v is None and f.default_factory is list:  # a column added by a migration
-            v = []
+        if v is None:  # a column added by a migration: old rows read as the field's default
+            if f.default_factory is not MISSING:
+                v = f.default_factory()
+            elif f.default is not MISSING:
+                v = f.default
         values[f.name] = copy.deepcopy(v) if isinstance(v, (dict, list)) else v
     return cls(**values)
 
@@ -227,11 +245,14 @@ class SqlStore:
         status: SessionStatus | None = None,
         current_round: int | None = None,
         model_version: str | None = None,
+        reason: str | None = None,
     ) -> None:
         with self._lock, self._write() as s, s.begin():
             row = s.get(_Session, session_id)
             if row is None:
                 raise KeyError(f"unknown session {session_id!r}")
+            if reason is not None:
+                row.reason = reason[:REASON_MAX]
             if status is not None:
                 row.status = status
             if current_round is not None:
@@ -305,6 +326,74 @@ class SqlStore:
         )
         with self._read_lock, self._read() as s:
             return [_record(RoundRecord, r) for r in s.scalars(q).all()]
+
+    # leases -----------------------------------------------------------------------------
+    def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> int | None:
+        now = time.time()
+        taken = or_(_Lease.holder == holder, _Lease.expires < now)
+        with self._lock:
+            try:
+                with self.engine.begin() as conn:
+                    # one conditional UPDATE: atomic in the database, across processes too
+                    done = conn.execute(
+                        update(_Lease)
+                        .where(_Lease.session_id == session_id, taken)
+                        .values(
+                            fence=case(
+                                (_Lease.holder == holder, _Lease.fence), else_=_Lease.fence + 1
+                            ),
+                            holder=holder,
+                            expires=now + ttl_s,
+                        )
+                    )
+                    if done.rowcount == 1:
+                        fence = conn.execute(
+                            select(_Lease.fence).where(_Lease.session_id == session_id)
+                        ).scalar_one()
+                        return int(fence)
+                    held = conn.execute(
+                        select(_Lease.holder).where(_Lease.session_id == session_id)
+                    ).first()
+                    if held is not None:
+                        return None
+                    conn.execute(
+                        insert(_Lease).values(
+                            session_id=session_id, holder=holder, fence=1, expires=now + ttl_s
+                        )
+                    )
+                    return 1
+            except IntegrityError:  # another process inserted the first lease just now
+                return None
+
+    def renew_lease(self, session_id: str, holder: str, fence: int, ttl_s: float) -> bool:
+        with self._lock, self.engine.begin() as conn:
+            done = conn.execute(
+                update(_Lease)
+                .where(
+                    _Lease.session_id == session_id,
+                    _Lease.holder == holder,
+                    _Lease.fence == fence,
+                )
+                .values(expires=time.time() + ttl_s)
+            )
+            return bool(done.rowcount == 1)
+
+    def release_lease(self, session_id: str, holder: str, fence: int) -> None:
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(
+                update(_Lease)
+                .where(
+                    _Lease.session_id == session_id,
+                    _Lease.holder == holder,
+                    _Lease.fence == fence,
+                )
+                .values(expires=0.0)
+            )
+
+    def get_lease(self, session_id: str) -> LeaseRecord | None:
+        with self._read_lock, self._read() as s:
+            row = s.get(_Lease, session_id)
+            return _record(LeaseRecord, row) if row else None
 
     def close(self) -> None:
         """Release pooled connections; the store must not be used afterwards."""
