@@ -51,6 +51,8 @@ class DeviceAgent:
         self.topics = Topics(config.project)
         self._tasks: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._latest: dict[str, tuple[int, int, int]] = {}  # session -> newest (fence, r, a)
+        self.stale_tasks = 0
         self._model_cache: tuple[str, dict[str, np.ndarray]] | None = None
         self._worker: threading.Thread | None = None
         self.completed = 0
@@ -117,6 +119,16 @@ class DeviceAgent:
             return
         if task["task_id"] in self._seen:
             return  # QoS 1 redelivery after a reconnect
+        key = _task_key(task)
+        latest = self._latest.get(task["session"])
+        if key is None or (latest is not None and key <= latest):
+            # a replay of an older round, or a plan from a controller that lost the session
+            self.stale_tasks += 1
+            log.warning("%s: dropping stale task %s", self.config.device_id, task["task_id"])
+            return
+        self._latest[task["session"]] = key
+        while len(self._latest) > 64:
+            self._latest.pop(next(iter(self._latest)))
         self._seen[task["task_id"]] = None
         while len(self._seen) > 256:
             self._seen.popitem(last=False)
@@ -328,3 +340,12 @@ class DeviceAgent:
         if hashlib.sha256(result["payload"]).digest() != digest:
             raise ValueError(f"{version} does not match the digest in the task")
         return result["payload"]
+
+
+def _task_key(task: dict[str, Any]) -> tuple[int, int, int] | None:
+    """(fence, round, attempt): tasks of one session only ever move forward in this order."""
+    parts = task["task_id"].rsplit(":", 2)
+    fence = task.get("fence", 0)
+    if len(parts) != 3 or not parts[2].isdigit() or not isinstance(fence, int):
+        return None
+    return (fence, int(task["round"]), int(parts[2]))

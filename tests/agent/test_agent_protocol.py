@@ -50,6 +50,7 @@ class ServerSide:
         self.topics = Topics(PROJECT)
         self.updates = Reassembler()
         self.completed: list[dict] = []
+        self.declined: list[dict] = []
         self.statuses: list[dict] = []
         self.got = threading.Event()
         self.client = paho.Client(
@@ -69,9 +70,14 @@ class ServerSide:
                 self.statuses.append(decode(msg.payload, "status"))
             return
         done = self.updates.feed(device, msg.payload)
-        if done is not None:
-            self.completed.append(decode(done.payload, "update"))
-            self.got.set()
+        if done is None:
+            return
+        answer = decode(done.payload, ("update", "decline"))
+        if answer["type"] == "decline":
+            self.declined.append(answer)
+            return
+        self.completed.append(answer)
+        self.got.set()
 
     def publish_model(self, version: str, weights: dict) -> bytes:
         blob = dumps_tensors(weights)
@@ -81,10 +87,20 @@ class ServerSide:
             ).wait_for_publish(5)
         return hashlib.sha256(blob).digest()
 
-    def send_task(self, region: str, device: str, version: str, digest: bytes, rnd: int) -> None:
+    def send_task(
+        self,
+        region: str,
+        device: str,
+        version: str,
+        digest: bytes,
+        rnd: int,
+        attempt: int = 0,
+        **extra: object,
+    ) -> None:
         task = encode(
             "task",
-            task_id=f"s:{rnd}:0",
+            **extra,
+            task_id=f"s:{rnd}:{attempt}",
             session="s",
             round=rnd,
             model_version=version,
@@ -180,3 +196,54 @@ def test_model_digest_mismatch_is_refused(broker_url, server) -> None:
         assert not server.completed
     finally:
         agent.stop()
+
+
+def test_stale_and_replayed_tasks_are_dropped(broker_url, server) -> None:
+    """Tasks of a session only move forward in (fence, round, attempt): an older round's task
+    replayed, or a task from a controller that lost the session, is never trained."""
+    device = f"fence-{time.time_ns() % 10**9}"
+    agent = _agent(broker_url, device).start()
+    try:
+        digest = server.publish_model("v-fence", _initial_weights())
+        server.send_task("r1", device, "v-fence", digest, rnd=3, fence=2)
+        assert server.got.wait(15), "the current task was not trained"
+        server.got.clear()
+        server.send_task("r1", device, "v-fence", digest, rnd=4, fence=1)  # stale controller
+        server.send_task("r1", device, "v-fence", digest, rnd=2, fence=2)  # an old round
+        server.send_task("r1", device, "v-fence", digest, rnd=3, attempt=0, fence=2)  # replay
+        deadline = time.time() + 10
+        while agent.stale_tasks < 2:
+            assert time.time() < deadline, f"only {agent.stale_tasks} stale tasks dropped"
+            time.sleep(0.02)
+        server.send_task("r1", device, "v-fence", digest, rnd=4, fence=2)  # the next round
+        assert server.got.wait(15), "the next task was not trained"
+    finally:
+        agent.stop()
+    assert [u["task_id"] for u in server.completed] == ["s:3:0", "s:4:0"]
+    assert agent.stale_tasks == 2 and agent.completed == 2
+
+
+def test_a_task_for_a_model_that_never_comes_yields_to_the_next(broker_url, server) -> None:
+    """A corrupted task (a model version nobody has) must not block the device until its
+    deadline: the next task takes over, and the device asks for the missing model meanwhile."""
+    device = f"flip-{time.time_ns() % 10**9}"
+    agent = _agent(broker_url, device).start()
+    requests: list[bytes] = []
+    server.client.message_callback_add(
+        server.topics.device("r1", device, "request"), lambda _c, _u, m: requests.append(m.payload)
+    )
+    server.client.subscribe(server.topics.device("r1", device, "request"), qos=1)
+    try:
+        digest = server.publish_model("v-real", _initial_weights())
+        server.send_task("r1", device, "v-gone", digest, rnd=1)
+        time.sleep(agent.config.fetch_after_s + 1.0)  # long enough to ask for v-gone once
+        t0 = time.time()
+        server.send_task("r1", device, "v-real", digest, rnd=2)
+        assert server.got.wait(15), "the device stayed blocked on the missing model"
+        assert time.time() - t0 < 10
+    finally:
+        agent.stop()
+    assert [u["task_id"] for u in server.completed] == ["s:2:0"]
+    assert [d["task_id"] for d in server.declined] == ["s:1:0"]
+    assert "newer task" in server.declined[0]["reason"]
+    assert any(decode(p, "fetch")["version"] == "v-gone" for p in requests)
