@@ -7,8 +7,11 @@ undisturbed.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,7 +22,7 @@ from edgefl.controller.controller import Controller
 from edgefl.store import make_store
 from edgefl.store.blobs import FileBlobStore
 from edgefl.tasks import digits
-from tests.harness import completed_accuracies
+from tests.harness import Deployment, completed_accuracies
 
 
 def test_a_failed_session_keeps_its_reason_and_runs_again_with_retry(deployment) -> None:
@@ -93,3 +96,56 @@ def test_a_second_controller_is_refused_while_the_first_runs(deployment) -> None
     # the session's lease went to the first controller only, and was let go at the end
     lease = store.get_lease(config.session_id)
     assert lease.holder == first.instance_id and lease.fence == 1 and lease.expires <= time.time()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real, tiny filesystem (tmpfs) for the model store: writes fail with ENOSPC."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.fail(
+            f"the disk-full test mounts a tmpfs, which needs root (make test runs as root): "
+            f"{mounted.stderr.strip()}",
+            pytrace=False,
+        )
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_model_store_fails_the_session_cleanly_and_retry_continues(
+    broker_url: str, tmp_path: Path, small_disk: Path
+) -> None:
+    dep = Deployment(broker_url, tmp_path, models_dir=small_disk)
+    try:
+        dep.start_combiners(1)
+        dep.start_fleet(4)
+        ctl = dep.controller()
+        config = SessionConfig(rounds=20, min_devices=4, round_timeout_s=30)
+        ctl.create_session(config, digits.initial_weights())
+        with pytest.raises(SessionFailed, match="No space left on device"):
+            ctl.run(config.session_id)
+        sess = ctl.store.get_session(config.session_id)
+        assert sess.status == "failed" and "No space left on device" in sess.reason
+        assert 1 <= sess.current_round < 20
+        # no half-written version: every recorded version's blob is there and intact
+        for m in ctl.store.list_models(config.session_id):
+            ctl.models.load(m.version)
+        assert ctl.store.list_rounds(config.session_id)[-1].status == "failed"
+
+        remount = ["mount", "-o", "remount,size=2m", str(small_disk)]
+        subprocess.run(remount, check=True)  # the operator frees space
+        done = ctl.run(config.session_id, retry_failed=True)
+        assert done.status == "completed"
+        rounds = ctl.store.list_rounds(config.session_id)
+        assert completed_accuracies(rounds) == pytest.approx(
+            digits.reference_run(4, 20), abs=1e-9
+        )
+    finally:
+        dep.close()

@@ -32,7 +32,7 @@ from edgefl.packages.format import ModelPackage
 from edgefl.protocol import MessageError, Topics, decode
 from edgefl.protocol.messages import package_ref
 from edgefl.protocol.types import Weights
-from edgefl.store.base import BlobStore, RoundRecord, SessionRecord, Store
+from edgefl.store.base import BlobStore, RoundRecord, SessionRecord, StorageError, Store
 from edgefl.telemetry import NullSink, Point, TelemetrySink
 from edgefl.transport import MqttConnection
 
@@ -334,14 +334,23 @@ class Controller:
                 self.store.update_session(session_id, status="failed", reason=why)
                 raise SessionFailed(f"session {session_id} failed: {why}")
             attempts[r] = attempt + 1
-            outcome = self.rounds.run(
-                config,
-                RoundAttempt(session_id, r, attempt, version),
-                weights,
-                aggregator,
-                package,
-                fence=fence,
-            )
+            try:
+                outcome = self.rounds.run(
+                    config,
+                    RoundAttempt(session_id, r, attempt, version),
+                    weights,
+                    aggregator,
+                    package,
+                    fence=fence,
+                )
+            except StorageError as exc:
+                why = f"round {r}: {exc}"
+                self._fail_orphaned_rounds(session_id, reason=str(exc))
+                self.store.update_session(session_id, status="failed", reason=why)
+                raise SessionFailed(
+                    f"session {session_id} failed: {why}. Free space, then run it again "
+                    "with retry_failed (--retry)"
+                ) from exc
             if outcome is None:
                 continue
             weights, version = outcome.weights, outcome.version
@@ -363,8 +372,10 @@ class Controller:
             raise KeyError(f"unknown session {session_id!r}")
         return sess
 
-    def _fail_orphaned_rounds(self, session_id: str) -> None:
-        """Mark rounds a dead predecessor left 'running' as failed, so they are retried."""
+    def _fail_orphaned_rounds(
+        self, session_id: str, reason: str = "controller restarted"
+    ) -> None:
+        """Mark rounds left 'running' (by a dead predecessor, or a failed write) as failed."""
         for rec in self.store.list_rounds(session_id):
             if rec.status == "running":
                 self.store.finish_round(
@@ -373,7 +384,7 @@ class Controller:
                     model_out=None,
                     participants=[],
                     metrics={},
-                    reason="controller restarted",
+                    reason=reason,
                     finished=time.time(),
                 )
 

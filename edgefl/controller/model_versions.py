@@ -7,7 +7,7 @@ import time
 
 from edgefl.protocol.tensors import dumps_tensors, loads_tensors
 from edgefl.protocol.types import Weights
-from edgefl.store.base import BlobStore, ModelRecord, Store
+from edgefl.store.base import BlobStore, ModelRecord, StorageError, Store
 
 
 def version_name(session_id: str, round_: int, digest_hex: str) -> str:
@@ -40,9 +40,15 @@ class ModelRepository:
         existing = self.store.get_model(version)
         if existing is not None:  # the same bytes again (a retried round): nothing to write
             return existing, blob
-        self.blobs.put(version, blob)
-        if optimizer_state:
-            self.blobs.put(f"{version}.opt", dumps_tensors(optimizer_state))
+        try:
+            self.blobs.put(version, blob)
+            if optimizer_state:
+                self.blobs.put(f"{version}.opt", dumps_tensors(optimizer_state))
+        except OSError as exc:  # the record is never written: no version points at nothing
+            raise StorageError(
+                f"cannot store model version {version} ({len(blob)} bytes): "
+                f"{exc.strerror or exc}"
+            ) from exc
         record = ModelRecord(
             version=version,
             parent=parent,

@@ -12,6 +12,10 @@ from typing import Any, Protocol
 from edgefl.protocol.types import Participant, Rejection, RoundStatus, SessionStatus
 
 
+class StorageError(RuntimeError):
+    """The model store cannot take a write (disk full, read-only, gone): nothing was recorded."""
+
+
 @dataclass
 class SessionRecord:
     """A session's durable state; ``model_version`` moves only after the round is recorded."""
