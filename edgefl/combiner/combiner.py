@@ -7,8 +7,14 @@ closes the round (deadline or buffer full) — it sends the sufficient statistic
 
 The network thread only queues messages; one worker thread handles them in arrival order
 (hashing, decoding and folding release the GIL, so the network keeps reading meanwhile). The
-deadline timer queues onto the same worker, and ``stop`` takes the lock, so the round state
-is never touched by two threads at once.
+deadline timer queues onto the same worker, the periodic sweep of idle transfers runs on it
+between messages, and ``stop`` takes the lock, so the round state is never touched by two
+threads at once.
+
+One device cannot take the region down: its transfers in flight are capped (a new one evicts
+its own oldest), its rejections are logged at most once per ``warn_interval_s`` and then
+summarised, and a replayed or stale round plan (a lower ``(fence, round, attempt)`` than one
+already accepted for its session) is dropped.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +33,7 @@ from edgefl.protocol import ChunkError, CodecError, MessageError, Topics, decode
 from edgefl.protocol.chunking import (
     DEFAULT_CHUNK_SIZE,
     Reassembler,
+    ReceiverFull,
     TransferRefused,
     split_payload,
 )
@@ -39,6 +47,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[str, bytes], None]
 
 INBOX_MESSAGES = 16  # at most 16 chunks (4 MiB at the default chunk size) wait for the worker
+REMEMBERED_SESSIONS = 64  # sessions whose newest accepted plan is remembered (stale-plan check)
 
 
 # The task a device gets is the round plan minus what only the combiner needs.
@@ -61,6 +70,10 @@ class CombinerConfig:
     max_examples: int = 10**9  # an update claiming more examples is rejected
     transfer_ttl_s: float = 600.0
     partial_chunk_size: int = DEFAULT_CHUNK_SIZE
+    # per device: one upload per round task plus one overlapping resend
+    max_transfers_per_device: int = 2
+    max_spill_files: int = 64  # transfers spilled to temporary files at once
+    warn_interval_s: float = 10.0  # one warning per device and kind of rejection per interval
 
     @property
     def name(self) -> str:
@@ -86,8 +99,11 @@ class Combiner:
 
     Owns its MQTT connection and its worker thread; ``stop`` announces it offline, closes the
     connection and joins the worker. Memory is O(model size) whatever the number of devices:
-    the inbox is bounded and each update is folded as soon as it is complete. Every refused
-    update is logged with a reason and reported to the controller in the partial.
+    the inbox is bounded and each update is folded as soon as it is complete, and each device
+    has a fixed share of the reassembly state (``max_transfers_per_device``), so one device
+    cannot crowd out the others. Every refused update is counted in ``stats``, logged with a
+    reason (at most one warning per device and kind per ``warn_interval_s``, then a summary)
+    and reported to the controller in the partial.
     """
 
     def __init__(self, config: CombinerConfig) -> None:
@@ -104,12 +120,32 @@ class Combiner:
         self._stopping = threading.Event()
         self._round: _Round | None = None
         self._closed_ids: list[str] = []
+        # per session, the newest (fence, round, attempt) accepted; least recently used first
+        self._plan_keys: dict[str, tuple[int, int, int]] = {}
+        self._stale_logged: dict[str, None] = {}
         self.reassembler = Reassembler(
             max_payload=config.max_update_bytes,
             memory_budget=config.memory_budget_bytes,
             ttl_s=config.transfer_ttl_s,
+            max_transfers_per_source=config.max_transfers_per_device,
+            max_bytes_per_source=config.max_update_bytes,
+            max_spill_files=config.max_spill_files,
         )
-        self.stats = {"accepted": 0, "rejected": 0, "partials": 0}
+        self.sweep_interval_s = min(1.0, config.transfer_ttl_s / 10)
+        self._warnings = _WarningLimiter(config.name, config.warn_interval_s)
+        # counters for operators and tests: "rejected" is the total, "rejected_<kind>" per
+        # kind of rejection; "refused_transfers" counts transfers refused whole at their
+        # first chunk (too large, or no room)
+        self.stats: Counter[str] = Counter(
+            accepted=0,
+            rejected=0,
+            partials=0,
+            evicted=0,
+            expired=0,
+            refused_transfers=0,
+            stale_plans=0,
+            redelivered_plans=0,
+        )
         status = self.topics.combiner(config.region, "status")
         self.conn = MqttConnection(
             config.broker_url,
@@ -167,17 +203,35 @@ class Combiner:
         return lambda topic, payload: self._put((handler, topic, payload))
 
     def _work(self) -> None:
+        next_sweep = time.monotonic() + self.sweep_interval_s
         while True:
-            item = self._inbox.get()
+            try:
+                item = self._inbox.get(timeout=max(0.0, next_sweep - time.monotonic()))
+            except queue.Empty:
+                item = ()  # a quiet link: time to sweep
             if item is None:
                 return
             if self._stopping.is_set():
                 continue  # drain quickly to the sentinel
-            handler, *args = item
-            try:
-                handler(*args)
-            except Exception:  # one bad message must not stop the combiner
-                log.exception("combiner %s: handling %s failed", self.config.name, args[:1])
+            if item:
+                handler, *args = item
+                try:
+                    handler(*args)
+                except Exception:  # one bad message must not stop the combiner
+                    log.exception("combiner %s: handling %s failed", self.config.name, args[:1])
+            if time.monotonic() >= next_sweep:
+                try:
+                    self._sweep()
+                except Exception:
+                    log.exception("combiner %s: sweep failed", self.config.name)
+                next_sweep = time.monotonic() + self.sweep_interval_s
+
+    def _sweep(self) -> None:
+        """Expire idle transfers even when nothing arrives; emit due warning summaries."""
+        with self._lock:
+            self.reassembler.expire()
+            self.stats["expired"] = self.reassembler.expirations
+            self._warnings.flush()
 
     def _announce(self) -> None:
         status = self.topics.combiner(self.config.region, "status")
@@ -203,7 +257,13 @@ class Combiner:
             if plan["task_id"] in self._closed_ids or (
                 self._round and self._round.task_id == plan["task_id"]
             ):
+                self.stats["redelivered_plans"] += 1
                 return  # a redelivered plan (QoS 1 is at-least-once)
+            session, key = plan["session"], _plan_key(plan)
+            newest = self._plan_keys.get(session)
+            if newest is not None and key <= newest:
+                self._drop_stale_plan(plan, key, newest)
+                return
             if self._round and not self._round.flushed:
                 log.warning(
                     "combiner %s: round %s superseded by %s",
@@ -226,6 +286,10 @@ class Combiner:
                     exc,
                 )
                 return
+            self._plan_keys.pop(session, None)
+            self._plan_keys[session] = key  # the most recently used session goes last
+            while len(self._plan_keys) > REMEMBERED_SESSIONS:
+                self._plan_keys.pop(next(iter(self._plan_keys)))
             devices = {str(d) for d in plan["devices"]}
             rnd = _Round(plan["task_id"], plan, devices, spec, WeightedSum(spec))
             delay = max(0.0, float(plan["deadline"]) - time.time())
@@ -250,6 +314,25 @@ class Combiner:
             with self._lock:
                 self._flush("no devices assigned")
 
+    def _drop_stale_plan(
+        self, plan: dict, key: tuple[int, int, int], newest: tuple[int, int, int]
+    ) -> None:
+        """Count a replayed or superseded plan; warn once per plan (redeliveries are quiet)."""
+        self.stats["stale_plans"] += 1
+        first = plan["task_id"] not in self._stale_logged
+        self._stale_logged[plan["task_id"]] = None
+        while len(self._stale_logged) > REMEMBERED_SESSIONS:
+            self._stale_logged.pop(next(iter(self._stale_logged)))
+        (log.warning if first else log.debug)(
+            "combiner %s: dropped stale plan %s of session %s: (fence, round, attempt) %s is "
+            "not newer than %s, already accepted",
+            self.config.name,
+            plan["task_id"],
+            plan["session"],
+            key,
+            newest,
+        )
+
     def _deadline(self, task_id: str) -> None:
         with self._lock:
             if self._round and self._round.task_id == task_id:
@@ -263,46 +346,74 @@ class Combiner:
             log.warning("combiner %s: %s", self.config.name, exc)
             return
         with self._lock:
+            evictions = self.reassembler.evictions
             try:
                 done = self.reassembler.feed(device, payload)
             except TransferRefused as exc:
-                self._reject(device, f"transfer refused: {exc}", final_for=exc.meta)
+                self.stats["refused_transfers"] += 1
+                self._reject(
+                    device, f"transfer refused: {exc}", "transfer_refused", final_for=exc.meta
+                )
+                return
+            except ReceiverFull as exc:  # the combiner's fault, not the device's: not final
+                self.stats["refused_transfers"] += 1
+                self._reject(device, f"combiner full: {exc}", "combiner_full")
                 return
             except ChunkError as exc:  # maybe line noise: a clean resend may still succeed
-                self._reject(device, f"bad chunk: {exc}")
+                self._reject(device, f"bad chunk: {exc}", "bad_chunk")
                 return
+            finally:
+                self._count_evictions(device, self.reassembler.evictions - evictions)
             if done is not None:
                 self._accept(device, done.payload, done.meta)
+
+    def _count_evictions(self, device: str, n: int) -> None:
+        """A device that started more transfers than its share lost its oldest: say so."""
+        if n <= 0:
+            return
+        self.stats["evicted"] += n
+        self._warnings.warn(
+            device,
+            "evicted",
+            "evicted transfers",
+            f"combiner {self.config.name}: evicted an incomplete transfer from {device}: it "
+            f"started more than {self.reassembler.max_transfers_per_source} at once",
+            "a new transfer evicted the oldest",
+        )
 
     def _accept(self, device: str, payload: bytes, meta: dict[str, Any]) -> None:
         rnd = self._round
         try:
             msg = decode(payload, ("update", "decline"))
         except MessageError as exc:  # a complete, intact transfer of junk: the device's answer
-            self._reject(device, f"bad update message: {exc}", final_for=meta)
+            self._reject(device, f"bad update message: {exc}", "bad_update", final_for=meta)
             return
         if msg["type"] == "decline":  # the device cannot take part: do not wait for it
             current = rnd is not None and msg["task_id"] == rnd.task_id
             self._reject(
                 device,
                 f"device declined: {msg['reason'][:512]}",
+                "declined",
                 quiet=not current,
                 final_for={"task_id": msg["task_id"]},
             )
             return
         if rnd is None or msg["task_id"] != rnd.task_id:
             self._reject(
-                device, f"update for {msg['task_id']}, which is not the open round", quiet=True
+                device,
+                f"update for {msg['task_id']}, which is not the open round",
+                "other_round",
+                quiet=True,
             )
             return
         if rnd.flushed:
-            self._reject(device, "update arrived after the round closed")
+            self._reject(device, "update arrived after the round closed", "late")
             return
         if device not in rnd.devices:
-            self._reject(device, "device was not selected for this round")
+            self._reject(device, "device was not selected for this round", "not_selected")
             return
         if device in rnd.reported:
-            self._reject(device, "duplicate update for this round", quiet=True)
+            self._reject(device, "duplicate update for this round", "duplicate", quiet=True)
             return
         n = msg["num_examples"]
         try:
@@ -317,7 +428,7 @@ class Combiner:
             validate_update(tensors, rnd.spec)
         except (UpdateRejected, CodecError) as exc:
             rnd.reported.add(device)
-            self._reject(device, str(exc))
+            self._reject(device, str(exc), "invalid_update")
             self._maybe_complete()
             return
         rnd.acc.fold(tensors, float(n))
@@ -345,18 +456,24 @@ class Combiner:
         self,
         device: str,
         reason: str,
+        kind: str,
         quiet: bool = False,
         final_for: dict[str, Any] | None = None,
     ) -> None:
         """Count and log a refused update; record it against the open round.
 
-        ``final_for`` is the transfer meta of a refusal that no resend can fix: when it names
-        the open round, the device counts as reported, so the round need not wait for it.
+        ``kind`` names the rejection for the counters (``stats["rejected_<kind>"]``) and the
+        warning limiter: one warning per device and kind per ``warn_interval_s``, then a
+        summary. ``final_for`` is the transfer meta of a refusal that no resend can fix: when
+        it names the open round, the device counts as reported, so the round need not wait.
         """
         self.stats["rejected"] += 1
-        (log.debug if quiet else log.warning)(
-            "combiner %s: rejected update from %s: %s", self.config.name, device, reason
-        )
+        self.stats[f"rejected_{kind}"] += 1
+        text = f"combiner {self.config.name}: rejected update from {device}: {reason}"
+        if quiet:
+            log.debug("%s", text)
+        else:
+            self._warnings.warn(device, kind, "rejections", text, reason)
         rnd = self._round
         if (
             rnd is not None
@@ -430,3 +547,89 @@ class Combiner:
 def _for_task(task_id: str) -> Callable[[dict[str, Any]], bool]:
     """A reassembler filter matching the transfers of one round."""
     return lambda meta: meta.get("task_id") == task_id
+
+
+def _plan_key(plan: dict[str, Any]) -> tuple[int, int, int]:
+    """How new a plan is within its session: ``(fence, round, attempt)``.
+
+    The fence (the controller's lease token, 0 when absent) comes first, so a stale
+    controller's plan loses even for a later round; the attempt is the last part of
+    ``task_id`` (``"{session}:{round}:{attempt}"``), 0 if it is not a number.
+    """
+    attempt = plan["task_id"].rsplit(":", 1)[-1]
+    return (
+        int(plan.get("fence", 0)),
+        int(plan["round"]),
+        int(attempt) if attempt.isdigit() else 0,
+    )
+
+
+@dataclass
+class _Burst:
+    started: float
+    noun: str
+    last: str
+    more: int = 0
+
+
+class _WarningLimiter:
+    """At most one warning per (device, kind) per ``interval_s``; the rest become a summary.
+
+    A device that sends 20,000 bad chunks costs two log lines per interval, not 20,000. The
+    summary of an interval is logged by the next warning of that kind or by ``flush`` (the
+    combiner's periodic sweep), whichever comes first. State is bounded: at most ``max_keys``
+    open intervals (the oldest is summarised early to make room).
+    """
+
+    def __init__(
+        self,
+        who: str,
+        interval_s: float,
+        max_keys: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.who = who
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._clock = clock
+        self._open: dict[tuple[str, str], _Burst] = {}
+
+    def warn(self, device: str, kind: str, noun: str, text: str, reason: str) -> None:
+        """Log ``text`` unless this device had a warning of this kind within the interval.
+
+        ``noun`` and ``reason`` describe the event in the summary ("12 more rejections from
+        device d in the last 10 s (bad_chunk; the last: ...)").
+        """
+        now = self._clock()
+        key = (device, kind)
+        burst = self._open.get(key)
+        if burst is not None and now - burst.started < self.interval_s:
+            burst.more += 1
+            burst.last = reason
+            return
+        if burst is not None:
+            self._summarise(key, self._open.pop(key), now)
+        log.warning("%s", text)
+        self._open[key] = _Burst(now, noun, reason)
+        while len(self._open) > self.max_keys:
+            oldest = next(iter(self._open))
+            self._summarise(oldest, self._open.pop(oldest), now)
+
+    def flush(self) -> None:
+        """Summarise and forget every interval that has ended."""
+        now = self._clock()
+        for key in [k for k, b in self._open.items() if now - b.started >= self.interval_s]:
+            self._summarise(key, self._open.pop(key), now)
+
+    def _summarise(self, key: tuple[str, str], burst: _Burst, now: float) -> None:
+        if burst.more:
+            log.warning(
+                "combiner %s: %d more %s from device %s in the last %.0f s (%s; the last: %s)",
+                self.who,
+                burst.more,
+                burst.noun,
+                key[0],
+                now - burst.started,
+                key[1],
+                burst.last,
+            )
