@@ -73,6 +73,7 @@ def test_sessions(store: Store) -> None:
         "rounds": 5,
         "aggregator": "fedavg",
         "model_version": "s1-r0002",
+        "reason": "",
         "created": 1.0,
         "updated": 2.0,
     }
