@@ -22,7 +22,9 @@ from collections.abc import Callable
 from edgefl.aggregation import make_aggregator
 from edgefl.controller.config import SessionConfig
 from edgefl.controller.distribution import ModelDistributor
+from edgefl.controller.errors import SessionBusy, SessionFailed
 from edgefl.controller.inbox import CombinerInbox
+from edgefl.controller.lease import SessionLease
 from edgefl.controller.model_versions import ModelRepository
 from edgefl.controller.presence import Presence
 from edgefl.controller.records import RoundAttempt
@@ -45,43 +47,6 @@ def package_blob_key(digest: str) -> str:
     """Where a package lives in the blob store: content-addressed, beside the models."""
     return f"pkg-{digest}"
 
-
-class SessionFailed(RuntimeError):
-    """A session that cannot go on (no quorum after all attempts, stopped, ...)."""
-
-
-class SessionBusy(SessionFailed):
-    """Another controller holds the session's lease: one session, one controller."""
-
-
-class _LeaseRenewer:
-    """Keeps a session lease alive from a background thread; ``lost`` is set if it cannot."""
-
-    def __init__(
-        self, store: Store, session_id: str, holder: str, fence: int, ttl_s: float
-    ) -> None:
-        self.lost = threading.Event()
-        self._done = threading.Event()
-        self._args = (store, session_id, holder, fence, ttl_s)
-        self._thread = threading.Thread(target=self._run, name="lease-renewer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        store, session_id, holder, fence, ttl_s = self._args
-        while not self._done.wait(ttl_s / 3):
-            try:
-                if store.renew_lease(session_id, holder, fence, ttl_s):
-                    continue
-            except Exception:  # a store hiccup: try again before the lease runs out
-                log.exception("renewing the lease of %s failed", session_id)
-                continue
-            log.error("session %s: lease lost to another controller (fence %d)", session_id, fence)
-            self.lost.set()
-            return
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join(timeout=5)
 
 
 class Controller:
@@ -261,34 +226,20 @@ class Controller:
                 "Run it again with retry_failed (edgefl controller --resume ID --retry) to give "
                 "the failed round a fresh attempt budget"
             )
-        fence = self._acquire_lease(session_id)
-        renewer = _LeaseRenewer(self.store, session_id, self.instance_id, fence, self.lease_ttl_s)
-        try:
-            return self._run_leased(sess, fence, renewer, on_round, retry_failed)
-        finally:
-            renewer.stop()
-            self.store.release_lease(session_id, self.instance_id, fence)
-
-    def _acquire_lease(self, session_id: str) -> int:
-        give_up = time.time() + self.lease_wait_s
-        while True:
-            fence = self.store.acquire_lease(session_id, self.instance_id, self.lease_ttl_s)
-            if fence is not None:
-                return fence
-            lease = self.store.get_lease(session_id)
-            if time.time() >= give_up or self._stop.is_set():
-                holder = lease.holder if lease else "another controller"
-                raise SessionBusy(
-                    f"session {session_id} is run by {holder}; stop that controller, or wait "
-                    f"for its lease to expire ({self.lease_ttl_s:.0f}s after it stops renewing)"
-                )
-            time.sleep(min(0.5, self.lease_ttl_s / 4))
+        with SessionLease(
+            self.store,
+            session_id,
+            self.instance_id,
+            ttl_s=self.lease_ttl_s,
+            wait_s=self.lease_wait_s,
+            cancelled=self._stop,
+        ) as lease:
+            return self._run_leased(sess, lease, on_round, retry_failed)
 
     def _run_leased(
         self,
         sess: SessionRecord,
-        fence: int,
-        renewer: _LeaseRenewer,
+        lease: SessionLease,
         on_round: RoundCallback | None,
         retry_failed: bool,
     ) -> SessionRecord:
@@ -310,7 +261,7 @@ class Controller:
                 session_id,
                 sess.current_round,
                 version,
-                fence,
+                lease.fence,
             )
         self.distributor.forget_stale(self.store, session_id, version, config.chunk_size)
         package = None
@@ -321,7 +272,7 @@ class Controller:
         self.distributor.publish(version, blob, config.chunk_size)
         r = sess.current_round + 1
         while r <= config.rounds:
-            if renewer.lost.is_set():  # another controller took over: touch nothing more
+            if lease.lost.is_set():  # another controller took over: touch nothing more
                 raise SessionBusy(f"session {session_id}: this controller lost its lease")
             if self._stop.is_set():
                 why = f"stopped by request after round {r - 1}"
@@ -341,7 +292,7 @@ class Controller:
                     weights,
                     aggregator,
                     package,
-                    fence=fence,
+                    fence=lease.fence,
                 )
             except StorageError as exc:
                 why = f"round {r}: {exc}"
