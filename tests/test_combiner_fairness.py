@@ -62,7 +62,7 @@ def flood_chunk(k: int) -> bytes:
 def flood_main(url: str, project: str, region: str, device: str) -> None:
     """The flooding device, run as its own process: it announces itself like any device, sends
     FLOOD never-completing transfers and a junk sentinel, says "flooded", then keeps sending
-    new transfers (about 2,000/s) until it is killed."""
+    new transfers (about 1,000/s) until it is killed."""
     topics = Topics(project)
     client = raw_client(url, f"flood-{device}")
     client.publish(
@@ -83,7 +83,7 @@ def flood_main(url: str, project: str, region: str, device: str) -> None:
     print("flooded", flush=True)
     k = FLOOD
     while True:
-        for _ in range(100):
+        for _ in range(50):
             client.publish(topic, flood_chunk(k), qos=1)
             k += 1
         time.sleep(0.05)
