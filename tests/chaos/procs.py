@@ -767,7 +767,7 @@ class Injector:
                 for _ in range(rng.randrange(1, 8))
             }
             return bytes(cbor2.dumps({"v": rng.choice([1, 1, 2, None]), "type": mtype, **fields}))
-        src = rng.choice(real)
+        src = real[-1] if rng.random() < 0.5 else rng.choice(real)  # the newest is the live one
         if kind == "truncated":
             return src[: rng.randrange(0, max(1, len(src)))]
         if kind == "bitflip":
@@ -787,17 +787,24 @@ class Injector:
                 real_topics = list(self.seen)
             kind = self.rng.choice(INJECTION_KINDS)
             topic = self.rng.choice(universe)
+            channel = _channel(topic)
+            # the real payload to replay or mutate: mostly one of this topic's own, or one of
+            # the same channel elsewhere (another device's update on this device's topic),
+            # sometimes anything at all
+            same = [t for t in real_topics if _channel(t) == channel and t != topic]
+            pick = self.rng.random()
+            if topic in self.seen and pick < 0.4:
+                source: str | None = topic
+            elif same and pick < 0.9:
+                source = self.rng.choice(same)
+            else:
+                source = self.rng.choice(real_topics) if real_topics else None
             with self.lock:
-                # replays go to their own topic half the time, anywhere else otherwise
-                source = topic if topic in self.seen and self.rng.random() < 0.5 else None
-                if source is None and real_topics:
-                    source = self.rng.choice(real_topics)
                 real = list(self.seen.get(source, [])) if source else []
             payload = self._payload(kind, real)
             with contextlib.suppress(ValueError, RuntimeError):
                 self.client.publish(topic, payload, qos=self.rng.choice([0, 1]), retain=False)
                 self.sent[kind] += 1
-                channel = topic.split("/")[-1] if "/model/" not in topic else "model"
                 self.channels[channel] = self.channels.get(channel, 0) + 1
             next_at += period
             delay = next_at - time.monotonic()
@@ -809,6 +816,11 @@ class Injector:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def _channel(topic: str) -> str:
+    """The last level that names what a topic carries (``model`` for model chunks)."""
+    return "model" if "/model/" in topic else topic.rsplit("/", 1)[-1]
 
 
 def run_injector(url: str, project: str, rate: float, seed: int) -> None:

@@ -17,6 +17,7 @@ docs/reliability.md maps each fault to its guarantee and to the test here that c
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -267,37 +268,71 @@ class SilentDevice:
         self.client.loop_stop()
 
 
+@contextlib.contextmanager
+def silent_device(cluster: Cluster, watcher: Watcher, region: str) -> Iterator[SilentDevice]:
+    """A ``SilentDevice`` named 'silent', online (as the watcher sees it) for the block."""
+    dev = SilentDevice(cluster.url, cluster.project, region, "silent")
+    try:
+        wait_until(lambda: "silent" in watcher.online_devices(), 10, "the silent device online")
+        yield dev
+    finally:
+        dev.stop()
+
+
 # 1. broker -----------------------------------------------------------------------------------
 def test_broker_sigkilled_mid_round_restarts_from_an_older_persistence_file(
     cluster: Cluster, broker: PersistentMosquitto, watcher: Watcher, procs: Procs
 ) -> None:
-    """Mosquitto is SIGKILLed right after the controller published a new model, and restarts
-    from a persistence file written rounds earlier: the new model's retained chunks, queued
-    messages and session state since then are gone. The session must still complete, on the
-    reference trajectory, and the broker must end up holding the current model again."""
+    """Mosquitto is SIGKILLed mid-round 4, after the controller published round 3's model,
+    and restarts from a persistence file written after round 1: that model's retained chunks,
+    the round's queued tasks and all session state since are gone. The devices were frozen
+    (SIGSTOP) before they could fetch the model, so after the restart they need it from the
+    broker. The session must still complete on the reference trajectory, and the broker must
+    end up holding the current model, complete and verified."""
     parts = start_tiers(cluster, watcher)
+    fleet = parts[-1]
     sid = "brokerkill"
-    cluster.create_session(sid, **session_config(rounds=6))
-    ctl = cluster.controller("controller", "--resume", sid)
-    wait_until(
-        lambda: cluster.store.get_session(sid).current_round >= 1, 60, "round 1", procs, [ctl]
-    )
-    snapshot_at = broker.snapshot()
-    # the moment round 3's model is completely on the broker (published retained), kill it
-    version = wait_until(
-        lambda: next((v for v in list(watcher.models) if v.startswith(f"{sid}-r0003-")), None),
-        60,
-        "the round-3 model published",
-        procs,
-        [ctl, *parts],
-        poll_s=0.001,
-    )
-    broker.kill()
-    killed_at = time.time()
-    assert snapshot_at < watcher.models[version] <= killed_at, "persistence file is not older"
-    time.sleep(1.0)
-    broker.restart()
-    finish(ctl)
+    everyone = {device_name(k) for k in range(N_DEVICES)}
+
+    def round3_uploaded() -> bool:
+        with watcher.lock:
+            return any(
+                t.startswith(f"{sid}:3:") and everyone <= set(u)
+                for t, u in watcher.update_chunks.items()
+            )
+
+    # the silent device keeps each round open until its deadline: room to act mid-round
+    with silent_device(cluster, watcher, "region-1"):
+        cluster.create_session(
+            sid, **session_config(rounds=6, round_timeout_s=2.0, close_grace_s=1.0)
+        )
+        ctl = cluster.controller("controller", "--resume", sid)
+        wait_until(
+            lambda: cluster.store.get_session(sid).current_round >= 1, 60, "round 1", procs, [ctl]
+        )
+        snapshot_at = broker.snapshot()
+        wait_until(round3_uploaded, 60, "round-3 uploads", procs, [ctl, *parts])
+        assert round_running(cluster, sid, 3), "round 3 closed before the devices were frozen"
+        fleet.signal(signal.SIGSTOP)  # every device is frozen before round 3's model is out
+        try:
+            version = wait_until(
+                lambda: next(
+                    (v for v in list(watcher.models) if v.startswith(f"{sid}-r0003-")), None
+                ),
+                30,
+                "the round-3 model published",
+                procs,
+                [ctl],
+            )
+            wait_until(lambda: round_running(cluster, sid, 4), 30, "round 4", procs, [ctl])
+            broker.kill()
+            killed_at = time.time()
+            time.sleep(1.0)
+            broker.restart()
+        finally:
+            fleet.signal(signal.SIGCONT)
+        assert snapshot_at < watcher.models[version] <= killed_at, "persistence file not older"
+        finish(ctl)
     done = assert_no_version_lost(cluster, sid)
     assert accuracies(done) == pytest.approx(digits.reference_run(N_DEVICES, 6), abs=1e-9)
     # devices that join now must find the current model: retained, complete, verified
@@ -312,25 +347,29 @@ def test_broker_sigkilled_mid_round_restarts_from_an_older_persistence_file(
 def test_combiner_sigkilled_mid_round_restarts(
     cluster: Cluster, watcher: Watcher, procs: Procs
 ) -> None:
-    """A regional combiner is SIGKILLed while round 3's updates stream into it, and started
-    again at once: the round it lost is redone and the session ends on the reference."""
+    """A regional combiner is SIGKILLed holding an open round (its honest devices' updates
+    folded, one device still to answer) and started again at once: the round it lost is
+    redone and the session ends on the reference."""
     parts = start_tiers(cluster, watcher)
     sid = "combkill"
-    cluster.create_session(sid, **session_config(round_timeout_s=6.0))
-    ctl = cluster.controller("controller", "--resume", sid)
     region0 = {device_name(k) for k in range(0, N_DEVICES, REGIONS)}
+    with silent_device(cluster, watcher, "region-0"):  # keeps region-0's rounds open
+        cluster.create_session(sid, **session_config(round_timeout_s=2.0, close_grace_s=1.0))
+        ctl = cluster.controller("controller", "--resume", sid)
 
-    def uploading_to_region0() -> bool:
-        with watcher.lock:
-            return any(
-                task.startswith(f"{sid}:3:") and region0 & set(per)
-                for task, per in watcher.update_chunks.items()
-            )
+        def region0_uploaded() -> bool:
+            with watcher.lock:
+                return any(
+                    task.startswith(f"{sid}:3:") and region0 <= set(per)
+                    for task, per in watcher.update_chunks.items()
+                )
 
-    wait_until(uploading_to_region0, 90, "round-3 uploads to region-0", procs, [ctl, *parts])
-    parts[0].kill()
-    restarted = cluster.combiner("region-0")
-    finish(ctl)
+        wait_until(region0_uploaded, 90, "round-3 uploads to region-0", procs, [ctl, *parts])
+        time.sleep(0.3)  # let the combiner fold them
+        assert round_running(cluster, sid, 3), "the kill would not land mid-round"
+        parts[0].kill()
+        restarted = cluster.combiner("region-0")
+        finish(ctl)
     done = assert_no_version_lost(cluster, sid)
     assert accuracies(done) == pytest.approx(digits.reference_run(N_DEVICES, 5), abs=1e-9)
     procs.check_alive(restarted, *parts[1:])
@@ -340,22 +379,26 @@ def test_combiner_sigkilled_mid_round_restarts(
 def test_controller_sigkilled_mid_round_resumes(
     cluster: Cluster, watcher: Watcher, procs: Procs
 ) -> None:
-    """The controller is SIGKILLed while round 3's updates are in flight; ``edgefl controller
-    --resume`` finishes the session exactly where an uninterrupted one would end."""
+    """The controller is SIGKILLed while round 3 is open and its updates are in; ``edgefl
+    controller --resume`` finishes the session exactly where an uninterrupted one would end."""
     parts = start_tiers(cluster, watcher)
     sid = "ctlkill"
-    cluster.create_session(sid, **session_config(round_timeout_s=6.0))
-    first = cluster.controller("controller", "--resume", sid)
+    with silent_device(cluster, watcher, "region-1"):  # keeps every round open to its deadline
+        cluster.create_session(sid, **session_config(round_timeout_s=2.0, close_grace_s=1.0))
+        first = cluster.controller("controller", "--resume", sid)
 
-    def uploading() -> bool:
-        with watcher.lock:
-            return any(t.startswith(f"{sid}:3:") and u for t, u in watcher.update_chunks.items())
+        def uploading() -> bool:
+            with watcher.lock:
+                return any(
+                    t.startswith(f"{sid}:3:") and u for t, u in watcher.update_chunks.items()
+                )
 
-    wait_until(uploading, 90, "round-3 uploads", procs, [first, *parts], poll_s=0.001)
-    first.kill()
-    assert cluster.store.get_session(sid).status == "running"
-    resumed = cluster.controller("controller-resumed", "--resume", sid)
-    finish(resumed)
+        wait_until(uploading, 90, "round-3 uploads", procs, [first, *parts])
+        assert round_running(cluster, sid, 3), "the kill would not land mid-round"
+        first.kill()
+        assert cluster.store.get_session(sid).status == "running"
+        resumed = cluster.controller("controller-resumed", "--resume", sid)
+        finish(resumed)
     done = assert_no_version_lost(cluster, sid)
     assert accuracies(done) == pytest.approx(digits.reference_run(N_DEVICES, 5), abs=1e-9)
     current = cluster.store.get_session(sid).model_version
@@ -374,18 +417,18 @@ def test_second_controller_on_a_running_session_refuses_or_waits(
     (SIGKILL), the session is not stuck in 'running': B takes over, or ``--resume`` does
     within a bounded time, and the session ends on the reference."""
     parts = start_tiers(cluster, watcher)
-    silent = SilentDevice(cluster.url, cluster.project, "region-0", "silent")
-    try:
-        wait_until(lambda: "silent" in watcher.online_devices(), 10, "the silent device online")
+    with silent_device(cluster, watcher, "region-0"):
         sid = "twoctl"
         rounds = 10
         # the silent device is selected and never answers: each round lasts its deadline
         cluster.create_session(
             sid, **session_config(rounds=rounds, round_timeout_s=1.5, close_grace_s=1.0)
         )
-        a = cluster.controller("controller-a", "--resume", sid)
+        # A's hold on the session outlives it by 3 s; B may wait up to its own 30 s + 2 s for
+        # it. So when A dies, B is still waiting and must take over from where A got to
+        a = cluster.controller("controller-a", "--resume", sid, "--lease-ttl", "3")
         wait_until(lambda: round_running(cluster, sid, 2), 60, "round 2 running", procs, [a])
-        b = cluster.controller("controller-b", "--resume", sid)
+        b = cluster.controller("controller-b", "--resume", sid, "--lease-ttl", "30")
         with_b = cluster.store.get_session(sid).current_round
         # A must run three more rounds, undisturbed, while B starts, connects and decides
         wait_until(
@@ -417,8 +460,6 @@ def test_second_controller_on_a_running_session_refuses_or_waits(
             time.sleep(2.0)
             finisher = cluster.controller(f"controller-resume-{tries}", "--resume", sid)
         print(f"finished by {finisher.name}, {time.time() - killed_at:.1f} s after A died")
-    finally:
-        silent.stop()
     done = assert_no_version_lost(cluster, sid)
     attempts = sorted(rounds_of(cluster, sid), key=lambda r: r.started)
     for prev, nxt in itertools.pairwise(attempts):
@@ -561,9 +602,7 @@ def test_fault_injector_on_every_topic_during_a_session(
     )
     # a selected device that never answers makes every round last its deadline (~1.5 s), so
     # the injector hits combiners and devices while rounds are open, not only between them
-    silent = SilentDevice(cluster.url, cluster.project, "region-1", "silent")
-    try:
-        wait_until(lambda: "silent" in watcher.online_devices(), 10, "the silent device online")
+    with silent_device(cluster, watcher, "region-1"):
         time.sleep(1.0)  # it learns the tree from retained statuses and hits it before round 1
         sid = "inject"
         cluster.create_session(
@@ -571,8 +610,6 @@ def test_fault_injector_on_every_topic_during_a_session(
         )
         ctl = cluster.controller("controller", "--resume", sid)
         finish(ctl)
-    finally:
-        silent.stop()
     injector.signal(signal.SIGTERM)
     injector.wait(20)
     stats = last_json_line(injector.output())
