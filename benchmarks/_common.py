@@ -145,7 +145,9 @@ def model_bytes(weights: dict) -> int:
     return int(sum(np.asarray(w).nbytes for w in weights.values()))
 
 
-def encode_update(weights: dict, task_id: str, model_version: str, num_examples: int) -> bytes:
+def encode_update(
+    weights: dict, task_id: str, model_version: str, num_examples: int, device: str
+) -> bytes:
     """The device agent's update message (see device_agent.agent.DeviceAgent._run_task)."""
     from edgefl.protocol import encode
     from edgefl.protocol.tensors import encode_tensors
@@ -153,6 +155,7 @@ def encode_update(weights: dict, task_id: str, model_version: str, num_examples:
     return encode(
         "update",
         task_id=task_id,
+        device=device,
         model_version=model_version,
         num_examples=int(num_examples),
         metrics={"train_loss": 0.5},

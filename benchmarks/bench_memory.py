@@ -100,8 +100,6 @@ def publisher(idx: int, url: str, pipe) -> None:
             if cmd[0] == "stop":
                 return
             _, task_id, devices = cmd
-            update = encode_update(weights, task_id, MODEL_VERSION, 100 + idx)
-            msgs = [c.to_bytes() for c in split_payload(update, DEFAULT_CHUNK_SIZE)]
             with moved:
                 progress.update(task=task_id, accepted=0)
             infos = []
@@ -111,6 +109,9 @@ def publisher(idx: int, url: str, pipe) -> None:
                         lambda sent=sent: N_PUBLISHERS * sent - progress["accepted"] < WINDOW,
                         timeout=TIMEOUT_S,
                     )
+                # each device's update names its sender, as the combiner checks
+                update = encode_update(weights, task_id, MODEL_VERSION, 100 + idx, dev)
+                msgs = [c.to_bytes() for c in split_payload(update, DEFAULT_CHUNK_SIZE)]
                 topic = topics.device(REGION, dev, "update")
                 infos += [conn.publish(topic, m, qos=1) for m in msgs]
                 infos = [i for i in infos if not i.is_published()]

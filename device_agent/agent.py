@@ -173,6 +173,7 @@ class DeviceAgent:
         update = encode(
             "update",
             task_id=task["task_id"],
+            device=c.device_id,
             model_version=task["model_version"],
             num_examples=int(result.num_examples),
             metrics=clean_metrics(result.metrics),

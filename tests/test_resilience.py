@@ -80,7 +80,7 @@ def test_vanished_device_does_not_stall_round(deployment) -> None:
     ghost = dep.own(RogueDevice(dep.url, dep.project, "region-1", "ghost", mode="silent"))
 
     def respond(rogue: RogueDevice, task: dict) -> None:
-        for payload in _bad_update(rogue.mode, task):
+        for payload in _bad_update(rogue.mode, task, rogue.device):
             rogue.client.publish(rogue.topics.device(rogue.region, rogue.device, "update"), payload)
 
     noisy = RogueDevice(dep.url, dep.project, "region-0", "noisy", "garbage-chunk", respond)
@@ -103,7 +103,7 @@ def test_vanished_device_does_not_stall_round(deployment) -> None:
     assert completed_accuracies(rounds) == pytest.approx(digits.reference_run(10, 3), abs=1e-9)
 
 
-def _bad_update(mode: str, task: dict) -> bytes | list[bytes]:
+def _bad_update(mode: str, task: dict, device: str) -> bytes | list[bytes]:
     """Build one misbehaving upload (the chunk messages to publish)."""
 
     def chunks_of(payload: bytes) -> list[bytes]:
@@ -131,6 +131,7 @@ def _bad_update(mode: str, task: dict) -> bytes | list[bytes]:
     msg = encode(
         "update",
         task_id=task["task_id"],
+        device=device,
         model_version=task["model_version"],
         num_examples=50,
         metrics={},
@@ -162,7 +163,7 @@ def test_bad_updates_are_rejected_and_round_goes_on(broker_url, tmp_path) -> Non
         for i, mode in enumerate(modes):
 
             def respond(rogue: RogueDevice, task: dict) -> None:
-                for payload in _bad_update(rogue.mode, task):
+                for payload in _bad_update(rogue.mode, task, rogue.device):
                     rogue.client.publish(
                         rogue.topics.device(rogue.region, rogue.device, "update"), payload, qos=1
                     )

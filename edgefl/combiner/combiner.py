@@ -398,6 +398,10 @@ class Combiner:
                 final_for={"task_id": msg["task_id"]},
             )
             return
+        if msg["device"] != device:  # a replay or a forgery on this device's topic
+            named = msg["device"][:64]
+            self._reject(device, f"update names device {named!r}, not the sender", "wrong_sender")
+            return
         if rnd is None or msg["task_id"] != rnd.task_id:
             self._reject(
                 device,

@@ -32,6 +32,7 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
     # device -> combiner (chunked)
     "update": {
         "task_id": str,
+        "device": str,  # the sender, as on the topic: a replay onto another device's topic fails
         "model_version": str,
         "num_examples": int,
         "metrics": dict,
