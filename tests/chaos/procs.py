@@ -535,13 +535,15 @@ class LinkProxy:
                 if not data:
                     break
                 if upward and self._armed and self.cut_at is None:
-                    window = (window + data)[-65536:]
+                    window = (window + data)[-2 * 65536 :]
                     if not state["seen"] and self.marker in window:
                         state["seen"] = True
-                        data = window[window.index(self.marker) :]  # count from the marker
-                        window = b""
+                        # count from the marker: minus the bytes of this read before it, or
+                        # plus those already forwarded when it began in an earlier read
+                        from_marker = len(window) - window.index(self.marker)
+                        state["sent"] = from_marker - len(data)
                     if state["seen"]:
-                        room = self.cut_after - state["sent"]
+                        room = max(0, self.cut_after - state["sent"])
                         if len(data) >= room:
                             dst.sendall(data[:room])
                             self._cut()

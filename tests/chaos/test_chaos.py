@@ -663,7 +663,7 @@ def fill_disk(path: Path) -> int:
 
 
 def test_model_store_disk_full(
-    cluster: Cluster, watcher: Watcher, procs: Procs, small_disk: Path
+    small_disk: Path, cluster: Cluster, watcher: Watcher, procs: Procs
 ) -> None:
     """The filesystem under the model store fills up mid-session. The controller stops with a
     clear error (no traceback) saying that a model could not be stored because the disk is
