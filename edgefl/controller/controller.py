@@ -234,6 +234,12 @@ class Controller:
             wait_s=self.lease_wait_s,
             cancelled=self._stop,
         ) as lease:
+            # the state read before the lease may be stale: whoever held it may have run on
+            sess = self._get_session(session_id)
+            if sess.status == "completed":
+                return sess
+            if sess.status == "failed" and not retry_failed:
+                raise SessionFailed(f"session {session_id} failed: {sess.reason}")
             return self._run_leased(sess, lease, on_round, retry_failed)
 
     def _run_leased(
