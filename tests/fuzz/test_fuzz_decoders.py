@@ -94,19 +94,19 @@ TOTAL_EXAMPLES = int(os.environ.get("EDGEFL_FUZZ_EXAMPLES", "100000"))
 SHARES: dict[str, int] = {
     "messages_bytes": 9,
     "messages_mutated": 8,
-    "messages_structured": 10,
+    "messages_structured": 6,
     "tensors_bytes": 5,
-    "tensors_mutated": 5,
+    "tensors_mutated": 6,
     "tensors_structured": 8,
     "chunks_bytes": 5,
-    "chunks_mutated": 6,
+    "chunks_mutated": 8,
     "chunks_structured": 8,
-    "reassembler": 6,
-    "types": 8,
+    "reassembler": 5,
+    "types": 10,
     "packages_mutated": 5,
     "packages_structured": 6,
-    "topics": 8,
-    "config": 3,
+    "topics": 9,
+    "config": 2,
 }
 
 
@@ -1361,6 +1361,7 @@ def _seed_messages() -> dict[str, bytes]:
         },
         "update": {
             "task_id": "sess-1:3:region-0",
+            "device": "dev-1",
             "model_version": "sess-1-v3",
             "num_examples": 120,
             "metrics": {"loss": 0.5, "accuracy": 0.9},
