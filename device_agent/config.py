@@ -40,6 +40,12 @@ class AgentConfig:
     max_backoff_s: float = 30.0
     download_timeout_s: float = 60.0
     fetch_after_s: float = 3.0  # ask the controller for a model that has not arrived by then
+    # TLS (mqtts:// broker URLs): the broker's certificate is always verified, against ca_file
+    # (the fleet's CA, from `edgefl ca init`) or else the system's trusted CAs.
+    ca_file: str | None = None
+    cert_file: str | None = None  # client certificate (CN = device id) for mutual TLS
+    key_file: str | None = None  # its private key (mode 0600)
+    tls_insecure: bool = False  # skip verifying the broker: lab only, logged as INSECURE
 
     def __post_init__(self) -> None:
         if not self.device_id:
@@ -56,6 +62,12 @@ class AgentConfig:
             raise ValueError(
                 "require_signature needs trusted_key: the public key packages are signed with"
             )
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {path!r}: no such file")
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file: the client certificate it belongs to")
 
     def redacted(self) -> dict[str, Any]:
         d = asdict(self)
@@ -88,10 +100,16 @@ def load_config(
     if path is not None:
         p = Path(path)
         text = p.read_text()
-        if p.suffix == ".toml":
-            values.update(_load_toml(text))
-        else:
-            values.update(json.loads(text))
+        try:
+            loaded = _load_toml(text) if p.suffix == ".toml" else json.loads(text)
+        except RecursionError as exc:
+            raise ValueError(f"agent config {p}: nested too deeply") from exc
+        if not isinstance(loaded, dict):
+            raise ValueError(
+                f"agent config {p} must hold a JSON object or TOML table, "
+                f"not {type(loaded).__name__}"
+            )
+        values.update(loaded)
     names = {f.name for f in fields(AgentConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -102,7 +120,29 @@ def load_config(
         if key in source:
             values[name] = _coerce(name, source[key])
     values.update({k: v for k, v in overrides.items() if v is not None})
+    _check_types(values)
     return AgentConfig(**values)
+
+
+def _check_types(values: Mapping[str, Any]) -> None:
+    """Refuse a value of the wrong type (``"keepalive": "30"``) with the key in the message."""
+    declared = {f.name: str(f.type) for f in fields(AgentConfig)}
+    for name, value in values.items():
+        if name not in declared:
+            continue  # AgentConfig itself refuses an unknown key
+        kinds = declared[name].replace(" ", "").split("|")
+        if isinstance(value, bool):
+            ok = "bool" in kinds
+        elif isinstance(value, int):
+            ok = "int" in kinds or "float" in kinds
+        elif isinstance(value, float):
+            ok = "float" in kinds
+        elif isinstance(value, str):
+            ok = "str" in kinds
+        else:
+            ok = value is None and "None" in kinds
+        if not ok:
+            raise ValueError(f"agent config key {name!r} must be {declared[name]}, got {value!r}")
 
 
 def _load_toml(text: str) -> dict[str, Any]:

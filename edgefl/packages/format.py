@@ -43,6 +43,7 @@ SIGNATURE_ALG = "ed25519"
 # Domain separation: a package signature can never be replayed as a signature on other data.
 SIGNATURE_CONTEXT = b"edgefl-model-package\x00"
 KEY_ID_BYTES = 16
+MAX_MANIFEST_DEPTH = 32
 
 REQUIRED_MANIFEST_FIELDS = (
     "format_version",
@@ -175,19 +176,24 @@ def _plain(value: Any, where: str) -> Any:
     )
 
 
-def _check_plain(value: Any, where: str) -> None:
-    """Decoded manifests hold only JSON-like data: no tags, byte strings or other types."""
+def _check_plain(value: Any, where: str, depth: int = 0) -> None:
+    """Decoded manifests hold only JSON-like data: no tags, byte strings or other types.
+
+    Nesting is limited, which also refuses cycles (CBOR value sharing, tags 28/29).
+    """
+    if depth > MAX_MANIFEST_DEPTH:
+        raise PackageError(f"{where} is nested deeper than {MAX_MANIFEST_DEPTH} levels")
     if value is None or isinstance(value, (bool, int, float, str)):
         return
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 raise PackageError(f"{where}: map keys must be text, got {k!r}")
-            _check_plain(v, f"{where}.{k}")
+            _check_plain(v, f"{where}.{k}", depth + 1)
         return
     if isinstance(value, list):
         for i, v in enumerate(value):
-            _check_plain(v, f"{where}[{i}]")
+            _check_plain(v, f"{where}[{i}]", depth + 1)
         return
     raise PackageError(
         f"{where} holds a {type(value).__name__}; a manifest holds only maps, arrays, text, "
@@ -216,6 +222,14 @@ def _is_int(value: Any) -> bool:
 
 def _is_num(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    """A number that converts to a finite float (a CBOR bignum past 1e308 does not)."""
+    try:
+        return _is_num(value) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +270,7 @@ def _check_tensor_spec(spec: Any, where: str, *, concrete: bool) -> str:
     name = spec["name"]
     if not isinstance(name, str) or not name:
         raise PackageError(f"{where}.name must be non-empty text, got {name!r}")
-    if spec["dtype"] not in DTYPE_TO_TAG:
+    if not isinstance(spec["dtype"], str) or spec["dtype"] not in DTYPE_TO_TAG:
         raise PackageError(
             f"{where} ('{name}') has dtype {spec['dtype']!r}; supported: {sorted(DTYPE_TO_TAG)}"
         )
@@ -273,7 +287,7 @@ def _check_preprocessing(pre: Any, inputs: list[dict[str, Any]]) -> None:
                 f"unsupported preprocessing step '{key}' (known: {', '.join(PREPROCESSING_STEPS)};"
                 " informational keys start with 'x-')"
             )
-    if "scale" in pre and not (_is_num(pre["scale"]) and math.isfinite(pre["scale"])):
+    if "scale" in pre and not _is_finite(pre["scale"]):
         raise PackageError(f"preprocessing.scale must be a finite number, got {pre['scale']!r}")
     if "description" in pre and not isinstance(pre["description"], str):
         raise PackageError("preprocessing.description must be text")
@@ -283,7 +297,7 @@ def _check_preprocessing(pre: Any, inputs: list[dict[str, Any]]) -> None:
             continue
         value = pre[key]
         values = value if isinstance(value, list) else [value]
-        if not values or not all(_is_num(v) and math.isfinite(v) for v in values):
+        if not values or not all(_is_finite(v) for v in values):
             raise PackageError(f"preprocessing.{key} must be a finite number or array of them")
         if key == "std" and any(v == 0 for v in values):
             raise PackageError("preprocessing.std must not contain zeros")
@@ -371,14 +385,14 @@ def validate_manifest(manifest: Any) -> Manifest:
     if not isinstance(table, dict) or not table:
         raise PackageError("manifest field 'files' must be a non-empty map of file digests")
     for fname, entry in table.items():
-        if not _FILE_NAME.match(fname):
+        if not _FILE_NAME.fullmatch(fname):
             raise PackageError(
                 f"file name {fname!r} is not allowed (letters, digits, '.', '_', '-'; "
                 "no leading '.' or '/', at most 128 characters)"
             )
         if not isinstance(entry, dict):
             raise PackageError(f"files['{fname}'] must be a map with sha256 and size")
-        if not isinstance(entry.get("sha256"), str) or not _SHA256_HEX.match(entry["sha256"]):
+        if not isinstance(entry.get("sha256"), str) or not _SHA256_HEX.fullmatch(entry["sha256"]):
             raise PackageError(f"files['{fname}'].sha256 must be 64 lower-case hex digits")
         if not _is_int(entry.get("size")) or entry["size"] < 0:
             raise PackageError(f"files['{fname}'].size must be a non-negative integer")
@@ -739,7 +753,7 @@ def _parse_signature(top: Mapping[str, Any]) -> dict[str, Any] | None:
     if alg != SIGNATURE_ALG:
         raise PackageError(f"unsupported signature algorithm {alg!r}; supported: '{SIGNATURE_ALG}'")
     kid = sig.get("key_id")
-    if not isinstance(kid, str) or not re.match(r"^[0-9a-f]{32}$", kid):
+    if not isinstance(kid, str) or not re.fullmatch(r"[0-9a-f]{32}", kid):
         raise PackageError(f"signature key_id must be 32 lower-case hex digits, got {kid!r}")
     raw = sig.get("sig")
     if not isinstance(raw, bytes) or len(raw) != 64:

@@ -33,7 +33,7 @@ def check_segment(kind: str, value: object) -> str:
     Names from configs and tokens become topic levels: a ``+``, ``#`` or ``/`` in one would
     widen a subscription or an ACL rule, so anything outside a small alphabet is refused.
     """
-    if not isinstance(value, str) or not _SEGMENT.match(value):
+    if not isinstance(value, str) or not _SEGMENT.fullmatch(value):
         raise TopicError(f"invalid {kind} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ . -")
     return value
 
@@ -145,6 +145,11 @@ class Topics:
         ):
             raise TopicError(f"not a model topic of project {self.project!r}: {topic!r}")
         index = parts[-1]
-        if not index.isascii() or not index.isdigit() or (len(index) > 1 and index[0] == "0"):
+        if (
+            not index.isascii()
+            or not index.isdigit()
+            or len(index) > 18
+            or (len(index) > 1 and index[0] == "0")
+        ):
             raise TopicError(f"bad chunk index in {topic!r}")
         return check_segment("model version", parts[-2]), int(index)

@@ -13,6 +13,8 @@ from typing import Any, Literal, TypedDict
 
 import numpy as np
 
+from edgefl.protocol.tensors import DTYPE_TO_TAG
+
 # Aliases are evaluated at import time: builtin generics work on Python 3.9, `X | Y` would not.
 Weights = dict[str, np.ndarray]
 """Named tensors: a model's parameters, an update, or optimizer state."""
@@ -66,9 +68,16 @@ def spec_from_wire(value: object) -> Spec:
         if not isinstance(item, (list, tuple)) or len(item) != 3:
             raise ValueError(f"spec entry {item!r} is not [name, dtype, shape]")
         name, dtype, shape = item
-        if not isinstance(shape, (list, tuple)):
-            raise ValueError(f"spec entry {name!r}: shape must be a list")
-        out[str(name)] = (str(dtype), tuple(int(d) for d in shape))
+        if not isinstance(name, str) or not isinstance(dtype, str) or dtype not in DTYPE_TO_TAG:
+            raise ValueError(
+                f"spec entry {name!r}: name must be text and dtype one of {sorted(DTYPE_TO_TAG)},"
+                f" got {dtype!r}"
+            )
+        if not isinstance(shape, (list, tuple)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise ValueError(f"spec entry {name!r}: shape must be a list of sizes >= 0")
+        out[name] = (dtype, tuple(shape))
     return out
 
 
