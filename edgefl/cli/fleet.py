@@ -1,0 +1,140 @@
+"""`edgefl fleet`: provision devices for Mosquitto from a CSV, revoke them, list the fleet.
+
+Mounted into the main CLI with ``app.add_typer(fleet_app, name="fleet")``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from edgefl.cli.common import SECRET_ENV
+from edgefl.fleet.provision import (
+    DEFAULT_TOKEN_TTL_S,
+    ProvisionError,
+    fleet_records,
+    provision,
+    revoke,
+)
+from edgefl.protocol.topics import TopicError
+
+fleet_app = typer.Typer(
+    help="Fleet provisioning for Mosquitto: one bundle per device (agent.json), the broker's "
+    "password file and per-device ACL (region included), revocation, and a listing. "
+    "See broker_config/README.md.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+OutDir = typer.Option(
+    Path("fleet"), "--out", "-o", help="fleet folder: registry, device bundles, broker files"
+)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@fleet_app.command("provision")
+def provision_cmd(
+    csv_file: Path = typer.Option(
+        ..., "--csv", help="CSV with a header and columns device_id, region (others ignored)"
+    ),
+    project: str = typer.Option(..., "--project", "-p", help="the edgefl project name"),
+    out: Path = OutDir,
+    broker_url: str = typer.Option(
+        "mqtt://127.0.0.1:1883",
+        "--broker-url",
+        help="the URL devices connect to (Mosquitto's device listener), written to bundles",
+    ),
+    token_ttl_days: float = typer.Option(
+        DEFAULT_TOKEN_TTL_S / 86400,
+        "--token-ttl-days",
+        min=0.01,
+        help=f"lifetime of the JWT passwords (only with {SECRET_ENV} set)",
+    ),
+) -> None:
+    """Write a bundle per new device and rebuild DIR/broker/passwd and acl.conf (idempotent).
+
+    Known devices keep their password; revoked ones stay revoked. With EDGEFL_JWT_SECRET set,
+    each password is the identity's JWT (also valid on the embedded broker).
+    """
+    secret = os.environ.get(SECRET_ENV) or None
+    try:
+        r = provision(
+            csv_file,
+            project,
+            out,
+            broker_url=broker_url,
+            secret=secret,
+            token_ttl_s=int(token_ttl_days * 86400),
+        )
+    except (ProvisionError, TopicError, ValueError) as exc:
+        _fail(str(exc))
+    kind = "JWT" if secret else "random broker password"
+    typer.echo(
+        f"{len(r.added)} added, {len(r.kept)} kept, {len(r.rotated)} re-issued (bundle was "
+        f"missing), {len(r.skipped_revoked)} revoked skipped, in {r.seconds:.2f} s ({kind}s)"
+    )
+    if r.servers_added:
+        typer.echo(f"server accounts added: {', '.join(r.servers_added)} (logins in {out}/servers)")
+    typer.echo(
+        f"bundles: {out}/devices/<id>/agent.json (run: edgefl-agent --config agent.json)\n"
+        f"broker:  {out}/broker/passwd and {out}/broker/acl.conf; reload Mosquitto: "
+        "kill -HUP <mosquitto pid>"
+    )
+
+
+@fleet_app.command("revoke")
+def revoke_cmd(
+    device: str = typer.Argument(..., help="the device id to revoke"),
+    out: Path = OutDir,
+    reload_pid: int = typer.Option(
+        None, "--reload-pid", help="send SIGHUP to this Mosquitto pid so the revocation applies"
+    ),
+) -> None:
+    """Revoke a device: its password, ACL block and bundle go; Mosquitto applies it on reload."""
+    try:
+        revoke(out, device, reload_pid=reload_pid)
+    except ProvisionError as exc:
+        _fail(str(exc))
+    if reload_pid is None:
+        typer.echo(
+            f"revoked {device}; make Mosquitto reload its files: kill -HUP <mosquitto pid> "
+            "(or pass --reload-pid); on reload it also disconnects the device"
+        )
+    else:
+        typer.echo(f"revoked {device}; sent SIGHUP to Mosquitto (pid {reload_pid})")
+
+
+@fleet_app.command("list")
+def list_cmd(
+    out: Path = OutDir,
+    status: str = typer.Option(None, "--status", help="show only 'active' or 'revoked' devices"),
+) -> None:
+    """Show the fleet: device, region, status, created (and when revoked)."""
+    try:
+        records = fleet_records(out)
+    except ProvisionError as exc:
+        _fail(str(exc))
+    if status is not None:
+        records = [r for r in records if r["status"] == status]
+    table = Table(title=f"edgefl fleet in {escape(str(out))} ({len(records)} devices)")
+    for col in ("device", "region", "status", "created", "revoked"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(
+            escape(r["device"]),
+            escape(r["region"]),
+            r["status"],
+            r["created"],
+            r["revoked"] or "",
+        )
+    Console(highlight=False).print(table)
