@@ -71,6 +71,8 @@ class DeviceAgent:
             min_backoff_s=c.min_backoff_s,
             max_backoff_s=c.max_backoff_s,
             on_connect=self._announce,
+            ca_file=c.ca_file, cert_file=c.cert_file, key_file=c.key_file,
+            tls_insecure=c.tls_insecure,
         )
 
     # lifecycle -------------------------------------------------------------------------

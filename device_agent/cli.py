@@ -41,6 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--package-cache", help="folder that keeps fetched packages by digest")
     p.add_argument("--seed", type=int, help="shuffling seed index")
+    p.add_argument(
+        "--ca-file",
+        help="CA certificate (PEM) that must have signed the broker's certificate (mqtts://); "
+        "default: the system's trusted CAs",
+    )
+    p.add_argument("--cert-file", help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--key-file", help="private key (PEM) of --cert-file")
+    p.add_argument(
+        "--tls-insecure",
+        action="store_true",
+        default=None,
+        help="do NOT verify the broker's certificate or name (lab brokers only; logged as "
+        "INSECURE)",
+    )
     p.add_argument("--log-level", default="info")
     return p
 
@@ -66,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             trusted_key=args.trusted_key,
             require_signature=args.require_signature,
             package_cache=args.package_cache,
+            ca_file=args.ca_file,
+            cert_file=args.cert_file,
+            key_file=args.key_file,
+            tls_insecure=args.tls_insecure,
         )
         trainer = build_trainer(cfg)
     except (ValueError, OSError) as exc:
@@ -76,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(cfg: AgentConfig, trainer: Trainer) -> int:
     """Run one agent until stopped; warns loudly when it connects without credentials."""
+    if cfg.tls_insecure:
+        logging.getLogger("edgefl.security").warning(
+            "INSECURE: tls_insecure is set: the broker's certificate is NOT verified, so "
+            "anyone on the network path can impersonate the broker"
+        )
     if cfg.password is None:
         logging.getLogger("edgefl.security").warning(
             "no password/token configured (EDGEFL_PASSWORD): connecting anonymously, "

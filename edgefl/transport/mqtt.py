@@ -11,6 +11,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +76,13 @@ class MqttConnection:
     set while a session is up. Handlers run on the network thread: they must be quick or
     hand work to a queue, and an exception in one is logged, never propagated.
     ``on_connect`` runs on the same thread after each (re)connection.
+
+    With ``mqtts://`` the broker's certificate is always verified, and its name checked
+    against the URL's host: against ``ca_file`` (the fleet's CA, e.g. from ``edgefl ca``) or,
+    when it is None, the system's trusted CAs. ``cert_file``/``key_file`` present a client
+    certificate (mutual TLS). ``tls_insecure=True`` turns verification off, for a lab broker
+    with a self-signed certificate only, and logs INSECURE. A TLS failure (certificate
+    verify failed, hostname mismatch) is logged and kept in ``last_refusal``.
     """
 
     def __init__(
@@ -91,8 +99,40 @@ class MqttConnection:
         max_backoff_s: float = 30.0,
         max_inflight: int = 64,
         on_connect: Callable[[], None] | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        tls_insecure: bool = False,
     ) -> None:
         self.address = parse_broker_url(url)
+        tls_context = None
+        if self.address.tls:
+            tls_context = tls_client_context(ca_file, cert_file, key_file, tls_insecure)
+            if tls_insecure:
+                log.warning(
+                    "INSECURE: %s: TLS to %s WITHOUT verifying the broker's certificate or name "
+                    "(tls_insecure): anyone on the path can impersonate the broker",
+                    client_id,
+                    self.address.url,
+                )
+        else:
+            given = [
+                n
+                for n, v in (
+                    ("ca_file", ca_file),
+                    ("cert_file", cert_file),
+                    ("key_file", key_file),
+                    ("tls_insecure", tls_insecure or None),
+                )
+                if v is not None
+            ]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} given but the broker URL {self.address.url} is plain "
+                    "MQTT: use mqtts://host:8883 for TLS"
+                )
+        self.last_refusal: str | None = None
+        self._logged_failure: str | None = None
         self.client_id = client_id
         self._subs: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -110,8 +150,8 @@ class MqttConnection:
         pwd = password if password is not None else self.address.password
         if user is not None:
             client.username_pw_set(user, pwd)
-        if self.address.tls:
-            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        if tls_context is not None:
+            client.tls_set_context(tls_context)
         if will is not None:
             topic, payload, qos, retain = will
             client.will_set(topic, payload, qos=qos, retain=retain)
@@ -121,9 +161,10 @@ class MqttConnection:
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_log = self._on_log
         self._keepalive = keepalive
         self.client = client
-        self.last_refusal: str | None = None
 
     # lifecycle -------------------------------------------------------------------------
     def start(self, timeout: float | None = 10.0) -> MqttConnection:
@@ -241,6 +282,32 @@ class MqttConnection:
             except Exception:
                 log.exception("%s: on_connect hook failed", self.client_id)
 
+    def _on_connect_fail(self, _client: paho.Client, _userdata: object) -> None:
+        # paho calls this inside its `except OSError:` and passes no exception: take it from
+        # the handler's context, so "certificate verify failed" is not reduced to a timeout.
+        exc = sys.exc_info()[1]
+        if exc is None:
+            return
+        tls = isinstance(exc, ssl.SSLError)
+        self._note_failure(f"{'TLS' if tls else 'connect'} failed: {exc}", tls)
+
+    def _on_log(self, _client: paho.Client, _userdata: object, level: int, buf: str) -> None:
+        # A failure after the TLS handshake but before CONNACK (under TLS 1.3, a broker that
+        # rejects the client certificate says so only then) reaches us only as paho's log.
+        if (
+            level == paho.MQTT_LOG_ERR
+            and buf.startswith("failed to receive on socket")
+            and not self.connected.is_set()
+        ):
+            self._note_failure(buf, "SSL" in buf)
+
+    def _note_failure(self, reason: str, tls: bool) -> None:
+        self.last_refusal = reason
+        if reason != self._logged_failure:  # once per distinct reason, not every retry
+            self._logged_failure = reason
+            level = logging.ERROR if tls else logging.WARNING
+            log.log(level, "%s: %s: %s", self.client_id, self.address.url, reason)
+
     def _on_disconnect(
         self,
         _client: paho.Client,
@@ -254,3 +321,37 @@ class MqttConnection:
             log.warning(
                 "%s: disconnected (%s); reconnecting with backoff", self.client_id, reason_code
             )
+
+
+def tls_client_context(
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    insecure: bool = False,
+) -> ssl.SSLContext:
+    """The TLS settings every edgefl client uses: verify the broker, TLS 1.2 or newer.
+
+    Verification (chain to ``ca_file`` or the system store, and hostname) is on unless
+    ``insecure``. ``cert_file`` (with ``key_file``, or a key inside the same PEM) is the
+    client certificate for mutual TLS. Raises ``ValueError`` naming the setting and file
+    that could not be loaded.
+    """
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"ca_file {ca_file!r}: cannot load CA certificates ({exc})") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if key_file is not None and cert_file is None:
+        raise ValueError(f"key_file {key_file!r} given without cert_file")
+    if cert_file is not None:
+        try:
+            ctx.load_cert_chain(cert_file, key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"cert_file {cert_file!r} / key_file {key_file!r}: cannot load the client "
+                f"certificate and key ({exc})"
+            ) from exc
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
