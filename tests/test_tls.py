@@ -212,8 +212,8 @@ def test_mutual_tls_username_is_the_certificate_cn(pki, mtls_broker) -> None:
         got.append((topic, payload))
         arrived.set()
 
-    conn = _conn(
-        mtls_broker.tls_url, "dev-7", ca_file=str(fleet / "ca.crt"),
+    conn = _conn(  # the client id it asks for is replaced by its username, the CN
+        mtls_broker.tls_url, "claims-to-be-dev-8", ca_file=str(fleet / "ca.crt"),
         cert_file=str(files.cert), key_file=str(files.key),
     ).start(5)
     try:
