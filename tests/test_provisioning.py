@@ -224,6 +224,40 @@ def test_client_id_takeover_is_refused_on_the_device_listener(fleet: Fleet) -> N
     ctl.stop()
 
 
+def test_a_queued_task_survives_a_takeover_attempt(fleet: Fleet) -> None:
+    """dev-a's persistent session keeps a task queued while dev-b connects with its client id."""
+    task = T.device("r1", "dev-a", "task")
+    b = bundle(fleet.out, "dev-a")
+
+    def persistent() -> tuple[MqttConnection, list[bytes]]:
+        got: list[bytes] = []
+        c = MqttConnection(
+            fleet.device_url,
+            f"edgefl-{P}-dev-a",
+            username=b["username"],
+            password=b["password"],
+            clean_session=False,
+        )
+        c.subscribe(task, lambda _t, p: got.append(p))
+        return c.start(5), got
+
+    a, _ = persistent()
+    time.sleep(0.3)
+    a.stop()  # offline; its session (client id = username) keeps the subscription
+    thief = fleet.device("dev-b", client_id=f"edgefl-{P}-dev-a", url=fleet.device_url)
+    ctl = fleet.controller()
+    ctl.publish(task, b"round-1").wait_for_publish(5)
+    time.sleep(0.3)
+    thief.stop()
+    a, got = persistent()
+    end = time.monotonic() + 5
+    while not got and time.monotonic() < end:
+        time.sleep(0.05)
+    assert got == [b"round-1"]
+    a.stop()
+    ctl.stop()
+
+
 def test_revoke_and_reprovision_on_a_live_broker(fleet: Fleet) -> None:
     c = fleet.device("dev-c")
     a = fleet.device("dev-a")
