@@ -54,7 +54,8 @@ def main() -> None:
         first = provision(csv1, "bench", out)
         assert len(first.added) == n
         again = provision(csv1, "bench", out)
-        assert len(again.kept) == n and not again.added
+        assert len(again.kept) == n
+        assert not again.added
         csv2 = write_csv(tmp / "more.csv", n + 100)
         more = provision(csv2, "bench", out)
         assert len(more.added) == 100
