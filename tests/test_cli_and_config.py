@@ -7,7 +7,17 @@ from typer.testing import CliRunner
 
 from edgefl.cli.main import app
 
-COMMANDS = ["demo", "broker", "combiner", "simulate", "controller", "dashboard", "token", "package"]
+COMMANDS = [
+    "demo",
+    "broker",
+    "combiner",
+    "simulate",
+    "controller",
+    "dashboard",
+    "token",
+    "package",
+    "fleet",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

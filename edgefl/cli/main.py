@@ -12,6 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from edgefl.cli.common import err_console, require_secret, setup_logging
+from edgefl.cli.fleet import fleet_app
 from edgefl.cli.package import package_app
 
 app = typer.Typer(
@@ -309,6 +310,7 @@ def token(
 
 
 app.add_typer(package_app, name="package")
+app.add_typer(fleet_app, name="fleet")
 
 
 if __name__ == "__main__":
