@@ -46,12 +46,6 @@ class AgentConfig:
     cert_file: str | None = None  # client certificate (CN = device id) for mutual TLS
     key_file: str | None = None  # its private key (mode 0600)
     tls_insecure: bool = False  # skip verifying the broker: lab only, logged as INSECURE
-    # TLS (mqtts:// broker URLs): the broker's certificate is always verified, against ca_file
-    # (the fleet's CA, from `edgefl ca init`) or else the system's trusted CAs.
-    ca_file: str | None = None
-    cert_file: str | None = None  # client certificate (CN = device id) for mutual TLS
-    key_file: str | None = None  # its private key (mode 0600)
-    tls_insecure: bool = False  # skip verifying the broker: lab only, logged as INSECURE
 
     def __post_init__(self) -> None:
         if not self.device_id:
@@ -68,12 +62,6 @@ class AgentConfig:
             raise ValueError(
                 "require_signature needs trusted_key: the public key packages are signed with"
             )
-        for name in ("ca_file", "cert_file", "key_file"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"{name} {path!r}: no such file")
-        if self.key_file is not None and self.cert_file is None:
-            raise ValueError("key_file needs cert_file: the client certificate it belongs to")
         for name in ("ca_file", "cert_file", "key_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
