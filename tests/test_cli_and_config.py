@@ -17,6 +17,7 @@ COMMANDS = [
     "token",
     "package",
     "fleet",
+    "ca",
 ]
 
 
