@@ -28,6 +28,7 @@ from edgefl.controller.lease import SessionLease
 from edgefl.controller.model_versions import ModelRepository
 from edgefl.controller.presence import Presence
 from edgefl.controller.records import RoundAttempt
+from edgefl.controller.registry import DeviceRegistry
 from edgefl.controller.rounds import Evaluator, RoundRunner
 from edgefl.controller.telemetry_forward import TelemetryForwarder
 from edgefl.packages.format import ModelPackage
@@ -54,7 +55,9 @@ class Controller:
 
     ``run`` blocks the calling thread until the session ends; ``request_stop`` may be called
     from any thread and leaves the session resumable. The store and blob store are borrowed,
-    not closed by ``stop``.
+    not closed by ``stop``. ``registry`` (e.g. ``FleetRegistry(fleet_dir)``) is the device
+    registry that presence and the merge check identities against; without one, a device
+    is pinned to the first region it is seen online in.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class Controller:
         sink: TelemetrySink | None = None,
         lease_ttl_s: float = 10.0,
         lease_wait_s: float | None = None,
+        registry: DeviceRegistry | None = None,
     ) -> None:
         self.store = store
         self.blobs = blobs
@@ -78,7 +82,8 @@ class Controller:
         self.project = project
         self.topics = Topics(project)
         self.sink: TelemetrySink = sink or NullSink()
-        self.presence = Presence(self.topics)
+        # with a registry, presence trusts a status only under the device's registered region
+        self.presence = Presence(self.topics, registry)
         self.inbox = CombinerInbox(self.topics)
         self.telemetry = TelemetryForwarder(self.topics, self.sink)
         self._stop = threading.Event()

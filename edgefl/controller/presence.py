@@ -1,29 +1,61 @@
-"""Who is online: devices and combiners, from retained status messages and last wills."""
+"""Who is online: devices and combiners, from retained status messages and last wills.
+
+The region level of a status topic is not taken on trust: one broker misconfiguration (an
+ACL with ``+`` in the region level) would let a device announce itself in another region,
+where the controller would plan it and it would never get its task. With a device registry,
+a status counts only from a registered, unrevoked device under its registered region;
+without one, the first region a device is seen online in pins it for the controller's
+lifetime. Everything refused is logged and counted (``ignored``, in ``snapshot``).
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import Counter
+from collections.abc import Callable
 
+from edgefl.controller.registry import DeviceRegistry
 from edgefl.protocol import MessageError, TopicError, Topics, decode
 
 log = logging.getLogger(__name__)
+
+IGNORED_KINDS = ("wrong_region", "unregistered", "revoked")
+WARN_INTERVAL_S = 10.0  # one warning per (device, region, kind) per interval; the rest at debug
+MAX_WARN_KEYS = 4096
 
 
 class Presence:
     """Who is online, from retained status messages and last wills; thread-safe.
 
     Status callbacks run on the network thread; ``wait_for`` blocks the session loop until
-    enough devices are eligible (online, in a region whose combiner is online).
+    enough devices are eligible (online, in a region whose combiner is online, and, with a
+    registry, registered there and not revoked: checked again at every ``eligible`` call, so
+    a device revoked while online drops out at the next round).
     """
 
-    def __init__(self, topics: Topics) -> None:
+    def __init__(
+        self,
+        topics: Topics,
+        registry: DeviceRegistry | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.topics = topics
+        self.registry = registry
         self._lock = threading.Lock()
         self._devices: dict[tuple[str, str], str] = {}  # (region, device) -> state
         self._combiners: dict[str, str] = {}  # region -> state
+        self._pinned: dict[str, str] = {}  # device -> region (without a registry)
+        self._dropped: set[str] = set()  # online devices left out at a check (revoked, moved)
         self.changed = threading.Condition(self._lock)
         self.refused = 0  # malformed statuses dropped (one must not mark a device offline)
+        # well-formed statuses refused for who sent them, by kind (IGNORED_KINDS)
+        self.ignored: Counter[str] = Counter(dict.fromkeys(IGNORED_KINDS, 0))
+        self.revoked_dropped = 0  # devices online when revoked, dropped from eligibility
+        self._clock = clock
+        self._warned: dict[tuple[str, str, str], float] = {}
 
     def on_device_status(self, topic: str, payload: bytes) -> None:
         if not payload:
@@ -37,8 +69,52 @@ class Presence:
             log.warning("ignoring bad device status on %s: %s", topic, exc)
             return
         with self._lock:
+            why = self._refusal_locked(region, device, msg["state"])
+            if why is not None:
+                kind, text = why
+                self.ignored[kind] += 1
+                self._warn(device, region, kind, f"ignoring {msg['state']} status of {text}")
+                return
+            if self.registry is None and msg["state"] == "online":
+                self._pinned.setdefault(device, region)
             self._devices[(region, device)] = msg["state"]
+            self._dropped.discard(device)
             self.changed.notify_all()
+
+    def _refusal_locked(self, region: str, device: str, state: str) -> tuple[str, str] | None:
+        """Why a status from ``device`` under ``region`` must not count, or None if it may."""
+        if self.registry is None:
+            pinned = self._pinned.get(device)
+            if pinned is not None and pinned != region:
+                return "wrong_region", (
+                    f"device {device} under region {region}: it was first seen online in "
+                    f"region {pinned}"
+                )
+            return None
+        registered = self.registry.region_of(device)
+        if registered is None:
+            return "unregistered", f"device {device} under region {region}: not registered"
+        if self.registry.is_revoked(device):
+            return "revoked", f"device {device} under region {region}: revoked"
+        if registered != region:
+            return "wrong_region", (
+                f"device {device} under region {region}: it is registered in region {registered}"
+            )
+        return None
+
+    def _warn(self, device: str, region: str, kind: str, text: str) -> None:
+        """WARNING once per (device, region, kind) per interval: retained floods stay quiet."""
+        now = self._clock()
+        key = (device, region, kind)
+        last = self._warned.get(key)
+        if last is not None and now - last < WARN_INTERVAL_S:
+            log.debug("%s", text)
+            return
+        self._warned.pop(key, None)
+        self._warned[key] = now
+        while len(self._warned) > MAX_WARN_KEYS:
+            self._warned.pop(next(iter(self._warned)))
+        log.warning("%s", text)
 
     def on_combiner_status(self, topic: str, payload: bytes) -> None:
         if not payload:
@@ -67,12 +143,43 @@ class Presence:
 
     def _eligible_locked(self) -> dict[str, str]:
         regions = {r for r, s in self._combiners.items() if s == "online"}
-        return {d: r for (r, d), s in self._devices.items() if s == "online" and r in regions}
+        out = {d: r for (r, d), s in self._devices.items() if s == "online" and r in regions}
+        if self.registry is None:
+            return out
+        for dev, region in list(out.items()):
+            revoked = self.registry.is_revoked(dev)
+            if not revoked and self.registry.region_of(dev) == region:
+                continue
+            del out[dev]
+            if dev not in self._dropped:  # once per device, not on every check
+                self._dropped.add(dev)
+                if revoked:
+                    self.revoked_dropped += 1
+                log.warning(
+                    "device %s (online in region %s) is no longer eligible: %s",
+                    dev,
+                    region,
+                    "revoked" if revoked else "its registered region changed",
+                )
+        return out
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:
             devices = {f"{r}/{d}": s for (r, d), s in self._devices.items()}
-            return {"devices": devices, "combiners": dict(self._combiners)}
+            return {
+                "devices": devices,
+                "combiners": dict(self._combiners),
+                "refused": self.refused,
+                "ignored": dict(self.ignored),
+                "revoked_dropped": self.revoked_dropped,
+            }
+
+    def counters(self) -> dict[str, int]:
+        """Flat counters for metrics: ``status_refused``, ``status_ignored_<kind>``, ..."""
+        with self._lock:
+            out = {"status_refused": self.refused, "revoked_dropped": self.revoked_dropped}
+            out.update({f"status_ignored_{k}": v for k, v in self.ignored.items()})
+            return out
 
 
 def _check_state(state: str) -> None:

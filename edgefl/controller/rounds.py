@@ -87,6 +87,54 @@ class RoundRunner:
         self.presence = presence
         self.inbox = inbox
         self.evaluator = evaluator
+        self.refused_partials = 0  # partials naming a device not planned there, or revoked
+        self._presence_seen = presence.counters()
+
+    def _unplanned(self, partial: Partial, planned: list[str]) -> list[Rejection]:
+        """Why a region's partial must not be merged: one rejection per offending update.
+
+        Its sums cannot be split, so a partial that credits a device not planned in that
+        region (a misrouted or forged update, or a faulty combiner), one revoked since the
+        plan, or a device twice, is refused whole; the quorum then decides.
+        """
+        registry = self.presence.registry
+        allowed = set(planned)
+        seen: set[str] = set()
+        out: list[Rejection] = []
+        for p in partial.participants:
+            dev = p["device"]
+            why = None
+            if dev not in allowed or p["region"] != partial.region:
+                why = f"update credited in region {partial.region}, where it was not planned"
+            elif dev in seen:
+                why = "credited twice in one partial"
+            elif registry is not None and registry.is_revoked(dev):
+                why = "revoked during the round"
+            seen.add(dev)
+            if why is not None:
+                out.append(
+                    Rejection(device=dev, reason=f"{why}: partial of {partial.region} refused")
+                )
+        if not out and len(partial.participants) != partial.count:
+            out.append(
+                Rejection(
+                    device="",
+                    reason=f"partial of {partial.region} counts {partial.count} updates but "
+                    f"lists {len(partial.participants)}: refused",
+                )
+            )
+        return out
+
+    def _presence_increase(self) -> dict[str, float]:
+        """Presence counters that grew since the last completed round (only those)."""
+        now = self.presence.counters()
+        grown = {
+            k: float(v - self._presence_seen.get(k, 0))
+            for k, v in now.items()
+            if v > self._presence_seen.get(k, 0)
+        }
+        self._presence_seen = now
+        return grown
 
     def run(
         self,
@@ -123,14 +171,27 @@ class RoundRunner:
         merged = WeightedSum(spec)
         participants: list[Participant] = []
         rejected: list[Rejection] = []
+        refused = 0
         for region, partial in sorted(partials.items()):
+            rejected.extend(partial.rejected)
+            wrong = self._unplanned(partial, by_region[region])
+            if wrong:
+                refused += 1
+                log.error(
+                    "round %s: partial from %s refused: %s",
+                    attempt.task_id,
+                    region,
+                    "; ".join(r["reason"] for r in wrong),
+                )
+                rejected.extend(wrong)
+                continue
             try:
                 merged.merge(decode_tensors(partial.sums), partial.weight, partial.count)
             except (CodecError, KeyError, ValueError) as exc:
                 log.error("round %s: partial from %s unusable: %s", attempt.task_id, region, exc)
                 continue
             participants.extend(partial.participants)
-            rejected.extend(partial.rejected)
+        self.refused_partials += refused
         if merged.count < config.min_devices or merged.weight <= 0:
             attempt.fail(
                 self.store,
@@ -147,6 +208,9 @@ class RoundRunner:
         if self.evaluator is not None:
             metrics.update(self.evaluator(new_weights))
         metrics["rejected"] = float(len(rejected))
+        if refused:
+            metrics["partials_refused"] = float(refused)
+        metrics.update(self._presence_increase())
         record, blob = self.models.save(
             new_weights,
             parent=attempt.model_in,
