@@ -15,6 +15,12 @@ One device cannot take the region down: its transfers in flight are capped (a ne
 its own oldest), its rejections are logged at most once per ``warn_interval_s`` and then
 summarised, and a replayed or stale round plan (a lower ``(fence, round, attempt)`` than one
 already accepted for its session) is dropped.
+
+Every update is bound to its sender, round and transfer: it must name the topic's device,
+its transfer's ``meta.task_id`` must be its own ``task_id``, and bytes the combiner already
+accepted for another round (a replay: caught by digest at the first chunk) are refused. These
+provenance rejections are recorded in the round's partial even when the device's genuine
+update is accepted too, so the controller's round record shows them.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from edgefl.protocol.chunking import (
     Reassembler,
     ReceiverFull,
     TransferRefused,
+    parse_chunk,
     split_payload,
 )
 from edgefl.protocol.messages import OPTIONAL, SCHEMAS, clean_metrics
@@ -48,6 +55,8 @@ Handler = Callable[[str, bytes], None]
 
 INBOX_MESSAGES = 16  # at most 16 chunks (4 MiB at the default chunk size) wait for the worker
 REMEMBERED_SESSIONS = 64  # sessions whose newest accepted plan is remembered (stale-plan check)
+ACCEPTED_DIGESTS = 16_384  # digests of accepted updates remembered to catch their replays
+PROVENANCE_RECORDS = 64  # provenance rejections listed in one partial (all are counted)
 
 
 # The task a device gets is the round plan minus what only the combiner needs.
@@ -90,6 +99,9 @@ class _Round:
     reported: set[str] = field(default_factory=set)
     participants: list[Participant] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
+    # replays and forgeries: kept even if the device's genuine update is accepted later
+    provenance: list[Rejection] = field(default_factory=list)
+    provenance_seen: set[tuple[str, str]] = field(default_factory=set)
     flushed: bool = False
     timer: threading.Timer | None = None
 
@@ -123,6 +135,11 @@ class Combiner:
         # per session, the newest (fence, round, attempt) accepted; least recently used first
         self._plan_keys: dict[str, tuple[int, int, int]] = {}
         self._stale_logged: dict[str, None] = {}
+        # SHA-256 of every update accepted (most recent last) -> its task_id: a later copy of
+        # the same bytes for another round is a replay
+        self._accepted_digests: dict[bytes, str] = {}
+        # replays already counted: (open task_id or "", device, digest), most recent last
+        self._replays_seen: dict[tuple[str, str, bytes], None] = {}
         self.reassembler = Reassembler(
             max_payload=config.max_update_bytes,
             memory_budget=config.memory_budget_bytes,
@@ -145,6 +162,9 @@ class Combiner:
             refused_transfers=0,
             stale_plans=0,
             redelivered_plans=0,
+            rejected_replayed=0,
+            rejected_wrong_sender=0,
+            rejected_unbound=0,
         )
         status = self.topics.combiner(config.region, "status")
         self.conn = MqttConnection(
@@ -348,7 +368,10 @@ class Combiner:
         with self._lock:
             evictions = self.reassembler.evictions
             try:
-                done = self.reassembler.feed(device, payload)
+                chunk = parse_chunk(payload, self.reassembler.max_chunk_size)
+                if self._is_replay(device, chunk.digest):
+                    return
+                done = self.reassembler.feed_chunk(device, chunk)
             except TransferRefused as exc:
                 self.stats["refused_transfers"] += 1
                 self._reject(
@@ -365,7 +388,29 @@ class Combiner:
             finally:
                 self._count_evictions(device, self.reassembler.evictions - evictions)
             if done is not None:
-                self._accept(device, done.payload, done.meta)
+                self._accept(device, done.payload, done.meta, chunk.digest)
+
+    def _is_replay(self, device: str, digest: bytes) -> bool:
+        """A chunk of an update already accepted for another round: refuse it, count it once.
+
+        Updates name their ``task_id`` (so their bytes differ per round and attempt); the same
+        bytes again for another round can only be a copy. Chunks of it are never reassembled.
+        """
+        accepted_for = self._accepted_digests.get(digest)
+        rnd = self._round
+        if accepted_for is None or (rnd is not None and accepted_for == rnd.task_id):
+            return False  # unknown bytes, or a redelivery within the round it was taken in
+        key = (rnd.task_id if rnd else "", device, digest)
+        if key not in self._replays_seen:  # the transfer's first chunk here: count it
+            self._replays_seen[key] = None
+            while len(self._replays_seen) > ACCEPTED_DIGESTS:
+                self._replays_seen.pop(next(iter(self._replays_seen)))
+            self._provenance(
+                device,
+                f"replayed update: these bytes were accepted for {accepted_for}",
+                "replayed",
+            )
+        return True
 
     def _count_evictions(self, device: str, n: int) -> None:
         """A device that started more transfers than its share lost its oldest: say so."""
@@ -381,7 +426,7 @@ class Combiner:
             "a new transfer evicted the oldest",
         )
 
-    def _accept(self, device: str, payload: bytes, meta: dict[str, Any]) -> None:
+    def _accept(self, device: str, payload: bytes, meta: dict[str, Any], digest: bytes) -> None:
         rnd = self._round
         try:
             msg = decode(payload, ("update", "decline"))
@@ -400,7 +445,17 @@ class Combiner:
             return
         if msg["device"] != device:  # a replay or a forgery on this device's topic
             named = msg["device"][:64]
-            self._reject(device, f"update names device {named!r}, not the sender", "wrong_sender")
+            self._provenance(
+                device, f"update names device {named!r}, not the sender", "wrong_sender"
+            )
+            return
+        if meta.get("task_id") != msg["task_id"]:  # re-wrapped: the transfer is not this task's
+            self._provenance(
+                device,
+                f"update for {msg['task_id'][:64]} sent in a transfer for "
+                f"{str(meta.get('task_id'))[:64]}",
+                "unbound",
+            )
             return
         if rnd is None or msg["task_id"] != rnd.task_id:
             self._reject(
@@ -436,6 +491,9 @@ class Combiner:
             self._maybe_complete()
             return
         rnd.acc.fold(tensors, float(n))
+        self._accepted_digests[digest] = rnd.task_id
+        while len(self._accepted_digests) > ACCEPTED_DIGESTS:
+            self._accepted_digests.pop(next(iter(self._accepted_digests)))
         rnd.reported.add(device)
         # an earlier bad chunk from this device was transient: it is a participant now
         rnd.rejected = [r for r in rnd.rejected if r["device"] != device]
@@ -497,6 +555,27 @@ class Combiner:
             rnd.reported.add(device)
             self._maybe_complete()
 
+    def _provenance(self, device: str, reason: str, kind: str) -> None:
+        """Count, log and record an update refused for its origin (replay, forgery).
+
+        Unlike other rejections it is listed in the open round's partial whether or not the
+        topic's device was selected or reports a genuine update too: it is evidence of an
+        attack or a misconfiguration, not a verdict on the device's answer. One record per
+        device and kind per round, at most ``PROVENANCE_RECORDS``; ``stats`` counts them all.
+        """
+        self.stats["rejected"] += 1
+        self.stats[f"rejected_{kind}"] += 1
+        text = f"combiner {self.config.name}: rejected update from {device}: {reason}"
+        self._warnings.warn(device, kind, "rejections", text, reason)
+        rnd = self._round
+        if rnd is None or rnd.flushed or (device, kind) in rnd.provenance_seen:
+            return
+        if len(rnd.provenance) >= PROVENANCE_RECORDS:
+            return
+        rnd.provenance_seen.add((device, kind))
+        rnd.provenance.append(Rejection(device=device, reason=reason))
+        self._progress()
+
     def _progress(self) -> None:
         rnd = self._round
         if rnd is None:
@@ -506,7 +585,7 @@ class Combiner:
             task_id=rnd.task_id,
             region=self.config.region,
             accepted=len(rnd.participants),
-            rejected=len(rnd.rejected),
+            rejected=len(rnd.rejected) + len(rnd.provenance),
         )
         self.conn.publish(self.topics.combiner(self.config.region, "progress"), msg, qos=1)
 
@@ -526,7 +605,7 @@ class Combiner:
             count=rnd.acc.count,
             weight=rnd.acc.weight,
             devices=rnd.participants,
-            rejected=rnd.rejected,
+            rejected=rnd.rejected + rnd.provenance,
             sums=encode_tensors(rnd.acc.sums),
         )
         topic = self.topics.combiner(self.config.region, "partial")
@@ -541,7 +620,7 @@ class Combiner:
             self.config.name,
             rnd.task_id,
             rnd.acc.count,
-            len(rnd.rejected),
+            len(rnd.rejected) + len(rnd.provenance),
             why,
         )
         # free the model-sized sums now; the round record stays for late-update diagnostics
