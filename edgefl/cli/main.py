@@ -209,6 +209,14 @@ def controller(
     lr: float = typer.Option(0.1, help="devices' learning rate"),
     epochs: int = typer.Option(1, min=1, help="local epochs per round"),
     batch_size: int = typer.Option(32, min=1, help="local minibatch size"),
+    fleet: Path = typer.Option(
+        None,
+        "--fleet",
+        exists=True,
+        file_okay=False,
+        help="the provisioning output dir (edgefl fleet provision): device statuses count only "
+        "under their registered region; revocations apply without a restart",
+    ),
     insecure: bool = typer.Option(False, help="connect without a token (development only)"),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
@@ -233,8 +241,18 @@ def controller(
     ) as dep:
         resumed = dep.store.get_session(resume) if resume else None
         with_package = package is not None or bool(resumed and resumed.config.get("package"))
+        registry = None
+        if fleet is not None:
+            from edgefl.controller.registry import FleetRegistry
+
+            try:
+                registry = FleetRegistry(fleet)
+            except (OSError, ValueError) as exc:
+                raise typer.BadParameter(f"--fleet {fleet}: {exc}") from None
         ctl = dep.start_controller(
-            evaluator=None if with_package else digits.evaluator, lease_ttl_s=lease_ttl
+            evaluator=None if with_package else digits.evaluator,
+            lease_ttl_s=lease_ttl,
+            registry=registry,
         )
         if resume is None:
             kwargs = {"session_id": session_id} if session_id else {}
