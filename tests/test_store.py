@@ -190,6 +190,8 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rounds(url) -> None:
     with engine.begin() as conn:  # turn it back into a v1 database
         conn.execute(text("ALTER TABLE rounds DROP COLUMN rejected"))
         conn.execute(text("ALTER TABLE sessions DROP COLUMN reason"))
+        conn.execute(text("ALTER TABLE sessions DROP COLUMN stop_requested_by"))
+        conn.execute(text("ALTER TABLE sessions DROP COLUMN stop_requested_at"))
         conn.execute(text("DROP TABLE leases"))
         conn.execute(text("UPDATE edgefl_meta SET value='1' WHERE key='schema_version'"))
     engine.dispose()
@@ -215,6 +217,55 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rounds(url) -> None:
             text("SELECT value FROM edgefl_meta WHERE key='schema_version'")
         ).scalar()
     assert version == str(SCHEMA_VERSION)
+
+
+def test_a_version_3_database_gains_stop_requests(url) -> None:
+    """v3 had no stop request columns: its sessions read as having none, and take one."""
+    store = make_store(url)
+    store.create_session(_session())
+    store.close()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE sessions DROP COLUMN stop_requested_by"))
+        conn.execute(text("ALTER TABLE sessions DROP COLUMN stop_requested_at"))
+        conn.execute(text("UPDATE edgefl_meta SET value='3' WHERE key='schema_version'"))
+    engine.dispose()
+    store = make_store(url)
+    try:
+        old = store.get_session("s1")
+        assert old is not None
+        assert (old.stop_requested_by, old.stop_requested_at) == ("", None)
+        assert store.request_stop("s1", "alice (operator)").stop_requested_by == "alice (operator)"
+    finally:
+        store.close()
+
+
+def test_a_stop_request_is_kept_until_the_session_leaves_running(url) -> None:
+    store = make_store(url)
+    try:
+        store.create_session(_session())
+        before = time.time()
+        first = store.request_stop("s1", "alice (operator)")
+        assert first.stop_requested_by == "alice (operator)"
+        assert first.stop_requested_at is not None and first.stop_requested_at >= before
+        again = store.request_stop("s1", "bob (admin)")  # the first request stands
+        assert (again.stop_requested_by, again.stop_requested_at) == (
+            "alice (operator)",
+            first.stop_requested_at,
+        )
+        store.update_session("s1", current_round=1)  # progress leaves the request pending
+        assert store.get_session("s1").stop_requested_by == "alice (operator)"
+        store.update_session("s1", status="stopped", reason="stopped by alice")
+        stopped = store.get_session("s1")
+        assert (stopped.stop_requested_by, stopped.stop_requested_at) == ("", None)
+        with pytest.raises(ValueError, match="stopped, not running"):
+            store.request_stop("s1", "alice (operator)")
+        with pytest.raises(KeyError):
+            store.request_stop("nope", "alice (operator)")
+        store.update_session("s1", status="running", reason="")  # resumed: no stale request
+        assert store.get_session("s1").stop_requested_by == ""
+    finally:
+        store.close()
 
 
 def test_concurrent_writers(url) -> None:

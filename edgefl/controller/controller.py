@@ -30,6 +30,7 @@ from edgefl.controller.presence import Presence
 from edgefl.controller.records import RoundAttempt
 from edgefl.controller.registry import DeviceRegistry
 from edgefl.controller.rounds import Evaluator, RoundRunner
+from edgefl.controller.stop_requests import StopWatch
 from edgefl.controller.telemetry_forward import TelemetryForwarder
 from edgefl.packages.format import ModelPackage
 from edgefl.protocol import MessageError, Topics, decode
@@ -281,12 +282,14 @@ class Controller:
             package = package_ref(config.package, len(package_blob))
             self.distributor.publish_package(package["id"], package_blob, config.chunk_size)
         self.distributor.publish(version, blob, config.chunk_size)
+        stops = StopWatch(self, session_id).start()  # the REST API's stop requests
         r = sess.current_round + 1
         while r <= config.rounds:
             if lease.lost.is_set():  # another controller took over: touch nothing more
                 raise SessionBusy(f"session {session_id}: this controller lost its lease")
-            if self._stop.is_set():
-                why = f"stopped by request after round {r - 1}"
+            by = stops.check()
+            if self._stop.is_set() or by:
+                why = f"stopped by request{f' of {by}' if by else ''} after round {r - 1}"
                 self.store.update_session(session_id, status="stopped", reason=why)
                 raise SessionFailed(f"session {session_id} {why}")
             attempt = attempts.get(r, 0)

@@ -29,6 +29,10 @@ class SessionRecord:
     created: float  # unix seconds
     updated: float
     reason: str = ""  # why the session failed or stopped ("" while it runs or completed)
+    # a pending stop request (the REST API's operators): who asked, and when (unix seconds);
+    # cleared when the session leaves ``running``, so a resumed session is not stopped again
+    stop_requested_by: str = ""
+    stop_requested_at: float | None = None
 
 
 @dataclass
@@ -101,7 +105,18 @@ class Store(Protocol):
         model_version: str | None = None,
         reason: str | None = None,
     ) -> None:
-        """Change the given fields (and ``updated``) in one transaction; KeyError if unknown."""
+        """Change the given fields (and ``updated``) in one transaction; KeyError if unknown.
+
+        A ``status`` other than ``running`` also clears a pending stop request: it has been
+        honoured (or overtaken), and must not stop the session again when it is resumed.
+        """
+
+    def request_stop(self, session_id: str, requested_by: str) -> SessionRecord:
+        """Ask the session's controller to stop it; the session as it now stands.
+
+        KeyError if unknown; ValueError if it is not ``running``. A second request while one
+        is pending keeps the first (who asked first is who stopped it).
+        """
 
     def add_model(self, record: ModelRecord) -> None:
         """Record a model version whose blob is already stored; ValueError if it exists."""

@@ -36,13 +36,18 @@ from sqlalchemy.pool import StaticPool
 from edgefl.protocol.types import Participant, Rejection, RoundStatus, SessionStatus
 from edgefl.store.base import LeaseRecord, ModelRecord, RoundRecord, SessionRecord
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # version -> the statements that bring a database of that version to the next one
 _MIGRATIONS: dict[int, list[str]] = {
     1: ["ALTER TABLE rounds ADD COLUMN rejected JSON"],  # v2: why each refused update was
     2: ["ALTER TABLE sessions ADD COLUMN reason VARCHAR(1024)"],  # v3 (+ the leases table)
+    3: [  # v4: an operator's pending stop request
+        "ALTER TABLE sessions ADD COLUMN stop_requested_by VARCHAR(256)",
+        "ALTER TABLE sessions ADD COLUMN stop_requested_at FLOAT",
+    ],
 }
 REASON_MAX = 1024  # the `reason` column's length; PostgreSQL rejects longer strings
+REQUESTER_MAX = 256  # the `stop_requested_by` column's length
 
 
 class SchemaError(RuntimeError):
@@ -70,6 +75,8 @@ class _Session(_Base):
     created: Mapped[float] = mapped_column(Float)
     updated: Mapped[float] = mapped_column(Float)
     reason: Mapped[str | None] = mapped_column(String(REASON_MAX), nullable=True)  # NULL in v2
+    stop_requested_by: Mapped[str | None] = mapped_column(String(REQUESTER_MAX), nullable=True)
+    stop_requested_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class _Lease(_Base):
@@ -255,11 +262,25 @@ class SqlStore:
                 row.reason = reason[:REASON_MAX]
             if status is not None:
                 row.status = status
+                if status != "running":  # honoured or overtaken: never stop a resumed run
+                    row.stop_requested_by, row.stop_requested_at = None, None
             if current_round is not None:
                 row.current_round = current_round
             if model_version is not None:
                 row.model_version = model_version
             row.updated = time.time()
+
+    def request_stop(self, session_id: str, requested_by: str) -> SessionRecord:
+        with self._lock, self._write() as s, s.begin():
+            row = s.get(_Session, session_id)
+            if row is None:
+                raise KeyError(f"unknown session {session_id!r}")
+            if row.status != "running":
+                raise ValueError(f"session {session_id!r} is {row.status}, not running")
+            if not row.stop_requested_by:
+                row.stop_requested_by = requested_by[:REQUESTER_MAX]
+                row.stop_requested_at = time.time()
+            return _record(SessionRecord, row)
 
     # models -----------------------------------------------------------------------------
     def add_model(self, record: ModelRecord) -> None:
