@@ -138,7 +138,6 @@ def test_a_status_under_another_region_is_ignored_and_counted(deployment, caplog
     assert accs[-1] > 0.85
 
 
-@pytest.mark.slow
 def test_the_fleet_registry_refuses_strangers_and_revocation_applies_live(
     deployment, tmp_path: Path
 ) -> None:
@@ -287,6 +286,59 @@ def test_replayed_misattributed_and_unbound_updates_are_rejected_and_counted(dep
     stats = region1.stats
     assert (stats["rejected_replayed"], stats["rejected_wrong_sender"]) == (1, 1)
     assert stats["rejected_unbound"] == 1
+    accs = completed_accuracies(rounds)
+    assert accs == pytest.approx(digits.reference_run(N, 3), abs=1e-9)
+    assert accs[-1] > 0.85
+
+
+def test_a_partial_crediting_a_device_not_planned_in_its_region_is_refused(deployment) -> None:
+    """A forged partial for region-0 credits dev-0001 (planned in region-1) and arrives before
+    region-0's genuine one: the controller refuses it, still takes the genuine partial, and the
+    round is the FedAvg of exactly the real updates."""
+    deployment.start_combiners(2)
+    deployment.start_fleet(N)
+    topics = Topics(deployment.project)
+    forged_at: list[str] = []
+    errors: list[BaseException] = []
+
+    def on_plan(plan: dict) -> None:
+        if plan["round"] != 2:
+            return
+        try:
+            zeros = {k: np.zeros_like(v) for k, v in digits.initial_weights().items()}
+            partial = encode(
+                "partial",
+                task_id=plan["task_id"],
+                region="region-0",
+                combiner="combiner-region-0",
+                count=1,
+                weight=1000.0,
+                devices=[{"device": "dev-0001", "region": "region-0", "n": 1000, "metrics": {}}],
+                rejected=[],
+                sums=encode_tensors(zeros),
+            )
+            for ch in split_payload(partial, 1 << 20, meta={"task_id": plan["task_id"]}):
+                publish(tap.client, topics.combiner("region-0", "partial"), ch.to_bytes())
+            forged_at.append(plan["task_id"])
+        except BaseException as exc:
+            errors.append(exc)
+
+    tap = UpdateTap(deployment.url, deployment.project, "region-0", "dev-0000", on_plan)
+    ctl = deployment.controller()
+    wait_until("the fleet online", lambda: len(ctl.presence.eligible()) == N)
+    try:
+        rounds = run(deployment, ctl, rounds=3, min_devices=N, round_timeout_s=20, max_attempts=1)
+    finally:
+        tap.stop()
+    assert not errors, errors
+    assert forged_at == [rounds[1].task_id]
+    assert [r.status for r in rounds] == ["completed"] * 3
+    everyone = [device_name(k) for k in range(N)]
+    assert all(devices_of(r) == everyone for r in rounds)
+    assert rounds[1].metrics["partials_refused"] == 1.0
+    assert [r["device"] for r in rounds[1].rejected] == ["dev-0001"]
+    assert "not planned" in rounds[1].rejected[0]["reason"]
+    assert ctl.rounds.refused_partials == 1
     accs = completed_accuracies(rounds)
     assert accs == pytest.approx(digits.reference_run(N, 3), abs=1e-9)
     assert accs[-1] > 0.85

@@ -90,7 +90,9 @@ class RoundRunner:
         self.refused_partials = 0  # partials naming a device not planned there, or revoked
         self._presence_seen = presence.counters()
 
-    def _unplanned(self, partial: Partial, planned: list[str]) -> list[Rejection]:
+    def _unplanned(
+        self, partial: Partial, planned: list[str], *, revocations: bool = True
+    ) -> list[Rejection]:
         """Why a region's partial must not be merged: one rejection per offending update.
 
         Its sums cannot be split, so a partial that credits a device not planned in that
@@ -108,7 +110,7 @@ class RoundRunner:
                 why = f"update credited in region {partial.region}, where it was not planned"
             elif dev in seen:
                 why = "credited twice in one partial"
-            elif registry is not None and registry.is_revoked(dev):
+            elif revocations and registry is not None and registry.is_revoked(dev):
                 why = "revoked during the round"
             seen.add(dev)
             if why is not None:
@@ -166,24 +168,20 @@ class RoundRunner:
         if fence is not None:
             extra["fence"] = fence
         self._dispatch(config, attempt, by_region, deadline, spec_to_wire(spec), extra)
-        partials = self._collect(attempt.task_id, by_region, config, deadline)
+        refusals: list[Rejection] = []
+        partials = self._collect(attempt.task_id, by_region, config, deadline, refusals)
 
         merged = WeightedSum(spec)
         participants: list[Participant] = []
-        rejected: list[Rejection] = []
-        refused = 0
+        rejected: list[Rejection] = list(refusals)
+        refused = len(refusals)
         for region, partial in sorted(partials.items()):
             rejected.extend(partial.rejected)
+            # checked again: a device may have been revoked while the partial waited
             wrong = self._unplanned(partial, by_region[region])
             if wrong:
                 refused += 1
-                log.error(
-                    "round %s: partial from %s refused: %s",
-                    attempt.task_id,
-                    region,
-                    "; ".join(r["reason"] for r in wrong),
-                )
-                rejected.extend(wrong)
+                self._refuse(attempt.task_id, partial, wrong, rejected)
                 continue
             try:
                 merged.merge(decode_tensors(partial.sums), partial.weight, partial.count)
@@ -191,7 +189,6 @@ class RoundRunner:
                 log.error("round %s: partial from %s unusable: %s", attempt.task_id, region, exc)
                 continue
             participants.extend(partial.participants)
-        self.refused_partials += refused
         if merged.count < config.min_devices or merged.weight <= 0:
             attempt.fail(
                 self.store,
@@ -263,10 +260,33 @@ class RoundRunner:
             )
             self.conn.publish(self.topics.combiner(region, "round"), plan, qos=1)
 
+    def _refuse(
+        self, task_id: str, partial: Partial, wrong: list[Rejection], into: list[Rejection]
+    ) -> None:
+        """Log and record a refused partial (its offending entries join the rejections)."""
+        self.refused_partials += 1
+        log.error(
+            "round %s: partial from %s refused: %s",
+            task_id,
+            partial.region,
+            "; ".join(f"{r['device']}: {r['reason']}" for r in wrong),
+        )
+        into.extend(wrong)
+
     def _collect(
-        self, task_id: str, by_region: dict[str, list[str]], config: SessionConfig, deadline: float
+        self,
+        task_id: str,
+        by_region: dict[str, list[str]],
+        config: SessionConfig,
+        deadline: float,
+        refusals: list[Rejection],
     ) -> dict[str, Partial]:
-        """Wait for every region's partial; close the round at the deadline or a full buffer."""
+        """Wait for every region's partial; close the round at the deadline or a full buffer.
+
+        A partial crediting a device not planned in its region is refused (into ``refusals``)
+        and the region's genuine partial is still awaited: a forged or replayed one arriving
+        first must not cost the region its round.
+        """
         partials: dict[str, Partial] = {}
         accepted: dict[str, int] = {}
         closed_at: float | None = None
@@ -283,6 +303,11 @@ class RoundRunner:
             if ev.task_id != task_id or ev.region not in by_region:
                 continue
             if isinstance(ev, Partial):
+                # revocations are checked at the merge: this region sends no other partial
+                wrong = self._unplanned(ev, by_region[ev.region], revocations=False)
+                if wrong:
+                    self._refuse(task_id, ev, wrong, refusals)
+                    continue
                 partials[ev.region] = ev
             elif isinstance(ev, Progress):
                 accepted[ev.region] = max(accepted.get(ev.region, 0), ev.accepted)
