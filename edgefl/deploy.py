@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,9 @@ class Deployment:
     ``broker_url=None`` starts the embedded amqtt broker with a fresh JWT secret, so every
     component authenticates even in a throwaway run. With an external broker, ``secret`` is
     the deployment's JWT secret, or None for an explicitly insecure development broker.
+    ``region_urls`` maps a region to its regional broker (bridged to ``broker_url``, where the
+    controller connects; see ``edgefl.broker.bridge``): that region's combiner and devices
+    connect there. Regions not in it use ``broker_url``.
     Not thread-safe: build from one thread, then hand the parts to whoever runs them.
     """
 
@@ -57,6 +61,7 @@ class Deployment:
         secret: str | None = None,
         state_url: str | None = None,
         models_dir: Path | str | None = None,
+        region_urls: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.project = project
@@ -70,12 +75,17 @@ class Deployment:
             self._stack.callback(self.broker.stop)
             broker_url = self.broker.url
         self.url: str = broker_url
+        self.region_urls: dict[str, str] = dict(region_urls or {})
         self.credentials = Credentials(secret, project)
         self.state_url = state_url or f"sqlite:///{(self.workdir / 'state.db').resolve()}"
         self.models_dir = Path(models_dir) if models_dir else self.workdir / "models"
         self.regions: list[str] = []
         self.combiners: list[Combiner] = []
         self._store: Store | None = None
+
+    def region_url(self, region: str) -> str:
+        """Where a region's combiner and devices connect: its regional broker, if it has one."""
+        return self.region_urls.get(region, self.url)
 
     # parts -----------------------------------------------------------------------------
     @property
@@ -99,7 +109,9 @@ class Deployment:
                 **self.credentials.login(f"combiner-{region}", Role.combiner, region),
                 **config,
             }
-            cfg = CombinerConfig(self.url, project=self.project, region=region, **options)
+            cfg = CombinerConfig(
+                self.region_url(region), project=self.project, region=region, **options
+            )
             comb = self._own(Combiner(cfg).start())
             started.append(comb)
         self.regions.extend(names)
@@ -135,13 +147,31 @@ class Deployment:
         *,
         partition_size: int | None = None,
         trainer_factory: TrainerFactory | None = None,
+        device_urls: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> Fleet:
-        """Simulated devices on the digits partition, spread round-robin over the regions."""
+        """Simulated devices on the digits partition, spread round-robin over the regions.
+
+        A device connects to ``device_urls[region]`` if given (e.g. a regional broker's TLS
+        device listener, with ``agent_options={"ca_file": ...}``), else to ``region_url``.
+        """
         from edgefl.fleet.simulate import numpy_trainer, start_fleet
 
         if not self.regions:
             raise RuntimeError("start the combiners (and so the regions) before the fleet")
+        urls = {r: self.region_url(r) for r in self.regions} | dict(device_urls or {})
+        if set(urls.values()) != {self.url}:
+            fleet = _start_regional_fleet(
+                urls,
+                n_devices,
+                self.regions,
+                project=self.project,
+                credentials=self.credentials,
+                partition_size=partition_size,
+                trainer_factory=trainer_factory or numpy_trainer,
+                **kwargs,
+            )
+            return self._own(fleet)
         fleet = start_fleet(
             self.url,
             n_devices,
@@ -177,6 +207,51 @@ class Deployment:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _start_regional_fleet(
+    urls: Mapping[str, str],
+    n_devices: int,
+    regions: list[str],
+    *,
+    project: str,
+    credentials: Credentials,
+    partition_size: int | None,
+    trainer_factory: TrainerFactory,
+    chunk_size: int = 1024 * 1024,
+    on_started: Callable[[int], None] | None = None,
+    agent_options: dict[str, Any] | None = None,
+) -> Fleet:
+    """``start_fleet``'s devices (same names, data and regions), each on its region's broker."""
+    from device_agent.agent import DeviceAgent
+    from device_agent.config import AgentConfig
+    from edgefl.fleet.simulate import Fleet, device_name
+    from edgefl.tasks import digits
+
+    fleet = Fleet()
+    try:
+        for k in range(n_devices):
+            X, y = digits.device_data(partition_size or n_devices, k)
+            dev, region = device_name(k), regions[k % len(regions)]
+            cfg = AgentConfig(
+                broker_url=urls[region],
+                project=project,
+                region=region,
+                device_id=dev,
+                password=credentials.token(dev, Role.device, region),
+                seed=k,
+                max_chunk_size=chunk_size,
+                min_backoff_s=0.2,
+                max_backoff_s=5.0,
+                **(agent_options or {}),
+            )
+            fleet.agents.append(DeviceAgent(cfg, trainer_factory(k, X, y)).start())
+            if on_started:
+                on_started(k + 1)
+    except Exception:
+        fleet.stop()
+        raise
+    return fleet
 
 
 def _quietly(stop: Any, part: Any) -> None:
