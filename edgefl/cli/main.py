@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from edgefl.cli.bridge import bridge_config
 from edgefl.cli.ca import ca_app
 from edgefl.cli.common import err_console, require_secret, setup_logging
 from edgefl.cli.fleet import fleet_app
@@ -331,6 +332,7 @@ def token(
 app.add_typer(package_app, name="package")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(ca_app, name="ca")
+app.command("bridge-config")(bridge_config)
 
 
 if __name__ == "__main__":
