@@ -1,14 +1,32 @@
-"""The REST API over a real SQLite store."""
+"""The REST API over a real SQLite store (and blob store), called with a viewer's JWT."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
+
+import numpy as np
 import pytest
-from fastapi import HTTPException
 from fastapi.testclient import TestClient
 
-from edgefl.api.app import create_app, require_viewer
+from edgefl.api.app import create_app
+from edgefl.auth.tokens import AuthConfig, Role, generate_secret
+from edgefl.controller.model_versions import ModelRepository
+from edgefl.protocol.tensors import loads_tensors
 from edgefl.store import make_store
 from edgefl.store.base import ModelRecord, RoundRecord, SessionRecord, Store
+from edgefl.store.blobs import FileBlobStore
+
+AUTH = AuthConfig(secret=generate_secret())
+PROBLEM = "application/problem+json"
+
+
+def _client(store: Store, role: Role = Role.viewer, **kwargs) -> TestClient:
+    """The app bound to project ``p``, with a bearer token of ``role`` on every request."""
+    client = TestClient(create_app(store, AUTH, project="p", **kwargs))
+    token = AUTH.issuer().issue("alice", role, "p")
+    client.headers["Authorization"] = f"Bearer {token}"
+    return client
 
 
 def _filled_store(path) -> Store:
@@ -50,6 +68,8 @@ def _filled_store(path) -> Store:
     store.start_round(
         RoundRecord("s1:3:0", "s1", 3, 0, "running", "s1-r0002", None, ["a", "b", "c"], started=30)
     )
+    # another project's session in the same store: never shown to project p's tokens
+    store.create_session(SessionRecord("q1", "q", {"rounds": 1}, "running", 0, "q-r0", 3.0, 3.0))
     return store
 
 
@@ -61,10 +81,10 @@ def store(tmp_path):
 
 
 def test_sessions(store: Store) -> None:
-    client = TestClient(create_app(store))
+    client = _client(store)
     assert client.get("/api/health").json() == {"status": "ok"}
     sessions = client.get("/api/sessions").json()
-    assert [s["session_id"] for s in sessions] == ["s1", "old"]  # newest first
+    assert [s["session_id"] for s in sessions] == ["s1", "old"]  # newest first, project p only
     assert sessions[0] == {
         "session_id": "s1",
         "project": "p",
@@ -74,6 +94,7 @@ def test_sessions(store: Store) -> None:
         "aggregator": "fedavg",
         "model_version": "s1-r0002",
         "reason": "",
+        "stop_requested_by": "",
         "created": 1.0,
         "updated": 2.0,
     }
@@ -83,7 +104,7 @@ def test_sessions(store: Store) -> None:
 
 
 def test_rounds(store: Store) -> None:
-    client = TestClient(create_app(store))
+    client = _client(store)
     rounds = client.get("/api/sessions/s1/rounds").json()
     assert [(r["round"], r["status"]) for r in rounds] == [
         (1, "completed"),
@@ -100,7 +121,7 @@ def test_rounds(store: Store) -> None:
 
 
 def test_models_carry_lineage(store: Store) -> None:
-    client = TestClient(create_app(store))
+    client = _client(store)
     models = client.get("/api/sessions/s1/models").json()
     assert [(m["version"], m["parent"], m["round"]) for m in models] == [
         ("s1-r0000", None, 0),
@@ -111,31 +132,95 @@ def test_models_carry_lineage(store: Store) -> None:
     assert models[0]["digest"] == "00" * 32 and models[0]["size"] == 5
 
 
-def test_unknown_sessions_are_404(store: Store) -> None:
-    client = TestClient(create_app(store))
-    for path in ("", "/rounds", "/models"):
+def test_unknown_sessions_are_404_problems(store: Store) -> None:
+    client = _client(store)
+    for path in ("", "/rounds", "/models", "/models/s1-r0001/download"):
         res = client.get(f"/api/sessions/nope{path}")
-        assert res.status_code == 404 and "nope" in res.json()["detail"]
+        assert res.status_code == 404 and res.headers["content-type"] == PROBLEM
+        body = res.json()
+        assert body["status"] == 404 and body["title"] == "Not Found" and "nope" in body["detail"]
+        assert body["type"] == "about:blank"
+    # a session of another project is as unknown as a missing one
+    assert client.get("/api/sessions/q1").status_code == 404
+    assert client.post("/api/sessions/q1/stop").status_code == 403  # a viewer may not stop
+    assert _client(store, Role.operator).post("/api/sessions/q1/stop").status_code == 404
+    assert store.get_session("q1").stop_requested_by == ""
 
 
-def test_dashboard_page_is_self_contained(store: Store) -> None:
-    page = TestClient(create_app(store)).get("/")
+def test_framework_errors_are_problems_too(store: Store) -> None:
+    client = _client(store)
+    missing = client.get("/api/no-such-route")
+    assert (missing.status_code, missing.headers["content-type"]) == (404, PROBLEM)
+    assert missing.json()["detail"] == "Not Found"
+    wrong = client.delete("/api/sessions")
+    assert (wrong.status_code, wrong.json()["title"]) == (405, "Method Not Allowed")
+    bad = _client(store, Role.admin).post("/api/devices/a+b/revoke")  # not a topic segment
+    assert bad.status_code == 422 and bad.headers["content-type"] == PROBLEM
+    assert "device id" in bad.json()["detail"]
+
+
+def test_dashboard_page_is_public_and_self_contained(store: Store) -> None:
+    page = TestClient(create_app(store, AUTH)).get("/")  # no token: the page holds no data
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     for element in ("session-status", "round-count", "rounds-table", "accuracy-chart"):
         assert f'id="{element}"' in page.text
+    for element in ("login-form", "token-input", "login-error", "logout"):
+        assert f'id="{element}"' in page.text
+    assert "sessionStorage" in page.text and "Bearer" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # no CDN: works offline
 
 
-def test_require_viewer_guards_every_route(store: Store) -> None:
-    """The auth seam: whatever require_viewer decides applies to the page and the API alike."""
-    app = create_app(store)
-
-    def deny() -> None:
-        raise HTTPException(403, "no viewer role")
-
-    app.dependency_overrides[require_viewer] = deny
-    client = TestClient(app)
-    for path in ("/", "/api/sessions", "/api/sessions/s1", "/api/sessions/s1/rounds"):
-        assert client.get(path).status_code == 403, path
-    assert client.get("/api/health").status_code == 200  # probes stay outside the seam
+def test_every_data_route_needs_a_token(store: Store) -> None:
+    client = TestClient(create_app(store, AUTH, project="p"))
+    for path in ("/api/sessions", "/api/sessions/s1", "/api/sessions/s1/rounds", "/api/whoami"):
+        res = client.get(path)
+        assert res.status_code == 401, path
+        assert res.headers["www-authenticate"] == 'Bearer realm="edgefl"'
+        assert res.json()["type"] == "urn:edgefl:problem:unauthorized"
+    assert client.get("/api/health").status_code == 200  # probes carry no token
     assert client.get("/docs").status_code == 404  # Swagger UI would need a CDN
+
+
+def test_without_token_material_the_app_refuses_unless_insecure(store: Store, caplog) -> None:
+    with pytest.raises(ValueError, match="insecure=True"):
+        create_app(store)
+    with caplog.at_level(logging.WARNING, logger="edgefl.security"):
+        client = TestClient(create_app(store, insecure=True))
+    assert any("INSECURE" in r.getMessage() for r in caplog.records)
+    # insecure serves everything without a token, every project included
+    assert {s["session_id"] for s in client.get("/api/sessions").json()} == {"s1", "old", "q1"}
+    assert client.get("/api/whoami").json()["insecure"] is True
+    res = client.post("/api/devices/d1/revoke")  # no revocation list to write to
+    assert res.status_code == 409 and "revocation list" in res.json()["detail"]
+
+
+def test_model_download_streams_the_checked_blob(tmp_path) -> None:
+    store = make_store(f"sqlite:///{tmp_path / 's.db'}")
+    blobs = FileBlobStore(tmp_path / "models")
+    try:
+        store.create_session(SessionRecord("s1", "p", {"rounds": 1}, "running", 0, "", 1.0, 1.0))
+        weights = {"W": np.arange(6, dtype=np.float64).reshape(2, 3), "b": np.ones(3)}
+        record, blob = ModelRepository(store, blobs).save(
+            weights, parent=None, session_id="s1", round_=0
+        )
+        client = _client(store, blobs=blobs)
+        res = client.get(f"/api/sessions/s1/models/{record.version}/download")
+        assert res.status_code == 200 and res.content == blob
+        assert res.headers["content-type"] == "application/cbor"
+        assert res.headers["etag"] == f'"{hashlib.sha256(blob).hexdigest()}"'
+        assert f'filename="{record.version}.cbor"' in res.headers["content-disposition"]
+        got = loads_tensors(res.content)
+        assert np.array_equal(got["W"], weights["W"]) and np.array_equal(got["b"], weights["b"])
+
+        unknown = client.get("/api/sessions/s1/models/s1-r0009-00000000/download")
+        assert unknown.status_code == 404 and "no model version" in unknown.json()["detail"]
+        (tmp_path / "models" / record.version).write_bytes(blob[:-1] + b"\x00")  # bit rot
+        rotten = client.get(f"/api/sessions/s1/models/{record.version}/download")
+        assert rotten.status_code == 500 and "digest" in rotten.json()["detail"]
+
+        no_blobs = _client(store)  # an API server that cannot reach the blob store
+        res = no_blobs.get(f"/api/sessions/s1/models/{record.version}/download")
+        assert res.status_code == 404 and res.headers["content-type"] == PROBLEM
+        assert "no model blob store" in res.json()["detail"]
+    finally:
+        store.close()
