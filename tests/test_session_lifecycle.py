@@ -38,7 +38,8 @@ def test_a_failed_session_keeps_its_reason_and_runs_again_with_retry(deployment)
     failed = ctl.store.get_session(config.session_id)
     assert failed.status == "failed"
     assert "round 1 failed 2 times" in failed.reason and "devices online" in failed.reason
-    api = TestClient(create_app(ctl.store, insecure=True)).get(f"/api/sessions/{config.session_id}").json()
+    client = TestClient(create_app(ctl.store, insecure=True))
+    api = client.get(f"/api/sessions/{config.session_id}").json()
     assert api["status"] == "failed" and api["reason"] == failed.reason
 
     with pytest.raises(SessionFailed, match="retry"):
