@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgefl.auth.acl import allowed, mosquitto_acl_lines
+from edgefl.auth.acl import allowed, client_id_allowed, mosquitto_acl_lines
 from edgefl.auth.tokens import Claims, Role
 
 B = "edgefl/v1/p"
@@ -102,12 +102,31 @@ def test_server_and_operator_roles() -> None:
     assert not allowed(claims(Role.controller), f"{B}/x", "delete")
 
 
-def test_mosquitto_rendering_names_every_device_channel() -> None:
+def test_lab_template_has_no_device_lines() -> None:
+    """A Mosquitto pattern cannot bind a device to its region, so the template has none."""
     text = mosquitto_acl_lines("p")
-    for ch in ("update", "status", "telemetry"):
-        assert f"pattern write {B}/+/dev/%u/{ch}" in text
-    assert f"pattern read {B}/+/dev/%u/task" in text
-    assert f"pattern read {B}/model/+/+" in text
-    assert "pattern write" not in text.split("user controller")[1]  # patterns come first
+    assert not [line for line in text.splitlines() if line.startswith("pattern")]
+    assert "%u" not in text and "/+/dev/" not in text
+    assert f"user controller\ntopic readwrite {B}/#" in text
+    assert f"user combiner-region-0\ntopic readwrite {B}/region-0/#" in text
+    assert "edgefl fleet provision" in text
     with pytest.raises(ValueError):
         mosquitto_acl_lines("a/#")
+
+
+def test_client_id_binding() -> None:
+    dev = claims(Role.device)
+    assert client_id_allowed(dev, "d1") and client_id_allowed(dev, "edgefl-p-d1")
+    for bad in ("", None, "d2", "edgefl-p-d1-x", "edgefl-q-d1", "edgefl-p-d", "d1-x"):
+        assert not client_id_allowed(dev, bad), bad
+    ctl = Claims("controller", Role.controller, "p", None, 0.0)
+    assert client_id_allowed(ctl, "edgefl-p-controller-1a2b3c4d")
+    assert client_id_allowed(ctl, "controller")
+    for bad in (
+        "edgefl-p-controller-",
+        "edgefl-p-d1",
+        "ctl",
+        "controller-x",
+        "edgefl-q-controller",
+    ):
+        assert not client_id_allowed(ctl, bad), bad

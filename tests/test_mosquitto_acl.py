@@ -1,4 +1,4 @@
-"""broker_config/acl.conf on a real Mosquitto: a device can publish only as itself."""
+"""broker_config/acl.conf on a real Mosquitto: server accounts only, no device can publish."""
 
 from __future__ import annotations
 
@@ -20,10 +20,13 @@ def test_shipped_acl_matches_the_generator() -> None:
     assert shipped.strip() == mosquitto_acl_lines("default").strip()
 
 
-def test_acl_confines_devices(tmp_path) -> None:
+def test_lab_template_lets_no_device_publish(tmp_path) -> None:
+    """The template once let a device publish as itself under any region ('+'): now a
+    device account without a provisioned block can publish nothing at all, while the
+    server accounts work."""
     passwd = tmp_path / "passwd"
     passwd.touch()
-    for user in ("controller", "dev-a", "dev-b"):
+    for user in ("controller", "dev-a"):
         subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, f"pw-{user}"], check=True)
     acl = tmp_path / "acl.conf"
     acl.write_text(mosquitto_acl_lines("default"))
@@ -40,17 +43,21 @@ def test_acl_confines_devices(tmp_path) -> None:
         ctl = MqttConnection(
             mq.url, "ctl", username="controller", password="pw-controller", clean_session=True
         ).start(5)
-        ctl.subscribe(t.device_wildcard(None, "update"), on_msg)
+        ctl.subscribe(t.device_wildcard(None, "status"), on_msg)
         time.sleep(0.3)
         dev = MqttConnection(
             mq.url, "dev-a", username="dev-a", password="pw-dev-a", clean_session=True
         ).start(5)
         try:
-            dev.publish(t.device("r1", "dev-b", "update"), b"spoof").wait_for_publish(5)
-            dev.publish(t.device("r1", "dev-a", "update"), b"mine").wait_for_publish(5)
-            assert seen.wait(5)
+            for region in ("r1", "r2"):  # its own id, under any region: all dropped
+                dev.publish(t.device(region, "dev-a", "status"), b"online").wait_for_publish(5)
+            dev.publish(t.device("r1", "dev-b", "status"), b"spoof").wait_for_publish(5)
             time.sleep(0.5)
-            assert got == [t.device("r1", "dev-a", "update")]
+            assert got == []
+            ctl.publish(t.device("r1", "dev-a", "status"), b"server").wait_for_publish(5)
+            assert seen.wait(5)
+            time.sleep(0.3)
+            assert got == [t.device("r1", "dev-a", "status")]
         finally:
             dev.stop()
             ctl.stop()
