@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgefl.auth.tokens import AuthConfig
 from edgefl.controller import SessionConfig
 from edgefl.deploy import Deployment
 from edgefl.store.base import RoundRecord, SessionRecord
@@ -34,6 +35,9 @@ class DemoOptions:
     trainer: str = "numpy"  # numpy (reference), onnx or litert: the fleet trains a package
     aggregator: str = "fedavg"
     broker_url: str | None = None  # None: the embedded amqtt broker
+    # token material for an external broker (None there: explicitly insecure); the embedded
+    # broker gets a fresh HS256 secret per run when this is None
+    auth: AuthConfig | str | None = None
     dashboard: bool = True
     dashboard_port: int = 8080
     workdir: Path = Path("edgefl-demo")
@@ -48,6 +52,7 @@ class DemoRun:
         self.opts = opts
         self.deployment: Deployment | None = None
         self.dashboard_url: str | None = None
+        self.dashboard_login: str | None = None  # how to log in to the dashboard
 
     def __enter__(self) -> DemoRun:
         return self
@@ -66,15 +71,16 @@ class DemoRun:
         status = on_status or (lambda _msg: None)
         t_start = time.time()
         o.workdir.mkdir(parents=True, exist_ok=True)
-        dep = self.deployment = Deployment(o.workdir, project=o.project, broker_url=o.broker_url)
+        dep = self.deployment = Deployment(
+            o.workdir, project=o.project, broker_url=o.broker_url, auth=o.auth
+        )
         if o.broker_url is None:
             status(f"embedded broker on {dep.url} (JWT auth)")
         else:
             status(f"using broker {dep.url}")
         if o.dashboard:
-            server = dep.start_dashboard(o.dashboard_port)
-            self.dashboard_url = server.url
-            status(f"dashboard at {server.url}")
+            self.dashboard_url, self.dashboard_login = _start_dashboard(dep, o.dashboard_port)
+            status(f"dashboard at {self.dashboard_url}: {self.dashboard_login}")
         dep.start_combiners(o.regions)
         sink = dep.own(JsonLinesSink(o.workdir / "telemetry.jsonl"))
         train: dict[str, Any] = {"model": o.model, "batch_size": 32, "epochs": 1}
@@ -135,3 +141,31 @@ class DemoRun:
             "session_id": config.session_id,
             "state": str(o.workdir / "state.db"),
         }
+
+
+def _start_dashboard(dep: Deployment, port: int) -> tuple[str, str]:
+    """The dashboard on the deployment's token material, and how to log in to it.
+
+    A deployment without any (an explicitly insecure external broker) still gets an
+    authenticated dashboard, on a fresh secret of its own. The demo issues an operator token
+    into ``dashboard-token`` (mode 0600) in the work folder.
+    """
+    from edgefl.api.server import DashboardServer
+    from edgefl.auth.keys import KeyDirError
+    from edgefl.auth.tokens import Role, generate_secret
+    from edgefl.store.blobs import FileBlobStore
+
+    auth = dep.auth or AuthConfig(secret=generate_secret())
+    blobs = FileBlobStore(dep.models_dir)
+    server = DashboardServer(dep.store, port=port, auth=auth, project=dep.project, blobs=blobs)
+    dep.own(server.start())
+    try:
+        token = auth.issuer().issue("demo-operator", Role.operator, dep.project, ttl_s=7 * 86400)
+    except KeyDirError:  # a verifier-only host: its operator issues tokens elsewhere
+        return server.url, "log in with a token from `edgefl token --role viewer` (project "
+        f"{dep.project}) where the signing key is"
+    path = dep.workdir / "dashboard-token"
+    path.unlink(missing_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n", encoding="utf-8")
+    return server.url, f"log in with the operator token in {path}"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgefl.auth.credentials import Credentials
-from edgefl.auth.tokens import Role, generate_secret
+from edgefl.auth.tokens import AuthConfig, Role, as_auth, generate_secret
 from edgefl.combiner import Combiner, CombinerConfig
 from edgefl.controller import Controller
 from edgefl.controller.rounds import Evaluator
@@ -43,9 +43,11 @@ def random_project() -> str:
 class Deployment:
     """Builds the parts of a deployment and owns them: ``close`` stops them in reverse order.
 
-    ``broker_url=None`` starts the embedded amqtt broker with a fresh JWT secret, so every
-    component authenticates even in a throwaway run. With an external broker, ``secret`` is
-    the deployment's JWT secret, or None for an explicitly insecure development broker.
+    ``broker_url=None`` starts the embedded amqtt broker (bound to ``project``) with ``auth``,
+    or a fresh JWT secret without it, so every component authenticates even in a throwaway
+    run. With an external broker, ``auth`` is the deployment's token material (an
+    ``AuthConfig``: HS256 secret or keys; or a bare secret), or None for an explicitly
+    insecure development broker. ``secret=`` is the older spelling of a bare secret.
     ``region_urls`` maps a region to its regional broker (bridged to ``broker_url``, where the
     controller connects; see ``edgefl.broker.bridge``): that region's combiner and devices
     connect there. Regions not in it use ``broker_url``.
@@ -58,6 +60,7 @@ class Deployment:
         *,
         project: str = "default",
         broker_url: str | None = None,
+        auth: AuthConfig | str | None = None,
         secret: str | None = None,
         state_url: str | None = None,
         models_dir: Path | str | None = None,
@@ -67,16 +70,20 @@ class Deployment:
         self.project = project
         self._stack = ExitStack()
         self.broker: Any = None
+        if auth is not None and secret is not None:
+            raise ValueError("give a Deployment auth= or secret=, not both")
+        config = as_auth(auth if auth is not None else secret)
         if broker_url is None:
             from edgefl.broker.embedded import EmbeddedBroker
 
-            secret = secret or generate_secret()
-            self.broker = EmbeddedBroker(secret=secret).start()
+            config = config or AuthConfig(secret=generate_secret())
+            self.broker = EmbeddedBroker(auth=config, project=project).start()
             self._stack.callback(self.broker.stop)
             broker_url = self.broker.url
         self.url: str = broker_url
         self.region_urls: dict[str, str] = dict(region_urls or {})
-        self.credentials = Credentials(secret, project)
+        self.auth: AuthConfig | None = config
+        self.credentials = Credentials(config, project)
         self.state_url = state_url or f"sqlite:///{(self.workdir / 'state.db').resolve()}"
         self.models_dir = Path(models_dir) if models_dir else self.workdir / "models"
         self.regions: list[str] = []
@@ -187,7 +194,15 @@ class Deployment:
     def start_dashboard(self, port: int = 8080, host: str = "127.0.0.1") -> DashboardServer:
         from edgefl.api.server import DashboardServer
 
-        return self._own(DashboardServer(self.store, host=host, port=port).start())
+        server = DashboardServer(
+            self.store,
+            host=host,
+            port=port,
+            auth=self.auth,
+            insecure=self.auth is None,  # only where the deployment itself is insecure
+            project=self.project,
+        )
+        return self._own(server.start())
 
     def own(self, part: Any) -> Any:
         """Stop ``part`` (anything with ``stop()`` or ``close()``) when the deployment closes."""

@@ -45,9 +45,10 @@ def device(url: str, name: str, region: str = "r1", **kw: object) -> Probe:
     return Probe(url, kw.pop("client_id", name), username=name, password=token, **kw)  # type: ignore[arg-type]
 
 
-def controller(url: str, client_id: str = "ctl") -> Probe:
+def controller(url: str, suffix: str = "ctl") -> Probe:
+    """A controller login; its client id carries an instance suffix, as the real one's does."""
     token = ISSUER.issue("controller", Role.controller, "p")
-    return Probe(url, client_id, username="controller", password=token)
+    return Probe(url, f"edgefl-p-controller-{suffix}", username="controller", password=token)
 
 
 # tokens -------------------------------------------------------------------------------
@@ -148,13 +149,24 @@ def test_refused_connect_leaves_persistent_session_alone(secure_broker: Embedded
 
 
 def test_client_id_of_another_identity_is_refused(secure_broker: EmbeddedBroker) -> None:
-    with device(secure_broker.url, "owner", client_id="shared-id", clean_session=False) as owner:
+    url = secure_broker.url
+    with device(url, "owner", client_id="edgefl-p-owner", clean_session=False) as owner:
         assert owner.connect() == 0
-        other = device(secure_broker.url, "other", client_id="shared-id")
+        for client_id in ("edgefl-p-owner", "owner", "shared-id"):  # not its identity
+            other = device(url, "other", client_id=client_id)
+            try:
+                assert other.connect() == NOT_AUTHORIZED, client_id
+            finally:
+                other.close()
+    # a name that fits two identities (a device called controller-x, a controller's
+    # instance suffix): the session's holder keeps it
+    with device(url, "controller-x", client_id="edgefl-p-controller-x", clean_session=False) as d:
+        assert d.connect() == 0
+        ctl = controller(url, "x")
         try:
-            assert other.connect() == NOT_AUTHORIZED
+            assert ctl.connect() == NOT_AUTHORIZED
         finally:
-            other.close()
+            ctl.close()
 
 
 def test_deliveries_follow_current_claims(secure_broker: EmbeddedBroker) -> None:
@@ -192,7 +204,7 @@ def test_last_will_on_another_device_topic_is_refused(secure_broker: EmbeddedBro
 # ACLs ---------------------------------------------------------------------------------
 def test_device_publishes_only_as_itself(secure_broker: EmbeddedBroker) -> None:
     url = secure_broker.url
-    with controller(url, "ctl-acl") as ctl, device(url, "d1", client_id="d1-acl") as dev:
+    with controller(url, "ctl-acl") as ctl, device(url, "d1", client_id="edgefl-p-d1") as dev:
         assert ctl.connect() == 0 and dev.connect() == 0
         assert ctl.subscribe("edgefl/v1/p/#") == [1]
         dev.publish(T.device("r1", "d2", "update"), b"spoof")  # another device

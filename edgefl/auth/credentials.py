@@ -1,10 +1,10 @@
-"""Credentials for components: the one place that turns a secret into broker logins."""
+"""Credentials for components: the one place that turns token material into broker logins."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgefl.auth.tokens import Role, TokenIssuer
+from edgefl.auth.tokens import AuthConfig, Role, as_auth
 
 DEFAULT_TTL_S = 86400
 
@@ -13,23 +13,44 @@ DEFAULT_TTL_S = 86400
 class Credentials:
     """Issues the MQTT username/password (a JWT) each component connects with.
 
-    With ``secret=None`` (the explicit insecure development mode) every login is empty, so
-    components connect anonymously; callers never branch on the mode themselves.
+    ``auth`` is an ``AuthConfig`` (an HS256 secret or a key directory, whose active key signs)
+    or a bare HS256 secret string. With ``auth=None`` (the explicit insecure development mode)
+    every login is empty, so components connect anonymously; callers never branch on the mode
+    themselves.
     """
 
-    secret: str | None
+    auth: AuthConfig | str | None
     project: str
     ttl_s: int = DEFAULT_TTL_S
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "auth", as_auth(self.auth))
+
+    @property
+    def config(self) -> AuthConfig | None:
+        """The normalised ``AuthConfig`` (a bare secret was wrapped at construction)."""
+        return as_auth(self.auth)
+
+    @property
+    def secret(self) -> str | None:
+        """The HS256 secret, if that is what signs (None with keys or in insecure mode)."""
+        cfg = self.config
+        return None if cfg is None else cfg.secret
+
     @property
     def secure(self) -> bool:
-        return self.secret is not None
+        return self.auth is not None
 
     def token(self, subject: str, role: Role | str, region: str | None = None) -> str | None:
-        """A signed token for ``subject``, or None in insecure mode."""
-        if self.secret is None:
+        """A signed token for ``subject``, or None in insecure mode.
+
+        With keys, the key that is active *now* signs, so a rotation applies to the next
+        token without rebuilding anything.
+        """
+        cfg = self.config
+        if cfg is None:
             return None
-        return TokenIssuer(self.secret).issue(
+        return cfg.issuer().issue(
             subject, Role(role), self.project, region=region, ttl_s=self.ttl_s
         )
 

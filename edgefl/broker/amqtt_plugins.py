@@ -3,7 +3,10 @@
 amqtt 0.12.1 builds each plug-in's inner ``Config`` dataclass from the ``plugins`` section of
 the broker config with dacite (strict). dacite passes objects through unchanged, so a live
 ``TokenVerifier`` would work too, but the config stays plain data (the secret as a string),
-so the same plug-ins can be named in an amqtt YAML file.
+so the same plug-ins can be named in an amqtt YAML file: ``secret`` (HS256) or ``keys`` (a key
+directory or a ``jwks.json``), ``revocations`` (the revocation list), ``project`` and
+``sweep_s`` (how often the broker re-checks live sessions, see ``edgefl.broker.embedded``),
+``leeway_s`` (the clock skew tolerated on expiry).
 
 The claims of a client are kept in its amqtt ``Session.attributes`` (the documented place for
 plug-in state), so they live and die with the session and never leak between two brokers in
@@ -13,6 +16,7 @@ one process.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 from amqtt.contexts import Action, BaseContext
@@ -20,7 +24,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from edgefl.auth.acl import allowed
-from edgefl.auth.tokens import AuthError, Claims, TokenVerifier
+from edgefl.auth.tokens import AuthConfig, AuthError, Claims, TokenVerifier
 
 log = logging.getLogger("edgefl.broker.auth")
 
@@ -38,8 +42,8 @@ def session_claims(session: Session | None) -> Claims | None:
 class JwtAuthPlugin(BaseAuthPlugin):
     """MQTT password = edgefl JWT; its subject must equal the MQTT username.
 
-    Fails closed: without a secret it refuses to load unless ``allow_anonymous`` is set, so a
-    config that forgot the secret cannot produce an open broker.
+    Fails closed: without a secret or keys it refuses to load unless ``allow_anonymous`` is
+    set, so a config that forgot them cannot produce an open broker.
     """
 
     @dataclass
@@ -47,14 +51,25 @@ class JwtAuthPlugin(BaseAuthPlugin):
         """The plug-in's section of the amqtt config (plain data, so YAML can hold it)."""
 
         secret: str | None = None
+        keys: str | None = None
+        revocations: str | None = None
+        project: str | None = None
+        sweep_s: float = 2.0
+        leeway_s: float = 5.0
         allow_anonymous: bool = False
 
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
-        if not self.config.secret and not self.config.allow_anonymous:
+        c = self.config
+        if not c.secret and not c.keys and not c.allow_anonymous:
             # fail closed: a config that forgot the secret must not become an open broker
-            raise ValueError("JwtAuthPlugin needs a secret, or allow_anonymous: true")
-        self.verifier = TokenVerifier(self.config.secret) if self.config.secret else None
+            raise ValueError("JwtAuthPlugin needs a secret or keys, or allow_anonymous: true")
+        self.verifier: TokenVerifier | None = None
+        if c.secret or c.keys:
+            auth = AuthConfig(
+                secret=c.secret or None, keys=c.keys or None, revocations=c.revocations
+            )
+            self.verifier = auth.verifier(project=c.project, leeway_s=c.leeway_s)
 
     async def authenticate(self, *, session: Session) -> bool | None:
         """Accept a CONNECT only with a valid token for its username; log why if refused.
@@ -87,7 +102,8 @@ class JwtAuthPlugin(BaseAuthPlugin):
 class AclTopicPlugin(BaseTopicPlugin):
     """edgefl.auth.acl.allowed on every SUBSCRIBE, PUBLISH and delivery.
 
-    A session without verified claims is denied everything while enforcement is on.
+    A session without verified claims is denied everything while enforcement is on. Denials
+    are counted in ``stats`` (``denied_publish``, ``denied_subscribe``).
     """
 
     @dataclass
@@ -95,6 +111,10 @@ class AclTopicPlugin(BaseTopicPlugin):
         """``enforce: false`` lets everything through (only for the anonymous dev broker)."""
 
         enforce: bool = True
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        self.stats: Counter[str] = Counter(denied_publish=0, denied_subscribe=0)
 
     async def topic_filtering(
         self,
@@ -115,7 +135,13 @@ class AclTopicPlugin(BaseTopicPlugin):
             return allowed(claims, topic, "subscribe")
         ok = allowed(claims, topic, "publish" if action == Action.PUBLISH else "subscribe")
         if not ok:
+            self.stats["denied_" + action.value] += 1
             log.warning(
-                "denied %s (%s) %s on %r", claims.subject, claims.role.value, action.value, topic
+                "denied client %r (%s, %s) %s on %r",
+                session.client_id if session is not None else None,
+                claims.subject,
+                claims.role.value,
+                action.value,
+                topic,
             )
         return ok

@@ -1,7 +1,8 @@
 """The embedded broker: amqtt inside the edgefl process, for the zero-setup run.
 
-Secure by default: it needs a JWT secret, or the explicit ``allow_anonymous`` flag, which is
-logged as INSECURE. It binds to loopback unless told otherwise (amqtt's own default is
+Secure by default: it needs token material (``auth``: an HS256 secret or asymmetric keys, see
+``edgefl.auth.tokens.AuthConfig``), or the explicit ``allow_anonymous`` flag, which is logged
+as INSECURE. It binds to loopback unless told otherwise (amqtt's own default is
 0.0.0.0:1883 with anonymous access, which we override). MQTT 3.1.1 only (amqtt has no v5).
 
 amqtt 0.12.1 needs a few guards, all in ``_EdgeflBroker`` below (written against 0.12.1,
@@ -18,6 +19,15 @@ which pyproject pins; a different version logs a warning):
 * It iterates its subscription dict across awaits, which raised "dictionary changed size
   during iteration" in ``Broker._run_broadcast`` when a client subscribed meanwhile (the
   message was lost). The dict is replaced by one that iterates over snapshots.
+* A CONNECT's client id must belong to its token's identity (``edgefl.auth.acl.
+  client_id_allowed``: a device's is its id or ``edgefl-{project}-{id}``), so a device cannot
+  take over another's session even where no session holds that id yet.
+* Tokens are re-checked on live connections: every ``sweep_s`` seconds a sweep reloads the
+  revocation list and disconnects every connected session whose token has expired or been
+  revoked (``TokenVerifier.still_valid``). Its reconnect is verified from scratch at CONNECT
+  and refused. A revocation therefore cuts a live connection within ``sweep_s`` plus the
+  list's reload interval (1 s; the sweep forces a reload, so in practice ``sweep_s``); an
+  expiry within ``sweep_s`` plus the verifier's clock-skew leeway (5 s).
 * When a client's message loop ends without a handled DISCONNECT (e.g. it published to a
   ``$`` topic) the session stayed "connected" with an open socket. We close it and mark it
   disconnected, so a persistent session queues again.
@@ -29,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,7 +53,9 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
-from edgefl.broker.amqtt_plugins import session_claims
+from edgefl.auth.acl import client_id_allowed
+from edgefl.auth.tokens import AuthConfig, TokenVerifier, as_auth
+from edgefl.broker.amqtt_plugins import AclTopicPlugin, JwtAuthPlugin, session_claims
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +69,17 @@ if amqtt.__version__ != AMQTT_VERSION:
 
 _PREAUTH_KEY = "edgefl.preauthenticated"
 DEFAULT_SESSION_EXPIRY_S = 7 * 86400  # like persistent_client_expiration in mosquitto.conf
+DEFAULT_SWEEP_S = 2.0
+_JWT_PLUGIN = "edgefl.broker.amqtt_plugins.JwtAuthPlugin"
+_ACL_PLUGIN = "edgefl.broker.amqtt_plugins.AclTopicPlugin"
+# what EmbeddedBroker.stats() reports (the ACL plug-in adds denied_publish/denied_subscribe)
+BROKER_COUNTERS = (
+    "refused_connect",
+    "refused_client_id",
+    "refused_will",
+    "disconnected_revoked",
+    "disconnected_expired",
+)
 
 
 class _SnapshotDict(dict[str, list[Any]]):
@@ -87,21 +111,110 @@ class _EdgeflBroker(Broker):
     def __init__(self, config: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(config, loop=loop)
         self._subscriptions = _SnapshotDict()
+        self.counters: Counter[str] = Counter(dict.fromkeys(BROKER_COUNTERS, 0))
+        self._sweeper: asyncio.Task[None] | None = None
 
-    async def _vet_connect(self, incoming: Session) -> str | None:
-        """Why this CONNECT must be refused, or None. Runs before any session is touched."""
+    def _plugin(self, cls: type[Any]) -> Any:
+        return next((p for p in self.plugins_manager.plugins if isinstance(p, cls)), None)
+
+    @property
+    def verifier(self) -> TokenVerifier | None:
+        """The JWT plug-in's verifier (None in the insecure mode)."""
+        plugin = self._plugin(JwtAuthPlugin)
+        return None if plugin is None else plugin.verifier
+
+    def stats(self) -> dict[str, int]:
+        """Refusals, denials and sweep disconnections so far (a copy; any thread may call)."""
+        out = dict(self.counters)
+        acl = self._plugin(AclTopicPlugin)
+        if acl is not None:
+            out.update(acl.stats)
+        return out
+
+    async def start(self) -> None:
+        await super().start()
+        plugin = self._plugin(JwtAuthPlugin)
+        if plugin is not None and plugin.verifier is not None:
+            self._sweeper = asyncio.ensure_future(
+                self._sweep_loop(plugin.verifier, plugin.config.sweep_s)
+            )
+
+    async def shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        await super().shutdown()
+
+    async def _sweep_loop(self, verifier: TokenVerifier, interval: float) -> None:
+        """Re-check live connections' tokens every ``interval`` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep(verifier)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad sweep must not end the sweeping
+                log.exception("token sweep failed")
+
+    async def sweep(self, verifier: TokenVerifier) -> list[str]:
+        """Disconnect every connected session whose token expired or was revoked.
+
+        Returns the client ids cut off. The revocation list is reloaded first, so a
+        revocation written before the sweep applies in it.
+        """
+        if verifier.revocations is not None:
+            verifier.revocations.refresh()
+        cut: list[str] = []
+        for client_id, (session, handler) in list(self._sessions.items()):
+            claims = session_claims(session)
+            if claims is None or handler is None or not session.transitions.is_connected():
+                continue
+            reason = verifier.still_valid(claims)
+            if reason is None:
+                continue
+            kind = "expired" if "expired" in reason else "revoked"
+            self.counters[f"disconnected_{kind}"] += 1
+            log.warning(
+                "disconnecting client %r (subject %r, %s): %s",
+                client_id,
+                claims.subject,
+                claims.role.value,
+                reason,
+            )
+            # as amqtt's own take-over does: the message loop then ends the connection
+            await handler.handle_connection_closed()
+            cut.append(client_id)
+        return cut
+
+    async def _vet_connect(self, incoming: Session) -> tuple[str, str] | None:
+        """Why this CONNECT must be refused (counter, reason), or None.
+
+        Runs before any session is touched.
+        """
         if not await super()._authenticate(incoming, None):
-            return "authentication failed"
+            return "refused_connect", "authentication failed"
+        claims = session_claims(incoming)
+        if claims is not None and not client_id_allowed(claims, incoming.client_id):
+            return "refused_client_id", (
+                f"client id {incoming.client_id!r} does not belong to {claims.role.value} "
+                f"{claims.subject!r} (use {claims.subject!r} or "
+                f"'edgefl-{claims.project}-{claims.subject}')"
+            )
         existing = self._sessions.get(incoming.client_id)
         if existing is not None:
             old = existing[0]
             held = old.transitions.is_connected() or not old.clean_session
             if held and _identity(old) != _identity(incoming):
-                return f"client id {incoming.client_id!r} is held by another identity"
+                return (
+                    "refused_client_id",
+                    f"client id {incoming.client_id!r} is held by another identity",
+                )
         if incoming.will_flag and not await self._topic_filtering(
             incoming, incoming.will_topic or "", Action.PUBLISH
         ):
-            return f"last will topic {incoming.will_topic!r} is not allowed"
+            return "refused_will", f"last will topic {incoming.will_topic!r} is not allowed"
         return None
 
     async def _initialize_client_session(
@@ -120,8 +233,10 @@ class _EdgeflBroker(Broker):
         except NoDataError as exc:
             raise AMQTTError(exc) from exc
 
-        reason = await self._vet_connect(incoming)
-        if reason is not None:
+        refusal = await self._vet_connect(incoming)
+        if refusal is not None:
+            counter, reason = refusal
+            self.counters[counter] += 1
             log.warning(
                 "refused CONNECT of client %r (user %r) from %s:%s: %s",
                 incoming.client_id,
@@ -224,9 +339,16 @@ class EmbeddedBroker:
     It owns that thread and loop: ``start`` blocks until the listener accepts connections (or
     raises ``RuntimeError`` with the cause), ``stop`` shuts amqtt down and joins the thread.
     With ``port=0`` the OS picks a free port, readable from ``port``/``url`` after ``start``.
-    Refuses to build an unauthenticated broker unless ``allow_anonymous`` says so; raises
-    ``ValueError`` for a missing or too short secret before any thread starts. Call
-    ``start``/``stop`` from one thread; the broker itself serves clients concurrently.
+
+    ``auth`` is an ``AuthConfig`` (HS256 secret, or keys with a revocation list) or a bare
+    HS256 secret; ``secret=`` is the older spelling of the latter. ``project`` refuses tokens
+    of other projects (None: any); ``leeway_s`` is the clock skew tolerated on expiry.
+    Every ``sweep_s`` seconds live sessions are re-checked
+    and those whose token expired or was revoked are disconnected (see the module
+    docstring); ``stats()`` counts that and every refusal. Refuses to build an
+    unauthenticated broker unless ``allow_anonymous`` says so; raises ``ValueError`` for
+    missing or bad token material before any thread starts. Call ``start``/``stop`` from
+    one thread; the broker itself serves clients concurrently.
     """
 
     def __init__(
@@ -234,32 +356,45 @@ class EmbeddedBroker:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
+        auth: AuthConfig | str | None = None,
         secret: str | None = None,
         allow_anonymous: bool = False,
         session_expiry_s: int | None = DEFAULT_SESSION_EXPIRY_S,
+        project: str | None = None,
+        sweep_s: float = DEFAULT_SWEEP_S,
+        leeway_s: float = 5.0,
     ) -> None:
-        if secret is None and not allow_anonymous:
+        if auth is not None and secret is not None:
+            raise ValueError("give the embedded broker auth= or secret=, not both")
+        config = as_auth(auth if auth is not None else secret)
+        if config is None and not allow_anonymous:
             raise ValueError(
-                "the embedded broker needs a JWT secret (secret=..., e.g. from "
-                "edgefl.auth.tokens.generate_secret()), or allow_anonymous=True for an "
-                "explicitly INSECURE development broker"
+                "the embedded broker needs a JWT secret or keys (auth=AuthConfig(...) or "
+                "secret=..., e.g. from edgefl.auth.tokens.generate_secret()), or "
+                "allow_anonymous=True for an explicitly INSECURE development broker"
             )
-        if secret is not None:
-            from edgefl.auth.tokens import TokenVerifier
-
-            TokenVerifier(secret)  # a short secret fails here, not in the broker thread
+        if not sweep_s > 0:
+            raise ValueError(f"sweep_s must be positive, not {sweep_s!r}")
+        if config is not None:
+            # bad material (a short secret, unreadable keys) fails here, not in the broker thread
+            config.verifier(project=project, leeway_s=leeway_s)
             if allow_anonymous:
-                log.info("embedded broker: a secret is set, so allow_anonymous is ignored")
+                log.info("embedded broker: auth is set, so allow_anonymous is ignored")
         self.host = host
         self.port = port
-        self.secret = secret
-        self.allow_anonymous = secret is None
+        self.auth = config
+        self.secret = config.secret if config is not None else None
+        self.project = project
+        self.sweep_s = sweep_s
+        self.leeway_s = leeway_s
+        self.allow_anonymous = config is None
         self.session_expiry_s = session_expiry_s
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._broker: Broker | None = None
+        self._broker: _EdgeflBroker | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._last_stats: dict[str, int] = {}
 
     @property
     def url(self) -> str:
@@ -268,19 +403,39 @@ class EmbeddedBroker:
         return f"mqtt://{host}:{self.port}"
 
     def _config(self) -> dict[str, Any]:
+        """amqtt's config: plain data only (the plug-ins build their verifier from it)."""
+        a = self.auth
+        rev = a.revocations_path() if a is not None else None
         return {
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
             "timeout_disconnect_delay": 0,
             "session_expiry_interval": self.session_expiry_s,
             # replaces amqtt's default plug-ins (which include anonymous auth and $SYS)
             "plugins": {
-                "edgefl.broker.amqtt_plugins.JwtAuthPlugin": {
-                    "secret": self.secret,
+                _JWT_PLUGIN: {
+                    "secret": a.secret if a else None,
+                    "keys": a.keys if a else None,
+                    "revocations": str(rev) if rev is not None else None,
+                    "project": self.project,
+                    "sweep_s": self.sweep_s,
+                    "leeway_s": self.leeway_s,
                     "allow_anonymous": self.allow_anonymous,
                 },
-                "edgefl.broker.amqtt_plugins.AclTopicPlugin": {"enforce": self.secret is not None},
+                _ACL_PLUGIN: {"enforce": a is not None},
             },
         }
+
+    def stats(self) -> dict[str, int]:
+        """Counters: ``refused_connect`` (bad token), ``refused_client_id``, ``refused_will``,
+        ``denied_publish``, ``denied_subscribe``, ``disconnected_revoked``,
+        ``disconnected_expired``. After ``stop`` the last values stay readable.
+        """
+        broker = self._broker
+        if broker is not None:
+            self._last_stats = broker.stats()
+        return dict(self._last_stats) or dict.fromkeys(
+            (*BROKER_COUNTERS, "denied_publish", "denied_subscribe"), 0
+        )
 
     def start(self, timeout: float = 10.0) -> EmbeddedBroker:
         """Start and return once the listener accepts connections.
@@ -339,6 +494,8 @@ class EmbeddedBroker:
         Persistent sessions and retained messages live in memory and are lost.
         """
         loop, broker, thread = self._loop, self._broker, self._thread
+        if broker is not None:
+            self._last_stats = broker.stats()
         self._loop = self._broker = None
         if loop is not None and broker is not None and loop.is_running():
             fut = asyncio.run_coroutine_threadsafe(broker.shutdown(), loop)
