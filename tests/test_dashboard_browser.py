@@ -1,4 +1,7 @@
-"""The dashboard in a real headless Chromium: fed straight from a store, then by a live run."""
+"""The dashboard in a real headless Chromium: fed straight from a store, then by a live run.
+
+The browser logs in the way a person does: it pastes a JWT into the page's login form.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from playwright.sync_api import Browser, Page, sync_playwright
 
 from edgefl.api.app import create_app
 from edgefl.api.server import DashboardServer
+from edgefl.auth.revocation import revoke_subject
+from edgefl.auth.tokens import AuthConfig, Role, generate_secret
 from edgefl.store import make_store
 from edgefl.store.base import RoundRecord, SessionRecord, Store
 from tests.harness import Deployment
@@ -64,13 +69,26 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def served(tmp_path) -> Iterator[tuple[Store, str]]:
+def auth(tmp_path) -> AuthConfig:
+    """HS256 with a revocation list, so a test can revoke the logged-in viewer."""
+    return AuthConfig(secret=generate_secret(), revocations=str(tmp_path / "revoked.json"))
+
+
+def _login(page: Page, token: str) -> None:
+    """What a person does: paste the token into the login form and submit it."""
+    page.wait_for_selector("#login-form", state="visible", timeout=5000)
+    page.fill("#token-input", token)
+    page.click("#login-button")
+
+
+@pytest.fixture
+def served(tmp_path, auth) -> Iterator[tuple[Store, str]]:
     """The app in uvicorn on a loopback port, over its own store on a file the test writes."""
     url = f"sqlite:///{tmp_path / 'state.db'}"
     writer, reader = make_store(url), make_store(url)  # like a controller and a dashboard
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(reader),
+            create_app(reader, auth, project="p"),
             host="127.0.0.1",
             port=_free_port(),
             log_level="warning",
@@ -116,7 +134,7 @@ def _rows(page: Page) -> list[list[str]]:
     ]
 
 
-def test_dashboard_shows_stored_rounds_and_follows_new_ones(served, browser) -> None:
+def test_dashboard_shows_stored_rounds_and_follows_new_ones(served, auth, browser) -> None:
     store, url = served
     store.create_session(SessionRecord("old", "p", {"rounds": 2}, "completed", 2, "o2", 1.0, 1.0))
     store.create_session(
@@ -128,6 +146,20 @@ def test_dashboard_shows_stored_rounds_and_follows_new_ones(served, browser) -> 
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     try:
         page.goto(url)
+        assert page.is_hidden("#dash")  # no token yet: only the login form
+        _login(page, "not-a-jwt")
+        page.wait_for_function(
+            "document.getElementById('login-error').textContent.includes('invalid token')",
+            timeout=5000,
+        )
+        device = auth.issuer().issue("dev-1", Role.device, "p", region="region-0")
+        _login(page, device)  # a valid token, but a service's: refused with the reason
+        page.wait_for_function(
+            "document.getElementById('login-error').textContent.includes(\"role 'device'\")",
+            timeout=5000,
+        )
+        assert page.is_hidden("#dash")
+        _login(page, auth.issuer().issue("vic", Role.viewer, "p"))
         page.wait_for_function(f"document.querySelectorAll('{ROWS}').length === 2", timeout=5000)
         assert "s1" in page.inner_text("#session-name")  # the newest session by default
         assert page.inner_text("#session-status") == "running"
@@ -152,11 +184,21 @@ def test_dashboard_shows_stored_rounds_and_follows_new_ones(served, browser) -> 
         assert page.evaluate(INK) > 50, "no accuracy curve was drawn"
         page.screenshot(path=SCREENSHOT, full_page=True)
 
+        assert "vic" in page.inner_text("#whoami") and page.is_hidden("#stop-session")
+
         page.goto(url + "?session=old")  # an explicit pick wins over "newest"
-        page.wait_for_function(
+        page.wait_for_function(  # the token survived the reload (sessionStorage)
             "document.getElementById('session-status').textContent === 'completed'", timeout=5000
         )
         assert "old" in page.inner_text("#session-name") and _rows(page) == []
+
+        revoke_subject(auth.revocations_path() or "", "vic")  # a 401 returns to the login form
+        page.wait_for_selector("#login-form", state="visible", timeout=5000)
+        page.wait_for_function(
+            "document.getElementById('login-error').textContent.includes('revoked')", timeout=5000
+        )
+        assert page.is_hidden("#dash")
+        assert page.evaluate("sessionStorage.getItem('edgefl.token')") is None
     finally:
         page.close()
 
@@ -167,13 +209,20 @@ def test_dashboard_follows_a_live_session(mosquitto, tmp_path, browser) -> None:
         dep.start_combiners(2)
         dep.start_fleet(10)
         ctl = dep.controller()
-        server = DashboardServer(make_store(dep.state_url), port=0).start()
+        auth = AuthConfig(secret=generate_secret())
+        reader = make_store(dep.state_url)
+        dep.own(reader)
+        server = DashboardServer(reader, port=0, auth=auth, project=dep.project).start()
         dep.own(server)
         page = browser.new_page()
         dep.own(page)
         page.goto(server.url)
-        page.wait_for_selector("#session-name")
-        assert "waiting" in page.inner_text("#session-name")
+        _login(page, auth.issuer().issue("olga", Role.operator, dep.project))
+        page.wait_for_function(
+            "document.getElementById('session-name').textContent.includes('waiting')",
+            timeout=5000,
+        )
+        assert "olga" in page.inner_text("#whoami")
 
         _, rounds = dep.run_session(ctl, rounds=6, min_devices=10, round_timeout_s=30)
         # the page polls once a second; give it a few ticks to catch up
