@@ -279,3 +279,25 @@ def test_an_operator_stops_a_live_session_through_the_api(embedded_broker, tmp_p
         assert ctl.store.list_rounds(sid2) == []
     finally:
         dep.close()
+
+
+def test_the_demo_dashboard_takes_the_token_it_prints(tmp_path) -> None:
+    from edgefl.demo import DemoOptions, DemoRun
+
+    said: list[str] = []
+    opts = DemoOptions(devices=2, regions=1, rounds=1, dashboard_port=0, workdir=tmp_path / "w")
+    with DemoRun(opts) as run:
+        result = run.run(on_status=said.append)
+        assert run.dashboard_url and run.dashboard_login
+        token_file = tmp_path / "w" / "dashboard-token"
+        assert str(token_file) in run.dashboard_login
+        assert any(str(token_file) in m and run.dashboard_url in m for m in said)
+        assert token_file.stat().st_mode & 0o077 == 0  # the operator's token: owner only
+        bearer = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+        with httpx.Client(base_url=run.dashboard_url.rstrip("/"), timeout=10) as http:
+            assert http.get("/api/sessions").status_code == 401
+            sessions = http.get("/api/sessions", headers=bearer).json()
+            assert [s["session_id"] for s in sessions] == [result["session_id"]]
+            assert http.get("/api/whoami", headers=bearer).json()["role"] == "operator"
+            done = http.post(f"/api/sessions/{result['session_id']}/stop", headers=bearer)
+            assert done.status_code == 409  # an operator may stop, but it already completed
