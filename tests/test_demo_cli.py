@@ -48,6 +48,7 @@ def test_demo_on_mosquitto_with_the_dashboard(tmp_path, mosquitto) -> None:
         "5",
         "--broker",
         mosquitto.url,
+        "--insecure",  # the suite's Mosquitto is anonymous; without it the demo refuses
         "--dashboard-port",
         "0",
         "--no-serve-after",

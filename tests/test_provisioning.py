@@ -358,6 +358,59 @@ def test_bundle_is_an_agent_config_and_jwt_mode(tmp_path: Path) -> None:
     assert (comb.role, comb.region) == (Role.combiner, "r1")
 
 
+def test_keys_ca_cert_and_the_revocation_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokens signed with the active key, the CA copied into bundles, revoke reaches the
+    list every verifier reads."""
+    import jwt
+
+    from edgefl.auth.ca import cert_pem, make_ca
+    from edgefl.auth.keys import KeyDir
+    from edgefl.auth.revocation import RevocationList
+    from edgefl.auth.tokens import AuthConfig, AuthError
+
+    keys = KeyDir(tmp_path / "keys")
+    kid = keys.init()
+    auth = AuthConfig(keys=str(keys.path))
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(cert_pem(make_ca().cert))
+    out = tmp_path / "fleet"
+    provision(write_csv(tmp_path / "a.csv", [("dev-a", "r1")]), P, out, auth=auth)
+    assert "ca_file" not in bundle(out, "dev-a")
+    token = bundle(out, "dev-a")["password"]
+    assert jwt.get_unverified_header(token)["kid"] == kid
+    assert auth.verifier(project=P).verify(token).subject == "dev-a"
+    # adding the CA later: new bundles and kept ones (same password) get it
+    csv_ab = write_csv(tmp_path / "ab.csv", [("dev-a", "r1"), ("dev-b", "r1")])
+    provision(csv_ab, P, out, auth=auth, ca_cert=ca)
+    for dev in ("dev-a", "dev-b"):
+        folder = out / "devices" / dev
+        assert (folder / "ca.crt").read_bytes() == ca.read_bytes()
+        assert bundle(out, dev)["ca_file"] == "ca.crt"
+        monkeypatch.chdir(folder)  # the path is relative to the bundle
+        assert load_config(folder / "agent.json", env={}).ca_file == "ca.crt"
+    assert bundle(out, "dev-a")["password"] == token
+    with pytest.raises(ProvisionError, match="PEM"):
+        provision(csv_ab, P, out, auth=auth, ca_cert=tmp_path / "a.csv")
+    # revoke: the default list is DIR/revoked.json; a verifier reading it refuses the token
+    revoke(out, "dev-a")
+    listed = RevocationList(out / "revoked.json")
+    assert listed.revoked("dev-a", None, time.time() - 1)
+    assert not listed.revoked("dev-b", None, time.time() - 1)
+    checker = AuthConfig(keys=str(keys.jwks_path), revocations=str(out / "revoked.json"))
+    with pytest.raises(AuthError, match="revoked"):
+        checker.verifier(project=P).verify(token)
+    assert checker.verifier(project=P).verify(bundle(out, "dev-b")["password"])
+    # the CLI: --revocations names another list
+    other = tmp_path / "elsewhere" / "revoked.json"
+    res = CliRunner().invoke(
+        fleet_app, ["revoke", "dev-b", "--out", str(out), "--revocations", str(other)], env={}
+    )
+    assert res.exit_code == 0, res.output
+    assert RevocationList(other).revoked("dev-b", None, time.time() - 1)
+
+
 @pytest.mark.parametrize(
     ("text", "error"),
     [
@@ -397,6 +450,7 @@ def test_cli(tmp_path: Path) -> None:
     res = runner.invoke(fleet_app, ["revoke", "dev-b", "--out", out])
     assert res.exit_code == 0
     assert "kill -HUP" in res.output
+    assert "dev-b" in (tmp_path / "fleet" / "revoked.json").read_text()
     res = runner.invoke(fleet_app, ["list", "--out", out])
     assert res.exit_code == 0
     assert "dev-a" in res.output

@@ -5,7 +5,6 @@ Mounted into the main CLI with ``app.add_typer(fleet_app, name="fleet")``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import NoReturn
 
@@ -14,9 +13,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgefl.cli.common import SECRET_ENV
+from edgefl.auth.keys import KeyDirError
+from edgefl.cli.common import KEYS_ENV, REVOCATIONS_ENV, SECRET_ENV, load_auth
 from edgefl.fleet.provision import (
     DEFAULT_TOKEN_TTL_S,
+    REVOCATIONS_FILE,
     ProvisionError,
     fleet_records,
     provision,
@@ -58,27 +59,36 @@ def provision_cmd(
         DEFAULT_TOKEN_TTL_S / 86400,
         "--token-ttl-days",
         min=0.01,
-        help=f"lifetime of the JWT passwords (only with {SECRET_ENV} set)",
+        help=f"lifetime of the JWT passwords (only with {KEYS_ENV} or {SECRET_ENV} set)",
+    ),
+    ca_cert: Path = typer.Option(
+        None,
+        "--ca-cert",
+        dir_okay=False,
+        help="the broker's CA certificate (edgefl ca init): copied into every bundle as ca.crt "
+        "and set as its ca_file (run the agent from the bundle folder)",
     ),
 ) -> None:
     """Write a bundle per new device and rebuild DIR/broker/passwd and acl.conf (idempotent).
 
-    Known devices keep their password; revoked ones stay revoked. With EDGEFL_JWT_SECRET set,
-    each password is the identity's JWT (also valid on the embedded broker).
+    Known devices keep their password; revoked ones stay revoked. With EDGEFL_JWT_KEYS (the
+    active key signs) or EDGEFL_JWT_SECRET set, each password is the identity's JWT (also
+    valid on the embedded broker); otherwise a random broker password.
     """
-    secret = os.environ.get(SECRET_ENV) or None
+    auth = load_auth()
     try:
         r = provision(
             csv_file,
             project,
             out,
             broker_url=broker_url,
-            secret=secret,
+            auth=auth,
             token_ttl_s=int(token_ttl_days * 86400),
+            ca_cert=ca_cert,
         )
-    except (ProvisionError, TopicError, ValueError) as exc:
+    except (ProvisionError, TopicError, ValueError, KeyDirError) as exc:
         _fail(str(exc))
-    kind = "JWT" if secret else "random broker password"
+    kind = "JWT" if auth is not None else "random broker password"
     typer.echo(
         f"{len(r.added)} added, {len(r.kept)} kept, {len(r.rotated)} re-issued (bundle was "
         f"missing), {len(r.skipped_revoked)} revoked skipped, in {r.seconds:.2f} s ({kind}s)"
@@ -99,19 +109,37 @@ def revoke_cmd(
     reload_pid: int = typer.Option(
         None, "--reload-pid", help="send SIGHUP to this Mosquitto pid so the revocation applies"
     ),
+    revocations: Path = typer.Option(
+        None,
+        "--revocations",
+        dir_okay=False,
+        help=f"the revocation list token verifiers read (default: {REVOCATIONS_ENV}, else "
+        f"revoked.json next to {KEYS_ENV}, else DIR/{REVOCATIONS_FILE})",
+    ),
 ) -> None:
-    """Revoke a device: its password, ACL block and bundle go; Mosquitto applies it on reload."""
+    """Revoke a device everywhere: the revocation list (the embedded broker disconnects it
+    within its sweep), and its password, ACL block and bundle (Mosquitto, on reload).
+    """
+    rev_path = revocations
+    if rev_path is None:
+        auth = load_auth()
+        rev_path = auth.revocations_path() if auth is not None else None
+    rev_path = rev_path or out / REVOCATIONS_FILE
     try:
-        revoke(out, device, reload_pid=reload_pid)
+        revoke(out, device, reload_pid=reload_pid, revocations=rev_path)
     except ProvisionError as exc:
         _fail(str(exc))
+    typer.echo(
+        f"revoked {device} in {rev_path}: an embedded broker reading that list disconnects it "
+        "within its sweep interval"
+    )
     if reload_pid is None:
         typer.echo(
-            f"revoked {device}; make Mosquitto reload its files: kill -HUP <mosquitto pid> "
-            "(or pass --reload-pid); on reload it also disconnects the device"
+            "make Mosquitto reload its files: kill -HUP <mosquitto pid> (or pass --reload-pid); "
+            "on reload it also disconnects the device"
         )
     else:
-        typer.echo(f"revoked {device}; sent SIGHUP to Mosquitto (pid {reload_pid})")
+        typer.echo(f"sent SIGHUP to Mosquitto (pid {reload_pid})")
 
 
 @fleet_app.command("list")

@@ -13,8 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from edgefl.cli.bridge import bridge_config
 from edgefl.cli.ca import ca_app
-from edgefl.cli.common import err_console, require_secret, setup_logging
+from edgefl.cli.common import err_console, require_auth, setup_logging
 from edgefl.cli.fleet import fleet_app
+from edgefl.cli.keys import keys_app
 from edgefl.cli.package import package_app
 
 app = typer.Typer(
@@ -45,7 +46,14 @@ def demo(
         "package fetched over MQTT",
     ),
     aggregator: str = typer.Option("fedavg", help="fedavg, fedadam, fedyogi or fedadagrad"),
-    broker: str = typer.Option(None, help="broker URL (mqtt://host:port); default: embedded"),
+    broker: str = typer.Option(
+        None,
+        help="broker URL (mqtt://host:port); default: embedded (with a fresh JWT secret). An "
+        "external broker needs EDGEFL_JWT_KEYS or EDGEFL_JWT_SECRET, or --insecure",
+    ),
+    insecure: bool = typer.Option(
+        False, help="with --broker: connect without tokens (development only)"
+    ),
     dashboard: bool = typer.Option(True, help="serve the dashboard while training"),
     dashboard_port: int = typer.Option(8080, help="dashboard port on 127.0.0.1"),
     serve_after: bool = typer.Option(
@@ -59,6 +67,8 @@ def demo(
     from edgefl.demo import DemoOptions, DemoRun
 
     setup_logging(log_level)
+    # the embedded broker gets a fresh secret per run; an external one needs real material
+    auth = require_auth(insecure) if broker is not None else None
     if trainer not in ("numpy", "onnx", "litert"):
         raise typer.BadParameter("trainer must be numpy, onnx or litert")
     if trainer == "numpy" and model not in ("softmax", "mlp"):
@@ -78,6 +88,7 @@ def demo(
         trainer=trainer,
         aggregator=aggregator,
         broker_url=broker,
+        auth=auth,
         dashboard=dashboard,
         dashboard_port=dashboard_port,
         workdir=workdir,
@@ -119,16 +130,27 @@ def broker(
     host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
     port: int = typer.Option(1883, help="listen port"),
     insecure: bool = typer.Option(False, help="allow anonymous clients (development only)"),
+    project: str = typer.Option(None, help="accept only this project's tokens (default: any)"),
+    sweep: float = typer.Option(
+        2.0, min=0.1, help="seconds between re-checks of live connections' tokens"
+    ),
     log_level: str = LogLevel,
 ) -> None:
-    """Run the embedded amqtt broker (JWT auth from EDGEFL_JWT_SECRET)."""
+    """Run the embedded amqtt broker (JWTs from EDGEFL_JWT_KEYS or EDGEFL_JWT_SECRET).
+
+    Live connections are re-checked every --sweep seconds: a revoked (EDGEFL_REVOCATIONS,
+    edgefl fleet revoke) or expired token is disconnected within that, plus 1 s.
+    """
     from edgefl.broker.embedded import EmbeddedBroker
 
     setup_logging(log_level)
-    secret = require_secret(insecure)
-    with EmbeddedBroker(host, port, secret=secret, allow_anonymous=secret is None) as b:
+    auth = require_auth(insecure)
+    with EmbeddedBroker(
+        host, port, auth=auth, allow_anonymous=auth is None, project=project, sweep_s=sweep
+    ) as b:
         err_console.print(f"broker listening on {b.url}")
         _wait_for_signal()
+        err_console.print(f"broker stats: {json.dumps(b.stats())}")
 
 
 @app.command()
@@ -143,8 +165,8 @@ def combiner(
     from edgefl.deploy import Deployment
 
     setup_logging(log_level)
-    secret = require_secret(insecure)
-    with Deployment(Path("."), project=project, broker_url=broker, secret=secret) as dep:
+    auth = require_auth(insecure)
+    with Deployment(Path("."), project=project, broker_url=broker, auth=auth) as dep:
         dep.start_combiners([region])
         _wait_for_signal()
 
@@ -164,13 +186,13 @@ def simulate(
     from edgefl.fleet.simulate import start_fleet
 
     setup_logging(log_level)
-    secret = require_secret(insecure)
+    auth = require_auth(insecure)
     fleet = start_fleet(
         broker,
         devices,
         region_names(regions),
         project=project,
-        credentials=Credentials(secret, project),
+        credentials=Credentials(auth, project),
     )
     err_console.print(f"{devices} devices connected to {broker}")
     try:
@@ -231,12 +253,12 @@ def controller(
     from edgefl.tasks import digits
 
     setup_logging(log_level)
-    secret = require_secret(insecure)
+    auth = require_auth(insecure)
     with Deployment(
         models.parent,
         project=project,
         broker_url=broker,
-        secret=secret,
+        auth=auth,
         state_url=state,
         models_dir=models,
     ) as dep:
@@ -323,16 +345,23 @@ def token(
     region: str = typer.Option(None, help="required for devices; optional for combiners"),
     ttl: int = typer.Option(86400, help="lifetime in seconds"),
 ) -> None:
-    """Issue a JWT signed with EDGEFL_JWT_SECRET."""
+    """Issue a JWT signed with the active key of EDGEFL_JWT_KEYS, or with EDGEFL_JWT_SECRET."""
     from edgefl.auth.credentials import Credentials
+    from edgefl.auth.keys import KeyDirError
+    from edgefl.protocol.topics import TopicError
 
-    print(Credentials(require_secret(False), project, ttl_s=ttl).token(subject, role, region))
+    try:
+        issued = Credentials(require_auth(False), project, ttl_s=ttl).token(subject, role, region)
+    except (KeyDirError, TopicError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    print(issued)
 
 
 app.add_typer(package_app, name="package")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(ca_app, name="ca")
 app.command("bridge-config")(bridge_config)
+app.add_typer(keys_app, name="keys")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 ``provision`` turns a CSV of ``device_id,region`` rows into
 
 - ``DIR/devices/<id>/agent.json``: the agent's config (``edgefl-agent --config``), with its
-  broker password (or, with a JWT secret, its token, so the same bundle also works on the
-  embedded broker). Mode 0600: it holds the device's secret.
+  broker password (or, with token material, its JWT, so the same bundle also works on the
+  embedded broker). Mode 0600: it holds the device's secret. With a CA certificate, a copy
+  sits next to it as ``ca.crt`` and the config's ``ca_file`` names it.
 - ``DIR/servers/<name>.json``: the controller's and each regional combiner's login.
 - ``DIR/broker/passwd``: Mosquitto's password file (PBKDF2-SHA512, the ``$7$`` format
   ``mosquitto_passwd`` writes, computed here: as fast as ``mosquitto_passwd -U``, about
@@ -16,6 +17,9 @@
 
 Re-running is safe: known devices keep their password and bundle, new ones are added, revoked
 ones stay revoked. A known device whose bundle was deleted gets a new password (rotation).
+
+``revoke`` also appends the device to the revocation list (``revoked.json``) every verifier
+reads, so the embedded broker disconnects it while connected (see ``edgefl.broker.embedded``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from typing import Any
 
 from edgefl.auth.acl import mosquitto_fleet_acl
 from edgefl.auth.credentials import Credentials
-from edgefl.auth.tokens import Role
+from edgefl.auth.revocation import RevocationError, revoke_subject
+from edgefl.auth.tokens import AuthConfig, Role, as_auth
 from edgefl.protocol.topics import TopicError, check_segment
 
 REGISTRY_VERSION = 1
@@ -48,6 +53,8 @@ SALT_BYTES = 12
 DEFAULT_TOKEN_TTL_S = 365 * 86400
 ACTIVE = "active"
 REVOKED = "revoked"
+CA_FILE = "ca.crt"  # the CA certificate's name inside a device bundle
+REVOCATIONS_FILE = "revoked.json"  # the default revocation list, in the fleet folder
 
 
 class ProvisionError(Exception):
@@ -205,20 +212,36 @@ def provision(
     out: Path,
     *,
     broker_url: str = "mqtt://127.0.0.1:1883",
+    auth: AuthConfig | str | None = None,
     secret: str | None = None,
     token_ttl_s: int = DEFAULT_TOKEN_TTL_S,
+    ca_cert: Path | None = None,
 ) -> ProvisionReport:
     """Provision every device of ``csv_path`` into ``out``; idempotent (see module doc).
 
-    With ``secret`` (the JWT secret) each password is a signed token for the identity, so the
-    bundle also logs in to the embedded broker; Mosquitto compares it as a password. Raises
-    ``ProvisionError`` for a bad CSV, another project's registry, or a device whose region
-    differs from the registered one (revoke it and provision a new id instead).
+    With ``auth`` (an ``AuthConfig``: keys, whose active key signs, or an HS256 secret; or a
+    bare secret, also accepted as ``secret=``) each password is a signed token for the
+    identity, so the bundle also logs in to the embedded broker; Mosquitto compares it as a
+    password. With ``ca_cert`` every active bundle gets a copy (``ca.crt``) and
+    ``ca_file: "ca.crt"``, relative to the bundle: run the agent from its folder. Raises
+    ``ProvisionError`` for a bad CSV or CA file, another project's registry, or a device
+    whose region differs from the registered one (revoke it and provision a new id instead).
     """
     start = time.perf_counter()
     check_segment("project", project)
     rows = read_devices_csv(csv_path)
-    creds = Credentials(secret, project, token_ttl_s) if secret else None
+    if auth is not None and secret is not None:
+        raise ValueError("give provision auth= or secret=, not both")
+    config = as_auth(auth if auth is not None else secret)
+    creds = Credentials(config, project, token_ttl_s) if config is not None else None
+    ca_pem: bytes | None = None
+    if ca_cert is not None:
+        try:
+            ca_pem = Path(ca_cert).read_bytes()
+        except OSError as exc:
+            raise ProvisionError(f"{ca_cert}: cannot read the CA certificate ({exc})") from exc
+        if b"-----BEGIN CERTIFICATE-----" not in ca_pem:
+            raise ProvisionError(f"{ca_cert}: not a PEM certificate")
 
     def new_password(subject: str, role: Role, region: str | None) -> str:
         token = creds.token(subject, role, region) if creds is not None else None
@@ -260,9 +283,11 @@ def provision(
             bundle = bundle_path(out, dev)
             if known is not None and bundle.exists():
                 report.kept.append(dev)
+                if ca_pem is not None:
+                    _add_ca(bundle, ca_pem)
                 continue
             password = new_password(dev, Role.device, region)
-            config = {
+            agent = {
                 "broker_url": broker_url,
                 "project": project,
                 "region": region,
@@ -270,7 +295,9 @@ def provision(
                 "username": dev,
                 "password": password,
             }
-            _write_private(bundle, json.dumps(config, indent=1) + "\n")
+            _write_private(bundle, json.dumps(agent, indent=1) + "\n")
+            if ca_pem is not None:
+                _add_ca(bundle, ca_pem)
             if known is None:
                 reg.devices[dev] = {"region": region, "status": ACTIVE, "created": _now()}
                 report.added.append(dev)
@@ -283,14 +310,33 @@ def provision(
     return report
 
 
-def revoke(out: Path, device_id: str, *, reload_pid: int | None = None) -> dict[str, Any]:
+def _add_ca(bundle: Path, ca_pem: bytes) -> None:
+    """Put the CA certificate next to ``agent.json`` and name it there (relative path)."""
+    (bundle.parent / CA_FILE).write_bytes(ca_pem)
+    agent = json.loads(bundle.read_text(encoding="utf-8"))
+    if agent.get("ca_file") != CA_FILE:
+        agent["ca_file"] = CA_FILE
+        _write_private(bundle, json.dumps(agent, indent=1) + "\n")
+
+
+def revoke(
+    out: Path,
+    device_id: str,
+    *,
+    reload_pid: int | None = None,
+    revocations: Path | str | None = None,
+) -> dict[str, Any]:
     """Revoke a device: registry status, its password line, ACL block and bundle go.
 
-    Mosquitto applies it on reload (SIGHUP): ``reload_pid`` sends that signal, and on reload
-    Mosquitto also disconnects a connected client whose account is gone. Raises
-    ``ProvisionError`` for an unknown device or a missing registry; revoking twice is a no-op.
-    Returns the device's registry record.
+    The device is also added to the revocation list ``revocations`` (default
+    ``DIR/revoked.json``), which every token verifier reads: the embedded broker disconnects
+    it within its sweep interval and refuses its reconnects. Mosquitto applies the revocation
+    on reload (SIGHUP): ``reload_pid`` sends that signal, and on reload Mosquitto also
+    disconnects a connected client whose account is gone. Raises ``ProvisionError`` for an
+    unknown device, a missing registry or an unwritable revocation list; revoking twice only
+    moves the list's cutoff to now. Returns the device's registry record.
     """
+    rev_path = Path(revocations) if revocations is not None else out / REVOCATIONS_FILE
     with _locked(out):
         reg = Registry.load(out)
         if reg is None:
@@ -300,6 +346,11 @@ def revoke(out: Path, device_id: str, *, reload_pid: int | None = None) -> dict[
             raise ProvisionError(
                 f"device {device_id!r} is not in the registry {Registry.path(out)}"
             )
+        try:
+            # first, so a connected device is cut off even if a later step fails
+            revoke_subject(rev_path, device_id)
+        except (OSError, ValueError, RevocationError) as exc:
+            raise ProvisionError(f"{rev_path}: cannot update the revocation list ({exc})") from exc
         if record["status"] != REVOKED:
             record["status"] = REVOKED
             record["revoked"] = _now()
