@@ -1,14 +1,21 @@
 """The telemetry sink interface.
 
-Points follow the InfluxDB data model (measurement, tags, fields, time) so that an InfluxDB
-backend (none exists yet) would be a straight mapping.
+Points follow the InfluxDB data model (measurement, tags, fields, time), so the InfluxDB
+backends are a straight mapping and the JSON-lines file holds the same records.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
+
+# Measurement, tag and field names every backend accepts unquoted and every InfluxQL query can
+# name: a letter or underscore, then letters, digits and underscores; 64 characters at most.
+NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# Names InfluxDB keeps for itself or that edgefl uses as tags: never a field name.
+RESERVED_FIELDS = frozenset({"time", "project", "region", "device", "session"})
 
 
 @dataclass(frozen=True)
