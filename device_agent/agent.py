@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from device_agent.config import AgentConfig
+from device_agent.system_metrics import SystemMetrics, telemetry_name_ok
 from device_agent.trainers.base import Trainer, TrainTask
 from edgefl.protocol import ChunkError, MessageError, Topics, decode, encode
 from edgefl.protocol.chunking import MIN_CHUNK_SIZE, Reassembler, split_payload
@@ -57,6 +58,9 @@ class DeviceAgent:
         self._worker: threading.Thread | None = None
         self.completed = 0
         self.last_error: str | None = None
+        # telemetry: system readings from /proc and /sys, and bytes moved over MQTT
+        self.system_metrics = SystemMetrics()
+        self.bytes_received = 0
         c = config
         self.status_topic = self.topics.device(c.region, c.device_id, "status")
         offline = encode("status", state="offline", ts=time.time(), device=c.device_id)
@@ -158,6 +162,7 @@ class DeviceAgent:
                 "%s: task %s arrived after its deadline; skipped", c.device_id, task["task_id"]
             )
             return
+        received0 = self.bytes_received
         if "package" in task:
             self._ensure_package(task["package"], task["deadline"])
         weights = self._fetch_model(task["model_version"], task["model_digest"], task["deadline"])
@@ -183,24 +188,37 @@ class DeviceAgent:
         )
         chunk_size = max(MIN_CHUNK_SIZE, min(int(task["chunk_size"]), c.max_chunk_size))
         topic = self.topics.device(c.region, c.device_id, "update")
-        infos = [
-            self.conn.publish(topic, ch.to_bytes(), qos=1)
-            for ch in split_payload(update, chunk_size, meta={"task_id": task["task_id"]})
-        ]
+        infos, sent = [], 0
+        for ch in split_payload(update, chunk_size, meta={"task_id": task["task_id"]}):
+            data = ch.to_bytes()
+            sent += len(data)
+            infos.append(self.conn.publish(topic, data, qos=1))
         while not all(i.is_published() for i in infos):
             if time.time() > task["deadline"] + 30:
                 raise TimeoutError(f"upload of {task['task_id']} not acknowledged in time")
             time.sleep(0.005)
         self.completed += 1
-        tele = encode(
-            "telemetry",
-            ts=time.time(),
-            metrics={
+        self._publish_telemetry(
+            {
                 "train_s": train_s,
-                "update_bytes": len(update),
+                "examples": float(result.num_examples),
+                "update_bytes": float(len(update)),
+                "bytes_sent": float(sent),
+                "bytes_received": float(self.bytes_received - received0),
                 **clean_metrics(result.metrics),
-            },
+            }
         )
+
+    def _publish_telemetry(self, training: dict[str, float]) -> None:
+        """One telemetry message: training figures plus system readings (QoS 0, best effort).
+
+        Names the controller would refuse (docs/protocol.md 4.4) are left out here, so one odd
+        trainer metric does not get the whole message dropped.
+        """
+        metrics = {**self.system_metrics.sample(), **training}
+        metrics = {k: v for k, v in metrics.items() if telemetry_name_ok(k)}
+        tele = encode("telemetry", ts=time.time(), metrics=metrics)
+        c = self.config
         self.conn.publish(self.topics.device(c.region, c.device_id, "telemetry"), tele, qos=0)
 
     def _decline(self, task: dict[str, Any], reason: str) -> None:
@@ -332,6 +350,7 @@ class DeviceAgent:
                 return
             if got is not None:
                 result["payload"] = got.payload
+                self.bytes_received += len(got.payload)
                 done.set()
 
         flt = self.topics.model_filter(version)
