@@ -18,10 +18,11 @@ from edgefl.auth.tokens import AuthConfig, Role, as_auth, generate_secret
 from edgefl.combiner import Combiner, CombinerConfig
 from edgefl.controller import Controller
 from edgefl.controller.rounds import Evaluator
+from edgefl.controller.telemetry_forward import RoundDetails
 from edgefl.store import make_store
 from edgefl.store.base import Store
 from edgefl.store.blobs import FileBlobStore
-from edgefl.telemetry import TelemetrySink
+from edgefl.telemetry import TelemetrySink, open_sink
 
 if TYPE_CHECKING:
     from edgefl.api.server import DashboardServer
@@ -132,7 +133,12 @@ class Deployment:
         sink: TelemetrySink | None = None,
         **kwargs: Any,
     ) -> Controller:
-        """The controller, connected, on this deployment's store and model folder."""
+        """The controller, connected, on this deployment's store and model folder.
+
+        Its ``round`` telemetry points get the round's details from the store (RoundDetails).
+        """
+        if sink is not None:
+            sink = RoundDetails(sink, self.store)
         options: dict[str, Any] = {
             **self.credentials.login("controller", Role.controller),
             **kwargs,
@@ -147,6 +153,14 @@ class Deployment:
             **options,
         )
         return self._own(ctl.start())
+
+    def open_sink(self, url: str | Path | None) -> TelemetrySink:
+        """The telemetry sink ``url`` names (``edgefl.telemetry.open_sink``: a path,
+        ``jsonl://``, ``influxdb://``, ``influxdb2://``), closed (flushed) with the deployment.
+
+        Open it before the controller: parts close in reverse, so the controller stops first.
+        """
+        return self._own(open_sink(url))
 
     def start_fleet(
         self,
