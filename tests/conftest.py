@@ -71,3 +71,7 @@ def deployment(broker_url: str, tmp_path):
     dep = Deployment(broker_url, tmp_path)
     yield dep
     dep.close()
+
+
+# the private InfluxDB fixtures (influxd started from its binary, never the system service)
+from tests.influx import influxdb, private_influxdb  # noqa: E402, F401
