@@ -240,6 +240,13 @@ def controller(
         help="the provisioning output dir (edgefl fleet provision): device statuses count only "
         "under their registered region; revocations apply without a restart",
     ),
+    telemetry: str = typer.Option(
+        None,
+        "--telemetry",
+        help="telemetry sink: a path or jsonl://PATH (default: telemetry.jsonl beside the "
+        "models folder), influxdb://host:8086/DB (InfluxDB 1.x) or influxdb2://host:8086/BUCKET "
+        "(2.x/3.x; token from EDGEFL_INFLUX_TOKEN); see docs/telemetry.md",
+    ),
     insecure: bool = typer.Option(False, help="connect without a token (development only)"),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
@@ -272,7 +279,12 @@ def controller(
                 registry = FleetRegistry(fleet)
             except (OSError, ValueError) as exc:
                 raise typer.BadParameter(f"--fleet {fleet}: {exc}") from None
+        try:  # opened before the controller, so it is flushed after the controller stops
+            sink = dep.open_sink(telemetry or models.parent / "telemetry.jsonl")
+        except ValueError as exc:
+            raise typer.BadParameter(f"--telemetry: {exc}") from None
         ctl = dep.start_controller(
+            sink=sink,
             evaluator=None if with_package else digits.evaluator,
             lease_ttl_s=lease_ttl,
             registry=registry,
