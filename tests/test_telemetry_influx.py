@@ -289,3 +289,57 @@ def test_system_metrics_prefer_the_cpu_thermal_zone(tmp_path) -> None:
     bare = SystemMetrics(thermal_root=str(tmp_path / "none")).sample()
     assert "temp_c" not in bare
     assert bare["mem_total_bytes"] > bare["mem_available_bytes"] > 0 and bare["uptime_s"] > 0
+
+
+def test_influxdb2_sink_keeps_points_while_the_v2_api_answers_404(influxdb, monkeypatch) -> None:
+    """1.6.7 has no /api/v2/write: the 2.x/3.x sink must buffer, not lose or reject, points."""
+    monkeypatch.setenv("EDGEFL_INFLUX_TOKEN", "not-checked-by-1.6")
+    url = f"influxdb2://127.0.0.1:{influxdb.http_port}/bucket?org=o&flush_interval=0.1"
+    sink = open_sink(url + "&retry_max=0.2&close_timeout=0.5")
+    try:
+        sink.write([Point("probe", {"i": float(i)}, {}, time.time() + i) for i in range(3)])
+        wait_for(lambda: sink.stats()["failures"] >= 2, what="two failed v2 writes")
+        stats = sink.stats()
+        assert stats["sent"] == stats["rejected"] == stats["dropped"] == 0
+        assert stats["pending"] == 3 and "404" in stats["last_error"]
+    finally:
+        sink.close()
+    assert sink.stats()["dropped"] == 3  # close() gave up and says so
+
+
+@pytest.mark.parametrize(
+    ("url", "kind", "attrs"),
+    [
+        ("telemetry.jsonl", "JsonLinesSink", {}),
+        ("jsonl://sub/t.jsonl", "JsonLinesSink", {}),
+        ("none", "NullSink", {}),
+        (
+            "influxdb://u:p%40ss@db.example:8087/edgefl?rp=week&batch_size=50&max_buffer=500",
+            "InfluxV1Sink",
+            {"database": "edgefl", "batch_size": 50, "max_buffer": 500,
+             "_write_url": "http://db.example:8087/write?db=edgefl&precision=ns&rp=week"},
+        ),
+        ("influxdbs://db.example/edgefl", "InfluxV1Sink", {"base_url": "https://db.example:8086"}),
+    ],
+)
+def test_open_sink_by_url(url, kind, attrs, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    sink = open_sink(url)
+    try:
+        assert type(sink).__name__ == kind
+        for name, value in attrs.items():
+            assert getattr(sink, name) == value
+    finally:
+        sink.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["bogus://x", "influxdb://host", "influxdb://host/db?nope=1", "influxdb2://host/b",
+     "influxdb://host/db?batch_size=many"],
+)
+def test_open_sink_refuses_bad_urls(url, monkeypatch) -> None:
+    monkeypatch.delenv("EDGEFL_INFLUX_TOKEN", raising=False)
+    monkeypatch.delenv("INFLUX_TOKEN", raising=False)
+    with pytest.raises(ValueError):
+        open_sink(url)
