@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgefl.auth.credentials import Credentials
+from edgefl.auth.credentials import Credentials, Logins
 from edgefl.auth.tokens import AuthConfig, Role, as_auth, generate_secret
 from edgefl.combiner import Combiner, CombinerConfig
 from edgefl.controller import Controller
@@ -84,7 +84,7 @@ class Deployment:
         self.url: str = broker_url
         self.region_urls: dict[str, str] = dict(region_urls or {})
         self.auth: AuthConfig | None = config
-        self.credentials = Credentials(config, project)
+        self.credentials: Logins = Credentials(config, project)
         self.state_url = state_url or f"sqlite:///{(self.workdir / 'state.db').resolve()}"
         self.models_dir = Path(models_dir) if models_dir else self.workdir / "models"
         self.regions: list[str] = []
@@ -181,18 +181,17 @@ class Deployment:
         if not self.regions:
             raise RuntimeError("start the combiners (and so the regions) before the fleet")
         urls = {r: self.region_url(r) for r in self.regions} | dict(device_urls or {})
-        if set(urls.values()) != {self.url}:
-            fleet = _start_regional_fleet(
-                urls,
-                n_devices,
-                self.regions,
-                project=self.project,
-                credentials=self.credentials,
-                partition_size=partition_size,
-                trainer_factory=trainer_factory or numpy_trainer,
-                **kwargs,
-            )
-            return self._own(fleet)
+        fleet = start_fleet(
+            urls,
+            n_devices,
+            self.regions,
+            project=self.project,
+            credentials=self.credentials,
+            partition_size=partition_size,
+            trainer_factory=trainer_factory or numpy_trainer,
+            **kwargs,
+        )
+        return self._own(fleet)
         fleet = start_fleet(
             self.url,
             n_devices,
@@ -236,51 +235,6 @@ class Deployment:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _start_regional_fleet(
-    urls: Mapping[str, str],
-    n_devices: int,
-    regions: list[str],
-    *,
-    project: str,
-    credentials: Credentials,
-    partition_size: int | None,
-    trainer_factory: TrainerFactory,
-    chunk_size: int = 1024 * 1024,
-    on_started: Callable[[int], None] | None = None,
-    agent_options: dict[str, Any] | None = None,
-) -> Fleet:
-    """``start_fleet``'s devices (same names, data and regions), each on its region's broker."""
-    from device_agent.agent import DeviceAgent
-    from device_agent.config import AgentConfig
-    from edgefl.fleet.simulate import Fleet, device_name
-    from edgefl.tasks import digits
-
-    fleet = Fleet()
-    try:
-        for k in range(n_devices):
-            X, y = digits.device_data(partition_size or n_devices, k)
-            dev, region = device_name(k), regions[k % len(regions)]
-            cfg = AgentConfig(
-                broker_url=urls[region],
-                project=project,
-                region=region,
-                device_id=dev,
-                password=credentials.token(dev, Role.device, region),
-                seed=k,
-                max_chunk_size=chunk_size,
-                min_backoff_s=0.2,
-                max_backoff_s=5.0,
-                **(agent_options or {}),
-            )
-            fleet.agents.append(DeviceAgent(cfg, trainer_factory(k, X, y)).start())
-            if on_started:
-                on_started(k + 1)
-    except Exception:
-        fleet.stop()
-        raise
-    return fleet
 
 
 def _quietly(stop: Any, part: Any) -> None:

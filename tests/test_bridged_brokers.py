@@ -233,7 +233,7 @@ def test_session_over_bridged_regional_brokers(bridged: Bridged, tmp_path) -> No
         broker_url=b.central.url,
         region_urls={r: broker.url for r, broker in b.regional.items()},
     )
-    dep.credentials = ProvisionedLogins(b.passwords)  # type: ignore[assignment]
+    dep.credentials = ProvisionedLogins(b.passwords)
     try:
         dep.start_combiners(list(REGIONS))
         fleet = dep.start_fleet(

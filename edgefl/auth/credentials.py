@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 from edgefl.auth.tokens import AuthConfig, Role, as_auth
 
@@ -58,3 +61,45 @@ class Credentials:
         """``{"username", "password"}`` keyword arguments for a component, or ``{}``."""
         token = self.token(subject, role, region)
         return {} if token is None else {"username": subject, "password": token}
+
+
+class Logins(Protocol):
+    """Where a component's broker login comes from: minted tokens, or provisioned files."""
+
+    def token(self, subject: str, role: Role | str, region: str | None = None) -> str | None:
+        """The password for ``subject``, or None for an anonymous login."""
+        ...
+
+    def login(self, subject: str, role: Role | str, region: str | None = None) -> dict[str, str]:
+        """``{"username", "password"}`` for a component, or ``{}``."""
+        ...
+
+
+class ProvisionedLogins:
+    """The server logins ``edgefl fleet provision`` wrote (``DIR/servers/<name>.json``).
+
+    Mosquitto compares passwords against its password file, so on Mosquitto every server
+    component must present exactly the password provisioning hashed; it cannot mint a fresh
+    token. Accepts the provisioning output folder or its ``servers/`` folder. A missing login
+    raises ``FileNotFoundError`` naming the file and the command that writes it.
+    """
+
+    def __init__(self, folder: Path | str) -> None:
+        folder = Path(folder)
+        self.folder = folder / "servers" if (folder / "servers").is_dir() else folder
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"no server logins in {folder} (run edgefl fleet provision)")
+
+    def token(self, subject: str, role: Role | str, region: str | None = None) -> str | None:
+        return self.login(subject, role, region)["password"]
+
+    def login(self, subject: str, role: Role | str, region: str | None = None) -> dict[str, str]:
+        path = self.folder / f"{subject}.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                f"no login for {subject!r}: {path} is missing (provision the region with "
+                "edgefl fleet provision)"
+            ) from exc
+        return {"username": str(data["username"]), "password": str(data["password"])}

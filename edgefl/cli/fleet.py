@@ -5,6 +5,7 @@ Mounted into the main CLI with ``app.add_typer(fleet_app, name="fleet")``.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -22,6 +23,7 @@ from edgefl.fleet.provision import (
     fleet_records,
     provision,
     revoke,
+    sync,
 )
 from edgefl.protocol.topics import TopicError
 
@@ -102,6 +104,14 @@ def provision_cmd(
     )
 
 
+def _revocations_path(out: Path, given: Path | None) -> Path:
+    if given is not None:
+        return given
+    auth = load_auth()
+    found = auth.revocations_path() if auth is not None else None
+    return found or out / REVOCATIONS_FILE
+
+
 @fleet_app.command("revoke")
 def revoke_cmd(
     device: str = typer.Argument(..., help="the device id to revoke"),
@@ -120,11 +130,7 @@ def revoke_cmd(
     """Revoke a device everywhere: the revocation list (the embedded broker disconnects it
     within its sweep), and its password, ACL block and bundle (Mosquitto, on reload).
     """
-    rev_path = revocations
-    if rev_path is None:
-        auth = load_auth()
-        rev_path = auth.revocations_path() if auth is not None else None
-    rev_path = rev_path or out / REVOCATIONS_FILE
+    rev_path = _revocations_path(out, revocations)
     try:
         revoke(out, device, reload_pid=reload_pid, revocations=rev_path)
     except ProvisionError as exc:
@@ -140,6 +146,45 @@ def revoke_cmd(
         )
     else:
         typer.echo(f"sent SIGHUP to Mosquitto (pid {reload_pid})")
+
+
+@fleet_app.command("sync")
+def sync_cmd(
+    out: Path = OutDir,
+    reload_pid: int = typer.Option(
+        None, "--reload-pid", help="send SIGHUP to this Mosquitto pid when the files change"
+    ),
+    revocations: Path = typer.Option(
+        None,
+        "--revocations",
+        dir_okay=False,
+        help=f"the revocation list (default: {REVOCATIONS_ENV}, else revoked.json next to "
+        f"{KEYS_ENV}, else DIR/{REVOCATIONS_FILE})",
+    ),
+    watch: float = typer.Option(
+        None, "--watch", min=1.0, help="keep syncing every this many seconds until interrupted"
+    ),
+) -> None:
+    """Drop expired and revoked accounts from Mosquitto's files (and reload it).
+
+    Mosquitto compares passwords only: it cannot see a token's expiry or the revocation
+    list. Run this on a schedule, or with --watch, so both reach it.
+    """
+    rev_path = _revocations_path(out, revocations)
+    while True:
+        try:
+            report = sync(out, revocations=rev_path, reload_pid=reload_pid)
+        except ProvisionError as exc:
+            _fail(str(exc))
+        if report.changed or watch is None:
+            typer.echo(
+                f"{len(report.expired)} expired, {len(report.revoked)} revoked accounts left out"
+                + ("; files changed" if report.changed else "; no change")
+                + (f", SIGHUP sent to {reload_pid}" if report.changed and reload_pid else "")
+            )
+        if watch is None:
+            return
+        time.sleep(watch)
 
 
 @fleet_app.command("list")

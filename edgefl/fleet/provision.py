@@ -41,6 +41,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import jwt
+
 from edgefl.auth.acl import mosquitto_fleet_acl
 from edgefl.auth.credentials import Credentials
 from edgefl.auth.revocation import RevocationError, revoke_subject
@@ -195,15 +197,112 @@ def bundle_path(out: Path, device_id: str) -> Path:
     return out / "devices" / device_id / "agent.json"
 
 
-def write_broker_files(out: Path, registry: Registry) -> None:
-    """Rebuild ``DIR/broker/passwd`` and ``DIR/broker/acl.conf`` from the registry."""
-    lines = [f"{name}:{s['hash']}" for name, s in sorted(registry.servers.items())]
-    lines += [f"{dev}:{registry.devices[dev]['hash']}" for _, dev in registry.active_devices()]
+def _token_expiry(password: str) -> float | None:
+    """A token password's ``exp`` (Mosquitto never reads it, so provisioning records it)."""
+    if password.count(".") != 2:
+        return None  # a random broker password: valid until revoked
+    try:
+        exp = jwt.decode(password, options={"verify_signature": False}).get("exp")
+    except jwt.PyJWTError:
+        return None
+    return float(exp) if isinstance(exp, (int, float)) else None
+
+
+def _usable(record: dict[str, Any], now: float, revoked: set[str], name: str) -> bool:
+    expires = record.get("expires")
+    return name not in revoked and (expires is None or expires > now)
+
+
+def write_broker_files(
+    out: Path,
+    registry: Registry,
+    *,
+    now: float | None = None,
+    revoked: set[str] | frozenset[str] = frozenset(),
+) -> tuple[list[str], list[str]]:
+    """Rebuild ``DIR/broker/passwd`` and ``acl.conf`` from the registry.
+
+    Accounts whose token has expired, and subjects in ``revoked`` (the revocation list), are
+    left out: Mosquitto checks neither expiry nor the list, so its files must. Returns the
+    ``(expired, revoked)`` account names left out.
+    """
+    now = time.time() if now is None else now
+    expired: list[str] = []
+    dropped: list[str] = []
+    lines = []
+    for name, rec in sorted(registry.servers.items()):
+        if _usable(rec, now, set(revoked), name):
+            lines.append(f"{name}:{rec['hash']}")
+        else:
+            (dropped if name in revoked else expired).append(name)
+    devices = []
+    for region, dev in registry.active_devices():
+        rec = registry.devices[dev]
+        if _usable(rec, now, set(revoked), dev):
+            lines.append(f"{dev}:{rec['hash']}")
+            devices.append((region, dev))
+        else:
+            (dropped if dev in revoked else expired).append(dev)
     broker = out / "broker"
     _write_private(broker / "passwd", "\n".join(lines) + "\n")
-    _write_private(
-        broker / "acl.conf", mosquitto_fleet_acl(registry.project, registry.active_devices())
-    )
+    _write_private(broker / "acl.conf", mosquitto_fleet_acl(registry.project, devices))
+    return expired, dropped
+
+
+@dataclass
+class SyncReport:
+    """What ``sync`` left out of Mosquitto's files, and whether they changed."""
+
+    expired: list[str]
+    revoked: list[str]
+    changed: bool
+
+
+def _revoked_subjects(revocations: Path | str | None, registry: Registry) -> set[str]:
+    """Subjects the revocation list cuts off, given when each account's password was issued."""
+    if revocations is None or not Path(revocations).exists():
+        return set()
+    from edgefl.auth.revocation import RevocationList
+
+    rl = RevocationList(revocations)
+    out = set()
+    for name, rec in [*registry.servers.items(), *registry.devices.items()]:
+        issued = rec.get("issued")
+        if rl.revoked(name, rec.get("token_id"), float(issued) if issued else None):
+            out.add(name)
+    return out
+
+
+def sync(
+    out: Path,
+    *,
+    revocations: Path | str | None = None,
+    reload_pid: int | None = None,
+    now: float | None = None,
+) -> SyncReport:
+    """Bring Mosquitto's files in line with token expiry and the revocation list.
+
+    Run it on a schedule (``edgefl fleet sync --watch 30``): it rewrites ``passwd`` and
+    ``acl.conf`` without expired and revoked accounts and, only when they changed, sends
+    SIGHUP to ``reload_pid``; on reload Mosquitto disconnects clients whose account is gone.
+    """
+    with _locked(out):
+        reg = Registry.load(out)
+        if reg is None:
+            raise ProvisionError(f"no fleet registry in {out} (run 'edgefl fleet provision')")
+        broker = out / "broker"
+        before = [(broker / f).read_bytes() if (broker / f).exists() else b"" for f in _FILES]
+        expired, dropped = write_broker_files(
+            out, reg, now=now, revoked=_revoked_subjects(revocations, reg)
+        )
+        after = [(broker / f).read_bytes() for f in _FILES]
+    changed = before != after
+    if changed and reload_pid is not None:
+        _sighup(reload_pid, "synced the broker files")
+    return SyncReport(expired, dropped, changed)
+
+
+_FILES = ("passwd", "acl.conf")
 
 
 def provision(
@@ -268,7 +367,7 @@ def provision(
             password = new_password(name, role, region)
             login = {"broker_url": broker_url, "username": name, "password": password}
             _write_private(out / "servers" / f"{name}.json", json.dumps(login, indent=1) + "\n")
-            reg.servers[name] = {"hash": hash_password(password), "created": _now()}
+            reg.servers[name] = {"created": _now(), **_password_record(password)}
             report.servers_added.append(name)
         for dev, region in rows:
             known = reg.devices.get(dev)
@@ -303,11 +402,27 @@ def provision(
                 report.added.append(dev)
             else:
                 report.rotated.append(dev)
-            reg.devices[dev]["hash"] = hash_password(password)
+            reg.devices[dev].update(_password_record(password))
         write_broker_files(out, reg)
         reg.save(out)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _password_record(password: str) -> dict[str, Any]:
+    """The registry's view of a password: its hash and, for a token, its id, iat and exp."""
+    rec: dict[str, Any] = {"hash": hash_password(password)}
+    if password.count(".") == 2:
+        try:
+            claims = jwt.decode(password, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            return rec
+        rec.update(
+            expires=_token_expiry(password),
+            issued=claims.get("iat"),
+            token_id=claims.get("jti"),
+        )
+    return rec
 
 
 def _add_ca(bundle: Path, ca_pem: bytes) -> None:
@@ -359,14 +474,19 @@ def revoke(
             reg.save(out)
         shutil.rmtree(bundle_path(out, device_id).parent, ignore_errors=True)
     if reload_pid is not None:
-        try:
-            os.kill(reload_pid, signal.SIGHUP)
-        except OSError as exc:
-            raise ProvisionError(
-                f"revoked {device_id!r}, but could not send SIGHUP to Mosquitto pid {reload_pid} "
-                f"({exc}); reload it by hand: kill -HUP <pid>"
-            ) from exc
+        _sighup(reload_pid, f"revoked {device_id!r}")
     return record
+
+
+def _sighup(pid: int, done: str) -> None:
+    """Make Mosquitto re-read its files; the error says what was already done."""
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        raise ProvisionError(
+            f"{done}, but could not send SIGHUP to Mosquitto pid {pid} ({exc}); "
+            "reload it by hand: kill -HUP <pid>"
+        ) from exc
 
 
 def fleet_records(out: Path) -> list[dict[str, Any]]:

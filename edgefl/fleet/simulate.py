@@ -7,7 +7,7 @@ would, so a simulation exercises the real protocol, broker and combiners.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ from device_agent.agent import DeviceAgent
 from device_agent.config import AgentConfig
 from device_agent.trainers.base import Trainer
 from device_agent.trainers.numpy_trainer import NumpyTrainer
-from edgefl.auth.credentials import Credentials
+from edgefl.auth.credentials import Logins
 from edgefl.auth.tokens import Role
 from edgefl.tasks import digits
 
@@ -52,12 +52,12 @@ class Fleet:
 
 
 def start_fleet(
-    broker_url: str,
+    broker_url: str | Mapping[str, str],
     n_devices: int,
     regions: list[str],
     *,
     project: str = "default",
-    credentials: Credentials | None = None,
+    credentials: Logins | None = None,
     chunk_size: int = 1024 * 1024,
     on_started: Callable[[int], None] | None = None,
     partition_size: int | None = None,
@@ -68,16 +68,18 @@ def start_fleet(
 
     ``partition_size`` (default ``n_devices``) is the fleet size the data is split for, so a
     run can start only part of a partitioned fleet here and the rest elsewhere.
+    ``broker_url`` may map each region to its own broker (regional brokers).
     """
     if n_devices < 1 or not regions:
         raise ValueError("need at least one device and one region")
+    urls = broker_url if not isinstance(broker_url, str) else dict.fromkeys(regions, broker_url)
     fleet = Fleet()
     try:
         for k in range(n_devices):
             X, y = digits.device_data(partition_size or n_devices, k)
             dev, region = device_name(k), regions[k % len(regions)]
             cfg = AgentConfig(
-                broker_url=broker_url,
+                broker_url=urls[region],
                 project=project,
                 region=region,
                 device_id=dev,
