@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -18,6 +25,7 @@ from edgefl.store.base import ModelRecord, RoundRecord, SessionRecord, Store
 from edgefl.store.blobs import FileBlobStore
 
 AUTH = AuthConfig(secret=generate_secret())
+ROOT = Path(__file__).resolve().parents[1]
 PROBLEM = "application/problem+json"
 
 
@@ -224,3 +232,65 @@ def test_model_download_streams_the_checked_blob(tmp_path) -> None:
         assert "no model blob store" in res.json()["detail"]
     finally:
         store.close()
+
+
+def _cli(*args: str, cwd, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgefl.cli.main", "dashboard", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFL_")}
+    return {**env, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **extra}
+
+
+def test_dashboard_command_refuses_without_auth_or_state(tmp_path) -> None:
+    no_auth = _cli(cwd=tmp_path, env=_env())
+    assert no_auth.returncode == 2
+    assert "EDGEFL_JWT_KEYS" in no_auth.stderr and "--insecure" in no_auth.stderr
+    no_state = _cli(cwd=tmp_path, env=_env(EDGEFL_JWT_SECRET=generate_secret()))
+    assert no_state.returncode == 2 and "Traceback" not in no_state.stderr
+    assert "no state store at" in no_state.stderr and "--state" in no_state.stderr
+    assert str(tmp_path / "edgefl-state" / "state.db") in no_state.stderr.replace("\n", "")
+    assert not (tmp_path / "edgefl-state").exists()  # nothing was created on the way
+
+
+def test_dashboard_command_serves_the_store_to_tokens(store: Store, tmp_path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret = generate_secret()
+    state = f"sqlite:///{tmp_path / 's.db'}"  # the fixture's store
+    cli = [sys.executable, "-m", "edgefl.cli.main", "dashboard", "--state", state]
+    proc = subprocess.Popen(
+        [*cli, "--project", "p", "--port", str(port)],
+        cwd=tmp_path,
+        env=_env(EDGEFL_JWT_SECRET=secret),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"{url}/api/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "never listened"
+                time.sleep(0.1)
+        token = AuthConfig(secret=secret).issuer().issue("vic", Role.viewer, "p")
+        listed = httpx.get(f"{url}/api/sessions", headers={"Authorization": f"Bearer {token}"})
+        assert [s["session_id"] for s in listed.json()] == ["s1", "old"]
+        assert httpx.get(f"{url}/api/sessions").status_code == 401
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert "no model folder" in err  # downloads are off, and it said so

@@ -114,14 +114,21 @@ def demo(
                 f"{(rec.finished or 0) - rec.started:.3f}s",
             )
 
-        result = run.run(on_round=on_round, on_status=lambda m: progress.update(task, info=m))
+        def on_status(message: str) -> None:
+            if message.startswith("dashboard"):  # how to log in must outlive the status line
+                progress.console.print(message)
+            progress.update(task, info=message)
+
+        result = run.run(on_round=on_round, on_status=on_status)
         progress.stop()
         if run.dashboard_url:
             result["dashboard"] = run.dashboard_url
         print(json.dumps(result), flush=True)
         linger = sys.stdout.isatty() if serve_after is None else serve_after
         if run.dashboard_url and linger:
-            err_console.print(f"dashboard still at {run.dashboard_url} — Ctrl-C to quit")
+            err_console.print(
+                f"dashboard still at {run.dashboard_url} ({run.dashboard_login}) — Ctrl-C to quit"
+            )
             _wait_for_signal()
 
 
@@ -336,17 +343,50 @@ def controller(
 
 @app.command()
 def dashboard(
-    state: str = typer.Option("sqlite:///edgefl-state/state.db", help="state store URL"),
-    host: str = typer.Option("127.0.0.1"),
+    state: str = typer.Option(
+        "sqlite:///edgefl-state/state.db", help="state store URL (where the controller ran)"
+    ),
+    models: Path = typer.Option(
+        Path("edgefl-state/models"), help="model blob folder, for model downloads (optional)"
+    ),
+    project: str = typer.Option(
+        "default", help="the project served: its sessions only, its tokens only"
+    ),
+    host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
     port: int = typer.Option(8080),
+    insecure: bool = typer.Option(False, help="serve without authentication (development only)"),
+    log_level: str = LogLevel,
 ) -> None:
-    """Serve the REST API and dashboard for a state store."""
+    """Serve the REST API and dashboard for a state store (JWT bearer auth, as the broker).
+
+    Log in on the page with a token: edgefl token --subject you --role viewer (or operator,
+    to stop sessions; admin, to revoke devices).
+    """
     import uvicorn
 
     from edgefl.api.app import create_app
-    from edgefl.store import make_store
+    from edgefl.api.server import StateStoreError, open_state
 
-    uvicorn.run(create_app(make_store(state)), host=host, port=port, log_level="warning")
+    setup_logging(log_level)
+    auth = require_auth(insecure)
+    try:
+        store = open_state(state)
+    except StateStoreError as exc:
+        err_console.print(f"edgefl dashboard: {exc}")
+        raise typer.Exit(2) from None
+    blobs = None
+    if models.is_dir():
+        from edgefl.store.blobs import FileBlobStore
+
+        blobs = FileBlobStore(models)
+    else:
+        err_console.print(f"no model folder at {models}: model downloads answer 404 (--models)")
+    app_ = create_app(store, auth, insecure=insecure, project=project, blobs=blobs)
+    err_console.print(f"dashboard at http://{host}:{port}/ (project {project})")
+    try:
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
+    finally:
+        store.close()
 
 
 @app.command("token")
