@@ -8,6 +8,7 @@ listener (controller, combiners; client ids free) and the device listener with
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 from device_agent.config import load_config
 from edgefl.auth.acl import allowed, mosquitto_device_block, mosquitto_fleet_acl
+from edgefl.auth.revocation import revoke_subject
 from edgefl.auth.tokens import Claims, Role, TokenVerifier, generate_secret
 from edgefl.broker.mosquitto import MosquittoProcess, _free_port
 from edgefl.cli.fleet import fleet_app
@@ -28,8 +30,9 @@ from edgefl.fleet.provision import (
     provision,
     read_devices_csv,
     revoke,
+    sync,
 )
-from edgefl.protocol import Topics
+from edgefl.protocol import Topics, decode
 from edgefl.transport import MqttConnection
 
 P = "p"
@@ -459,3 +462,55 @@ def test_cli(tmp_path: Path) -> None:
     res = runner.invoke(fleet_app, ["revoke", "dev-z", "--out", out])
     assert res.exit_code == 1
     assert "not in the registry" in res.output
+
+
+def test_combiner_cli_logs_in_with_provisioned_logins(fleet: Fleet) -> None:
+    """Mosquitto compares passwords: `edgefl combiner --logins DIR` must use the provisioned
+    one (a freshly minted token would be refused)."""
+    import subprocess
+    import sys
+
+    ctl = fleet.controller()
+    online = threading.Event()
+
+    def on_status(_topic: str, payload: bytes) -> None:
+        if payload and decode(payload, "status")["state"] == "online":
+            online.set()
+
+    ctl.subscribe(T.combiner("r1", "status"), on_status)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFL_")}
+    cmd = [sys.executable, "-m", "edgefl.cli.main", "combiner", "--region", "r1"]
+    cmd += ["--broker", fleet.mq.url, "--project", P, "--logins", str(fleet.out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        came = online.wait(20)
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert came, f"the combiner never came online with its login: {out.decode()[-2000:]}"
+    assert b"Traceback" not in out, out.decode()
+
+
+def test_sync_drops_expired_and_listed_accounts(tmp_path: Path) -> None:
+    """Mosquitto sees neither expiry nor the revocation list; `fleet sync` carries both."""
+    out = tmp_path / "fleet"
+    secret = generate_secret()
+    provision(write_csv(tmp_path / "a.csv", [("dev-a", "r1")]), P, out, auth=secret)
+    provision(write_csv(tmp_path / "b.csv", [("dev-b", "r1")]), P, out, auth=secret, token_ttl_s=60)
+    rep = sync(out)
+    assert (rep.expired, rep.revoked, rep.changed) == ([], [], False)
+    assert set(passwd_users(out)) >= {"dev-a", "dev-b"}
+    rep = sync(out, now=time.time() + 3600)  # dev-b's hour-old token has expired
+    assert rep.expired == ["dev-b"] and rep.changed
+    assert "dev-b" not in passwd_users(out)
+    assert "dev-b" not in (out / "broker" / "acl.conf").read_text()
+    # the admin API writes only the revocation list; sync carries it to Mosquitto
+    revoke_subject(out / "revoked.json", "dev-a")
+    rep = sync(out, revocations=out / "revoked.json")
+    assert "dev-a" in rep.revoked and rep.changed
+    assert "dev-a" not in passwd_users(out)
+    assert "controller" in passwd_users(out)
+    runner = CliRunner()
+    res = runner.invoke(fleet_app, ["sync", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "left out" in res.output

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -17,6 +18,9 @@ from edgefl.cli.common import err_console, require_auth, setup_logging
 from edgefl.cli.fleet import fleet_app
 from edgefl.cli.keys import keys_app
 from edgefl.cli.package import package_app
+
+if TYPE_CHECKING:
+    from edgefl.auth.credentials import Logins
 
 app = typer.Typer(
     help="edgefl: federated learning for IoT fleets over MQTT.",
@@ -132,6 +136,15 @@ def demo(
             _wait_for_signal()
 
 
+def _provisioned(folder: Path) -> Logins:
+    from edgefl.auth.credentials import ProvisionedLogins
+
+    try:
+        return ProvisionedLogins(folder)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(f"--logins: {exc}") from None
+
+
 @app.command()
 def broker(
     host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
@@ -166,14 +179,24 @@ def combiner(
     broker: str = typer.Option("mqtt://127.0.0.1:1883", help="broker URL"),
     project: str = typer.Option("default", help="project name"),
     insecure: bool = typer.Option(False, help="connect without a token (development only)"),
+    logins: Path = typer.Option(
+        None,
+        "--logins",
+        exists=True,
+        file_okay=False,
+        help="use provisioned server logins (edgefl fleet provision's DIR): Mosquitto compares "
+        "passwords, so it needs these rather than fresh tokens",
+    ),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Run a regional combiner until interrupted."""
     from edgefl.deploy import Deployment
 
     setup_logging(log_level)
-    auth = require_auth(insecure)
+    auth = None if logins else require_auth(insecure)
     with Deployment(Path("."), project=project, broker_url=broker, auth=auth) as dep:
+        if logins:
+            dep.credentials = _provisioned(logins)
         dep.start_combiners([region])
         _wait_for_signal()
 
@@ -255,6 +278,14 @@ def controller(
         "(2.x/3.x; token from EDGEFL_INFLUX_TOKEN); see docs/telemetry.md",
     ),
     insecure: bool = typer.Option(False, help="connect without a token (development only)"),
+    logins: Path = typer.Option(
+        None,
+        "--logins",
+        exists=True,
+        file_okay=False,
+        help="use provisioned server logins (edgefl fleet provision's DIR): Mosquitto compares "
+        "passwords, so it needs these rather than fresh tokens",
+    ),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Create (or resume) a session and run it to the end.
@@ -267,7 +298,7 @@ def controller(
     from edgefl.tasks import digits
 
     setup_logging(log_level)
-    auth = require_auth(insecure)
+    auth = None if logins else require_auth(insecure)
     with Deployment(
         models.parent,
         project=project,
@@ -276,6 +307,8 @@ def controller(
         state_url=state,
         models_dir=models,
     ) as dep:
+        if logins:
+            dep.credentials = _provisioned(logins)
         resumed = dep.store.get_session(resume) if resume else None
         with_package = package is not None or bool(resumed and resumed.config.get("package"))
         registry = None
