@@ -1,0 +1,196 @@
+"""The REST API's bodies as pydantic models: one source for the OpenAPI document, the server's
+responses and the Python client's parsed results.
+
+Imports pydantic only (no FastAPI), so ``edgefl.client`` can share these without the server.
+Fields are what the store records; nothing here is computed that a client could not check.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, Field
+
+T = TypeVar("T")
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details: every error the API answers has this shape."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+
+
+# sessions ---------------------------------------------------------------------------------
+class SessionSummary(BaseModel):
+    """A session as listed: where it stands, not how it was configured."""
+
+    session_id: str
+    project: str
+    status: str = Field(description="running, completed, failed or stopped")
+    current_round: int = Field(description="last completed round (0 before the first)")
+    rounds: int | None = Field(description="rounds the session was configured to run")
+    aggregator: str | None
+    model_version: str = Field(description="the current global model version")
+    reason: str = Field(description="why it failed or stopped ('' otherwise)")
+    stop_requested_by: str = Field(description="who asked to stop it, while that is pending")
+    created: float
+    updated: float
+
+
+class SessionDetail(SessionSummary):
+    """One session with the full configuration it was started with."""
+
+    config: dict[str, Any]
+
+
+class StopAccepted(BaseModel):
+    """A recorded stop request; the session's controller acts on it between or during rounds."""
+
+    session_id: str
+    status: str
+    stop_requested_by: str
+    stop_requested_at: float | None
+
+
+# rounds -----------------------------------------------------------------------------------
+class _RoundBase(BaseModel):
+    task_id: str = Field(description="<session>:<round>:<attempt>")
+    round: int
+    attempt: int = Field(description="0-based retry counter of this round")
+    status: str = Field(description="running, completed or failed")
+    metrics: dict[str, float]
+    started: float
+    finished: float | None
+    duration_s: float | None
+    model_in: str
+    model_out: str | None
+    reason: str = Field(description="why the attempt failed ('' otherwise)")
+
+
+class RoundSummary(_RoundBase):
+    """One round attempt as listed: counts, not names."""
+
+    participants: int = Field(description="accepted updates")
+    selected: int = Field(description="devices the round was sent to")
+    rejected: int = Field(0, description="refused updates")
+
+
+class Participant(BaseModel):
+    """An accepted update: who sent it, from where, trained on how many examples."""
+
+    device: str
+    region: str = ""
+    examples: int = Field(description="examples trained on: the update's aggregation weight")
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class Rejection(BaseModel):
+    """A refused update and why, as the combiner recorded it."""
+
+    device: str
+    reason: str
+
+
+class RoundDetail(_RoundBase):
+    """One round attempt with its participants and rejections by name."""
+
+    selected: list[str] = Field(description="devices the round was sent to")
+    participants: list[Participant]
+    rejections: list[Rejection]
+    attempts: int = Field(description="how many attempts this round number has had")
+
+
+# models -----------------------------------------------------------------------------------
+class ModelSummary(BaseModel):
+    """A stored model version; ``parent`` is the version it was aggregated from."""
+
+    version: str
+    parent: str | None
+    round: int | None
+    digest: str = Field(description="hex SHA-256 of the CBOR blob (the download's ETag)")
+    size: int
+    created: float
+
+
+class Lineage(BaseModel):
+    """A model's ancestry: itself first, then each parent back to the initial model."""
+
+    version: str
+    chain: list[ModelSummary]
+    complete: bool = Field(
+        description="True when the chain ends at a model without a parent (the initial one)"
+    )
+
+
+# packages ---------------------------------------------------------------------------------
+class PackageSummary(BaseModel):
+    """A model package the controller can hand to devices (``SessionConfig.package``)."""
+
+    digest: str = Field(description="SHA-256 hex of the package: what a session names")
+    id: str = Field(description="its transfer id on the broker (pkg-<digest[:32]>)")
+    size: int
+    name: str
+    framework: str
+    created: str
+    parameters: int = Field(description="trainable tensors")
+    signed_by: str | None = Field(description="key id of the signature (not checked here)")
+    sessions: list[str] = Field(description="sessions of this project that train it")
+
+
+# projects ---------------------------------------------------------------------------------
+class ProjectSummary(BaseModel):
+    """A project with sessions in the store, and how many are in each state."""
+
+    project: str
+    sessions: int
+    by_status: dict[str, int]
+    latest_session: str | None
+    updated: float | None
+
+
+# identity ---------------------------------------------------------------------------------
+class WhoAmI(BaseModel):
+    """What the bearer token says, so a page or script can offer what its role allows."""
+
+    subject: str | None
+    role: str
+    project: str | None
+    expires: float | None
+    insecure: bool
+
+
+class Revoked(BaseModel):
+    device: str
+    revoked_at: float
+    revoked_by: str
+
+
+class KeyInfo(BaseModel):
+    kid: str
+    alg: str
+
+
+class Keys(BaseModel):
+    """The verifiers' keys (key ids), or just the algorithm when a shared secret is used."""
+
+    algorithm: str | None = None
+    keys: list[KeyInfo] | None = None
+    active: str | None = None
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list, as the Python client returns it (the API sends the items as the
+    body and the total and links in headers)."""
+
+    items: list[T]
+    total: int
+    offset: int
+    limit: int
+    next_offset: int | None
