@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
 from edgefl.api.auth import ApiAuth, install_problem_handlers
+from edgefl.api.events import LiveEvents
 from edgefl.api.routes import identity, models, packages, projects, rounds, sessions
 from edgefl.api.routes.deps import ApiContext
 from edgefl.api.schemas import Health
@@ -100,4 +101,5 @@ def create_app(
     app.include_router(rounds.router)
     app.include_router(models.router)
     app.include_router(packages.router)
+    app.include_router(LiveEvents(store, guard, project).router)
     return app
