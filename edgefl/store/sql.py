@@ -1,15 +1,23 @@
 """The SQL state store (SQLAlchemy 2.0): SQLite by default, PostgreSQL by URL.
 
-Only portable SQL and JSON columns, so the same code serves both. The schema carries a
-version row; a store refuses to open a database written by a newer edgefl.
+Only portable SQL and JSON columns, so the same code serves both. Opening a store migrates
+its database to the current schema (Alembic, ``edgefl.store.schema``), and refuses one that a
+newer edgefl wrote.
+
+Read-modify-write calls lock the row they change (``SELECT ... FOR UPDATE`` on PostgreSQL; a
+write transaction taken up front, ``BEGIN IMMEDIATE``, on SQLite), so a controller and a
+dashboard in other processes cannot overwrite each other's changes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import math
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import MISSING, fields
 from typing import Any, TypeVar
 
@@ -22,36 +30,31 @@ from sqlalchemy import (
     create_engine,
     event,
     insert,
-    inspect,
     or_,
     select,
-    text,
     update,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
 
 from edgefl.protocol.types import Participant, Rejection, RoundStatus, SessionStatus
+from edgefl.store import schema
 from edgefl.store.base import LeaseRecord, ModelRecord, RoundRecord, SessionRecord
+from edgefl.store.schema import SCHEMA_VERSION, SchemaError
 
-SCHEMA_VERSION = 4
-# version -> the statements that bring a database of that version to the next one
-_MIGRATIONS: dict[int, list[str]] = {
-    1: ["ALTER TABLE rounds ADD COLUMN rejected JSON"],  # v2: why each refused update was
-    2: ["ALTER TABLE sessions ADD COLUMN reason VARCHAR(1024)"],  # v3 (+ the leases table)
-    3: [  # v4: an operator's pending stop request
-        "ALTER TABLE sessions ADD COLUMN stop_requested_by VARCHAR(256)",
-        "ALTER TABLE sessions ADD COLUMN stop_requested_at FLOAT",
-    ],
-}
+__all__ = [
+    "REASON_MAX",
+    "REQUESTER_MAX",
+    "SCHEMA_VERSION",
+    "SchemaError",
+    "SqlStore",
+    "make_engine",
+]
+
 REASON_MAX = 1024  # the `reason` column's length; PostgreSQL rejects longer strings
 REQUESTER_MAX = 256  # the `stop_requested_by` column's length
-
-
-class SchemaError(RuntimeError):
-    """The database was written by an incompatible edgefl version."""
 
 
 class _Base(DeclarativeBase):
@@ -117,12 +120,44 @@ class _Model(_Base):
     meta: Mapped[dict] = mapped_column(JSON)
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    # pysqlite's own transaction handling neither wraps DDL (so a failed migration would be
+    # half applied) nor lets a transaction start before its first write; we issue BEGIN
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")  # readers (the dashboard) never block the writer
     cur.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
     cur.execute("PRAGMA busy_timeout=5000")
     cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # a writer takes the write lock before it reads what it will change: a read-then-write
+    # transaction that started as a reader could not become the writer once another
+    # process had written (SQLITE_BUSY_SNAPSHOT), and would otherwise decide on stale rows
+    write = conn.get_execution_options().get("edgefl_write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no NaN or infinity, and PostgreSQL refuses them: store them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _json_dumps(value: Any) -> str:
+    """The one JSON encoding for both databases (SQLite would keep ``NaN``; PostgreSQL not)."""
+    return json.dumps(_json_safe(value), allow_nan=False)
+
+
+def _text(value: str, limit: int) -> str:
+    """Fit free text in its column: PostgreSQL refuses NUL characters and over-long strings."""
+    return value.replace("\x00", "")[:limit]
 
 
 R = TypeVar("R", SessionRecord, RoundRecord, ModelRecord, LeaseRecord)
@@ -149,87 +184,84 @@ def _row_values(record: SessionRecord | RoundRecord | ModelRecord) -> dict[str, 
     return {f.name: getattr(record, f.name) for f in fields(record)}
 
 
+def _engine_url(url: str) -> URL:
+    """The URL to connect with: a bare ``postgresql://`` means psycopg 3, the driver edgefl
+    installs (SQLAlchemy's own default, psycopg2, is not a dependency)."""
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def is_memory(url: str) -> bool:
+    """Whether the URL is an in-memory SQLite database (one connection for every thread)."""
+    parsed = make_url(url)
+    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
+
+
+def make_engine(url: str) -> Engine:
+    """The store's engine for a URL: the driver, JSON encoding, pragmas and transactions that
+    every connection to a state store uses (the store's own, and ``edgefl db``'s)."""
+    parsed = _engine_url(url)
+    sqlite = parsed.get_backend_name() == "sqlite"
+    kwargs: dict[str, Any] = {"json_serializer": _json_dumps}
+    if sqlite:
+        kwargs["connect_args"] = {"check_same_thread": False}
+    else:  # a server restart must not leave the controller with dead pooled connections
+        kwargs["pool_pre_ping"] = True
+    if is_memory(url):  # one connection, or every thread would see its own empty database
+        kwargs["poolclass"] = StaticPool
+    engine = create_engine(parsed, **kwargs)
+    if sqlite:
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
 class SqlStore:
     """The default ``Store``: one engine per process, a short session per call.
 
-    Writers are serialised by a process-wide lock (SQLite has a single writer anyway); readers
-    run concurrently, except on an in-memory SQLite database, whose one shared connection is
-    used under the lock for every call.
+    Writers are serialised by a process-wide lock (SQLite has a single writer anyway), and
+    across processes by the database's row locks; readers run concurrently, except on an
+    in-memory SQLite database, whose one shared connection is used under the lock for every
+    call.
     """
 
     def __init__(self, url: str) -> None:
         self.url = url
-        parsed = make_url(url)
-        sqlite = parsed.get_backend_name() == "sqlite"
-        memory = sqlite and parsed.database in (None, "", ":memory:")
-        kwargs: dict[str, Any] = {}
-        if sqlite:
-            kwargs["connect_args"] = {"check_same_thread": False}
-        if memory:  # one connection, or every thread would see its own empty database
-            kwargs["poolclass"] = StaticPool
-        self.engine: Engine = create_engine(url, **kwargs)
-        if sqlite:
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+        memory = is_memory(url)
+        self.engine: Engine = make_engine(url)
+        self._writer = self.engine.execution_options(edgefl_write=True)
         self._lock = threading.Lock()  # SQLite allows one writer; serialise ours
         self._read_lock: contextlib.AbstractContextManager[Any] = (
             self._lock if memory else contextlib.nullcontext()
         )
         try:
-            self._open_schema()
+            with self._lock:
+                self.schema = schema.upgrade(self.engine, self._where())
         except BaseException:
             self.engine.dispose()
             raise
 
-    def _stored_version(self) -> int | None:
-        if not inspect(self.engine).has_table(_Meta.__tablename__):
-            return None
-        with self._read_lock, self._read() as s:
-            row = s.get(_Meta, "schema_version")
-        if row is None:
-            return None
-        try:
-            return int(row.value)
-        except ValueError:
-            raise SchemaError(f"{self._where()}: unreadable schema version {row.value!r}") from None
-
-    def _open_schema(self) -> None:
-        """Check the version *before* touching anything, so a newer database stays untouched."""
-        found = self._stored_version()
-        if found is not None and found > SCHEMA_VERSION:
-            raise SchemaError(
-                f"{self._where()}: schema version {found} is newer than this edgefl "
-                f"supports ({SCHEMA_VERSION}); upgrade edgefl to open it"
-            )
-        if found is not None and found < SCHEMA_VERSION:
-            self._migrate(found)
-        _Base.metadata.create_all(self.engine)
-        if found is None:
-            with self._lock, Session(self.engine) as s, s.begin():
-                if s.get(_Meta, "schema_version") is None:
-                    s.add(_Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-
-    def _migrate(self, found: int) -> None:
-        """Bring an older database forward, one version per transaction."""
-        for version in range(found, SCHEMA_VERSION):
-            with self._lock, Session(self.engine) as s, s.begin():
-                for statement in _MIGRATIONS[version]:
-                    s.execute(text(statement))
-                row = s.get(_Meta, "schema_version")
-                if row is not None:
-                    row.value = str(version + 1)
-
     def _where(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)
 
-    def _write(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Session]:
+        """One write transaction under the process lock; a duplicate key is a ValueError."""
+        with self._lock, Session(self._writer, expire_on_commit=False) as s:
+            try:
+                with s.begin():
+                    yield s
+            except IntegrityError as exc:  # another process inserted the same key first
+                raise ValueError(f"conflicting write (the key exists): {exc.orig}") from None
 
     def _read(self) -> Session:
         return Session(self.engine)
 
     # sessions ---------------------------------------------------------------------------
     def create_session(self, record: SessionRecord) -> None:
-        with self._lock, self._write() as s, s.begin():
+        with self._write() as s:
             if s.get(_Session, record.session_id) is not None:
                 raise ValueError(f"session {record.session_id!r} already exists")
             s.add(_Session(**_row_values(record)))
@@ -254,12 +286,12 @@ class SqlStore:
         model_version: str | None = None,
         reason: str | None = None,
     ) -> None:
-        with self._lock, self._write() as s, s.begin():
-            row = s.get(_Session, session_id)
+        with self._write() as s:
+            row = s.get(_Session, session_id, with_for_update=True)
             if row is None:
                 raise KeyError(f"unknown session {session_id!r}")
             if reason is not None:
-                row.reason = reason[:REASON_MAX]
+                row.reason = _text(reason, REASON_MAX)
             if status is not None:
                 row.status = status
                 if status != "running":  # honoured or overtaken: never stop a resumed run
@@ -271,20 +303,20 @@ class SqlStore:
             row.updated = time.time()
 
     def request_stop(self, session_id: str, requested_by: str) -> SessionRecord:
-        with self._lock, self._write() as s, s.begin():
-            row = s.get(_Session, session_id)
+        with self._write() as s:
+            row = s.get(_Session, session_id, with_for_update=True)
             if row is None:
                 raise KeyError(f"unknown session {session_id!r}")
             if row.status != "running":
                 raise ValueError(f"session {session_id!r} is {row.status}, not running")
             if not row.stop_requested_by:
-                row.stop_requested_by = requested_by[:REQUESTER_MAX]
+                row.stop_requested_by = _text(requested_by, REQUESTER_MAX)
                 row.stop_requested_at = time.time()
             return _record(SessionRecord, row)
 
     # models -----------------------------------------------------------------------------
     def add_model(self, record: ModelRecord) -> None:
-        with self._lock, self._write() as s, s.begin():
+        with self._write() as s:
             if s.get(_Model, record.version) is not None:
                 raise ValueError(f"model version {record.version!r} already exists")
             s.add(_Model(**_row_values(record)))
@@ -303,10 +335,10 @@ class SqlStore:
 
     # rounds -----------------------------------------------------------------------------
     def start_round(self, record: RoundRecord) -> None:
-        with self._lock, self._write() as s, s.begin():
+        with self._write() as s:
             if s.get(_Round, record.task_id) is not None:
                 raise ValueError(f"round {record.task_id!r} already exists")
-            s.add(_Round(**{**_row_values(record), "reason": record.reason[:REASON_MAX]}))
+            s.add(_Round(**{**_row_values(record), "reason": _text(record.reason, REASON_MAX)}))
 
     def finish_round(
         self,
@@ -320,14 +352,14 @@ class SqlStore:
         finished: float,
         rejected: list[Rejection] | None = None,
     ) -> None:
-        with self._lock, self._write() as s, s.begin():
-            row = s.get(_Round, task_id)
+        with self._write() as s:
+            row = s.get(_Round, task_id, with_for_update=True)
             if row is None:
                 raise KeyError(f"unknown round {task_id!r}")
             row.status, row.model_out, row.reason, row.finished = (
                 status,
                 model_out,
-                reason[:REASON_MAX],
+                _text(reason, REASON_MAX),
                 finished,
             )
             row.participants = list(participants)
@@ -354,8 +386,11 @@ class SqlStore:
         taken = or_(_Lease.holder == holder, _Lease.expires < now)
         with self._lock:
             try:
-                with self.engine.begin() as conn:
-                    # one conditional UPDATE: atomic in the database, across processes too
+                with self._writer.begin() as conn:
+                    # One conditional UPDATE, atomic in the database and across processes: on
+                    # PostgreSQL a racing UPDATE waits for this row lock, then re-checks the
+                    # WHERE against the committed row, and so finds the lease taken.
+
                     done = conn.execute(
                         update(_Lease)
                         .where(_Lease.session_id == session_id, taken)
@@ -387,7 +422,7 @@ class SqlStore:
                 return None
 
     def renew_lease(self, session_id: str, holder: str, fence: int, ttl_s: float) -> bool:
-        with self._lock, self.engine.begin() as conn:
+        with self._lock, self._writer.begin() as conn:
             done = conn.execute(
                 update(_Lease)
                 .where(
@@ -400,7 +435,7 @@ class SqlStore:
             return bool(done.rowcount == 1)
 
     def release_lease(self, session_id: str, holder: str, fence: int) -> None:
-        with self._lock, self.engine.begin() as conn:
+        with self._lock, self._writer.begin() as conn:
             conn.execute(
                 update(_Lease)
                 .where(
