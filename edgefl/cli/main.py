@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from edgefl.cli.bridge import bridge_config
 from edgefl.cli.ca import ca_app
 from edgefl.cli.common import err_console, require_auth, setup_logging
+from edgefl.cli.db import db_app
 from edgefl.cli.fleet import fleet_app
 from edgefl.cli.keys import keys_app
 from edgefl.cli.package import package_app
@@ -447,6 +448,7 @@ app.add_typer(fleet_app, name="fleet")
 app.add_typer(ca_app, name="ca")
 app.command("bridge-config")(bridge_config)
 app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
 
 
 if __name__ == "__main__":
