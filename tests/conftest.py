@@ -75,3 +75,6 @@ def deployment(broker_url: str, tmp_path):
 
 # the private InfluxDB fixtures (influxd started from its binary, never the system service)
 from tests.influx import influxdb, private_influxdb  # noqa: E402, F401
+
+# the PostgreSQL fixtures (the machine's server, or a private one from the Debian binaries)
+from tests.postgres import postgres_database, postgres_server, postgres_url  # noqa: E402, F401

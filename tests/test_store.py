@@ -1,4 +1,8 @@
-"""State store (SQLite through SQLAlchemy) and filesystem blob store."""
+"""State store (SQLAlchemy, on SQLite and on PostgreSQL) and filesystem blob store.
+
+Every test that takes ``url`` runs once per backend: a fresh SQLite file, and a blank database
+on a real PostgreSQL (``tests/postgres.py``).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,18 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, text
 
 from edgefl.store import make_store
 from edgefl.store.base import ModelRecord, RoundRecord, SessionRecord
 from edgefl.store.blobs import FileBlobStore
-from edgefl.store.sql import REASON_MAX, SCHEMA_VERSION, SchemaError, SqlStore
+from edgefl.store.schema import META_TABLE, VERSION_TABLE, script_directory
+from edgefl.store.sql import REASON_MAX, SCHEMA_VERSION, SchemaError, SqlStore, _Base
 
 
 def _session(sid: str = "s1") -> SessionRecord:
@@ -34,9 +42,45 @@ def _round(sid: str, r: int, attempt: int = 0) -> RoundRecord:
     )
 
 
-@pytest.fixture
-def url(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'state.db'}"
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=BACKENDS, ids=BACKENDS)
+def url(request: pytest.FixtureRequest, tmp_path) -> str:
+    """A brand-new state store URL on each backend in turn."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+def _tables(url: str) -> list[str]:
+    engine = create_engine(url)
+    try:
+        return sorted(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def _meta_version(url: str) -> str | None:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(
+                text(f"SELECT value FROM {META_TABLE} WHERE key='schema_version'")
+            ).scalar()
+    finally:
+        engine.dispose()
+
+
+def _schema_differences(url: str) -> list:
+    """What the database lacks or has beyond the models' schema (empty: it is current)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+            return compare_metadata(context, _Base.metadata)
+    finally:
+        engine.dispose()
 
 
 def test_sessions_rounds_models_round_trip_and_survive_reopen(url) -> None:
@@ -151,32 +195,50 @@ def test_refuses_a_newer_schema(url) -> None:
         make_store(url)
 
 
-def test_a_refused_database_is_left_untouched(tmp_path) -> None:
-    url = f"sqlite:///{tmp_path / 'future.db'}"
+def test_a_refused_database_is_left_untouched(url) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE edgefl_meta (key VARCHAR(64) PRIMARY KEY, value TEXT)"))
         newer = SCHEMA_VERSION + 1
         conn.execute(text(f"INSERT INTO edgefl_meta VALUES ('schema_version', '{newer}')"))
+    engine.dispose()
     refusal = rf"schema version {newer} is newer .*\({SCHEMA_VERSION}\)"
     with pytest.raises(SchemaError, match=refusal):
         SqlStore(url)
-    with engine.connect() as conn:
-        tables = conn.execute(text("SELECT name FROM sqlite_master WHERE type='table'")).all()
+    assert _tables(url) == ["edgefl_meta"]
+
+
+def test_a_revision_from_a_newer_edgefl_is_refused_and_left_untouched(url) -> None:
+    """A newer edgefl may migrate without changing the schema version: its revision alone,
+    unknown here, must stop this edgefl from writing rows it cannot describe."""
+    make_store(url).close()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '9999_from_the_future'"))
     engine.dispose()
-    assert [t[0] for t in tables] == ["edgefl_meta"]
+    with pytest.raises(SchemaError, match=r"revision 9999_from_the_future .* is newer"):
+        make_store(url)
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        stamped = conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+    engine.dispose()
+    assert stamped == "9999_from_the_future"
 
 
 def test_new_database_records_the_current_schema_version(url) -> None:
-    make_store(url).close()
-    engine = create_engine(url)
-    with engine.connect() as conn:
-        version = conn.execute(
-            text("SELECT value FROM edgefl_meta WHERE key='schema_version'")
-        ).scalar()
-        mode = conn.execute(text("PRAGMA journal_mode")).scalar()
-    engine.dispose()
-    assert version == str(SCHEMA_VERSION) and mode == "wal"
+    store = make_store(url)
+    assert isinstance(store, SqlStore)
+    head = script_directory().get_current_head()
+    assert store.schema.current and store.schema.revision == head
+    store.close()
+    assert script_directory().get_revision(head).module.schema_version == SCHEMA_VERSION
+    assert _meta_version(url) == str(SCHEMA_VERSION)
+    assert _schema_differences(url) == []  # the migrations build exactly the models' schema
+    if url.startswith("sqlite"):
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        engine.dispose()
 
 
 def test_a_version_1_database_is_migrated_and_keeps_its_rounds(url) -> None:
@@ -193,6 +255,7 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rounds(url) -> None:
         conn.execute(text("ALTER TABLE sessions DROP COLUMN stop_requested_by"))
         conn.execute(text("ALTER TABLE sessions DROP COLUMN stop_requested_at"))
         conn.execute(text("DROP TABLE leases"))
+        conn.execute(text(f"DROP TABLE {VERSION_TABLE}"))  # from before Alembic
         conn.execute(text("UPDATE edgefl_meta SET value='1' WHERE key='schema_version'"))
     engine.dispose()
     store = make_store(url)
@@ -212,11 +275,8 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rounds(url) -> None:
     )
     assert store.get_round("s1:1:0").rejected == why
     store.close()
-    with create_engine(url).connect() as conn:
-        version = conn.execute(
-            text("SELECT value FROM edgefl_meta WHERE key='schema_version'")
-        ).scalar()
-    assert version == str(SCHEMA_VERSION)
+    assert _meta_version(url) == str(SCHEMA_VERSION)
+    assert _schema_differences(url) == []
 
 
 def test_a_version_3_database_gains_stop_requests(url) -> None:
@@ -228,6 +288,7 @@ def test_a_version_3_database_gains_stop_requests(url) -> None:
     with engine.begin() as conn:
         conn.execute(text("ALTER TABLE sessions DROP COLUMN stop_requested_by"))
         conn.execute(text("ALTER TABLE sessions DROP COLUMN stop_requested_at"))
+        conn.execute(text(f"DROP TABLE {VERSION_TABLE}"))  # from before Alembic
         conn.execute(text("UPDATE edgefl_meta SET value='3' WHERE key='schema_version'"))
     engine.dispose()
     store = make_store(url)
@@ -266,6 +327,191 @@ def test_a_stop_request_is_kept_until_the_session_leaves_running(url) -> None:
         assert store.get_session("s1").stop_requested_by == ""
     finally:
         store.close()
+
+
+# The tables edgefl's schema version 3 created (before Alembic), as its create_all emitted them.
+V3_DDL = [
+    "CREATE TABLE edgefl_meta (key VARCHAR(64) NOT NULL, value VARCHAR(256) NOT NULL, "
+    "PRIMARY KEY (key))",
+    "CREATE TABLE sessions (session_id VARCHAR(64) NOT NULL, project VARCHAR(64) NOT NULL, "
+    "config JSON NOT NULL, status VARCHAR(16) NOT NULL, current_round INTEGER NOT NULL, "
+    "model_version VARCHAR(128) NOT NULL, created FLOAT NOT NULL, updated FLOAT NOT NULL, "
+    "reason VARCHAR(1024), PRIMARY KEY (session_id))",
+    "CREATE INDEX ix_sessions_project ON sessions (project)",
+    "CREATE TABLE leases (session_id VARCHAR(64) NOT NULL, holder VARCHAR(128) NOT NULL, "
+    "fence INTEGER NOT NULL, expires FLOAT NOT NULL, PRIMARY KEY (session_id))",
+    "CREATE TABLE rounds (task_id VARCHAR(160) NOT NULL, session_id VARCHAR(64) NOT NULL, "
+    "round INTEGER NOT NULL, attempt INTEGER NOT NULL, status VARCHAR(16) NOT NULL, "
+    "model_in VARCHAR(128) NOT NULL, model_out VARCHAR(128), devices JSON NOT NULL, "
+    "participants JSON NOT NULL, rejected JSON, metrics JSON NOT NULL, "
+    "reason VARCHAR(1024) NOT NULL, started FLOAT NOT NULL, finished FLOAT, "
+    "PRIMARY KEY (task_id))",
+    "CREATE INDEX ix_rounds_session_id ON rounds (session_id)",
+    "CREATE TABLE models (version VARCHAR(128) NOT NULL, parent VARCHAR(128), "
+    "session_id VARCHAR(64), round INTEGER, digest VARCHAR(64) NOT NULL, size INTEGER NOT NULL, "
+    "created FLOAT NOT NULL, meta JSON NOT NULL, PRIMARY KEY (version))",
+    "CREATE INDEX ix_models_session_id ON models (session_id)",
+    "INSERT INTO edgefl_meta VALUES ('schema_version', '3')",
+    # what a v3 controller had written: a failed session, its rounds, its model and lease
+    "INSERT INTO sessions VALUES ('old', 'p', '{\"rounds\": 2, \"seed\": 7}', 'failed', 1, "
+    "'old-r0001-aaaaaaaa', 10.5, 20.25, 'round 2 failed 3 times')",
+    "INSERT INTO rounds VALUES ('old:1:0', 'old', 1, 0, 'completed', 'old-r0000-bbbbbbbb', "
+    "'old-r0001-aaaaaaaa', '[\"d1\", \"d2\"]', "
+    "'[{\"device\": \"d1\", \"region\": \"r0\", \"n\": 5, \"metrics\": {}}]', "
+    "'[{\"device\": \"d2\", \"reason\": \"stale\"}]', '{\"accuracy\": 0.75}', '', 11.0, 12.0)",
+    "INSERT INTO models VALUES ('old-r0001-aaaaaaaa', 'old-r0000-bbbbbbbb', 'old', 1, "
+    "'aa', 123, 12.0, '{\"metrics\": {\"accuracy\": 0.75}}')",
+    "INSERT INTO leases VALUES ('old', 'ctl@host:1:abcd', 4, 0.0)",
+]
+
+
+def test_a_version_3_database_from_before_alembic_is_upgraded_with_its_data(url) -> None:
+    """A database exactly as a v3 edgefl left it: opening it migrates it to the current
+    schema in place, and every row it held reads back unchanged."""
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for statement in V3_DDL:
+            conn.execute(text(statement))
+    engine.dispose()
+    store = make_store(url)
+    try:
+        sess = store.get_session("old")
+        assert sess is not None
+        assert (sess.status, sess.current_round, sess.config, sess.reason) == (
+            "failed",
+            1,
+            {"rounds": 2, "seed": 7},
+            "round 2 failed 3 times",
+        )
+        assert (sess.created, sess.updated, sess.stop_requested_by) == (10.5, 20.25, "")
+        (rnd,) = store.list_rounds("old")
+        assert rnd.participants == [{"device": "d1", "region": "r0", "n": 5, "metrics": {}}]
+        assert rnd.rejected == [{"device": "d2", "reason": "stale"}]
+        assert (rnd.metrics, rnd.devices, rnd.finished) == ({"accuracy": 0.75}, ["d1", "d2"], 12.0)
+        assert store.get_model("old-r0001-aaaaaaaa").meta == {"metrics": {"accuracy": 0.75}}
+        assert store.acquire_lease("old", "ctl@host:2:ef01", 10.0) == 5  # the fence goes on
+        store.update_session("old", status="running", reason="")
+        assert store.request_stop("old", "alice (operator)").stop_requested_by
+    finally:
+        store.close()
+    assert _meta_version(url) == str(SCHEMA_VERSION)
+    assert _schema_differences(url) == []
+
+
+def test_processes_opening_an_empty_database_together_migrate_it_once(url) -> None:
+    """Controllers and a dashboard starting at once on a blank database: one migrates under
+    the lock, the others find it current; none fails on a half-created schema."""
+    code = (
+        "import sys; from edgefl.store import make_store; "
+        "s = make_store(sys.argv[1]); print(s.schema.describe()); s.close()"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(4)
+    ]
+    outcomes = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err.decode() for _, err in outcomes]
+    assert all(out.decode().strip().endswith(": current") for out, _ in outcomes)
+    assert _schema_differences(url) == []
+
+
+def test_a_read_modify_write_waits_for_a_concurrent_writer(url) -> None:
+    """Another process stops the session while a stop request is being made: the request
+    must see the stopped session and refuse, not record a stale request on top of it (which
+    would stop the session again when it is resumed)."""
+    store = make_store(url)
+    store.create_session(_session())
+    other = create_engine(url)  # another process's plain connection
+    outcome: list[object] = []
+    try:
+        with other.connect() as conn:
+            conn.execute(text("UPDATE sessions SET status = 'stopped' WHERE session_id = 's1'"))
+
+            def ask() -> None:
+                try:
+                    outcome.append(store.request_stop("s1", "alice (operator)"))
+                except Exception as exc:
+                    outcome.append(exc)
+
+            asker = threading.Thread(target=ask)
+            asker.start()
+            asker.join(0.5)
+            assert asker.is_alive()  # it waits for the other writer's transaction
+            conn.commit()
+        asker.join(10)
+        assert isinstance(outcome[0], ValueError) and "stopped, not running" in str(outcome[0])
+        assert store.get_session("s1").stop_requested_by == ""
+    finally:
+        other.dispose()
+        store.close()
+
+
+def test_text_and_json_that_postgresql_refuses_are_stored_the_same_everywhere(url) -> None:
+    """NUL characters (device-named tensors end up in reasons) and non-finite metrics (an
+    evaluator's loss can be infinite) must not fail a write on PostgreSQL, and must read
+    back the same on both backends."""
+    store = make_store(url)
+    try:
+        store.create_session(_session())
+        store.start_round(_round("s1", 1))
+        store.finish_round(
+            "s1:1:0",
+            status="failed",
+            model_out=None,
+            participants=[],
+            metrics={"loss": float("inf"), "accuracy": float("nan"), "updates": 2.0},
+            reason="tensor 'W\x00' is malformed",
+            finished=3.0,
+            rejected=[{"device": "d1", "reason": "name 'a\x00b'"}],
+        )
+        rnd = store.get_round("s1:1:0")
+        assert rnd.metrics == {"loss": None, "accuracy": None, "updates": 2.0}
+        assert rnd.reason == "tensor 'W' is malformed"
+        assert rnd.rejected == [{"device": "d1", "reason": "name 'a\x00b'"}]  # JSON keeps it
+        assert store.request_stop("s1", "eve\x00 (operator)").stop_requested_by == "eve (operator)"
+    finally:
+        store.close()
+
+
+def test_edgefl_db_shows_and_upgrades_an_old_database(url) -> None:
+    """Operators who migrate explicitly: ``edgefl db current`` names the state, ``upgrade``
+    brings it to the head revision, and a second upgrade changes nothing."""
+    from typer.testing import CliRunner
+
+    from edgefl.cli.main import app
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for statement in V3_DDL:
+            conn.execute(text(statement))
+    engine.dispose()
+    head = script_directory().get_current_head()
+    runner = CliRunner()
+    before = runner.invoke(app, ["db", "current", "--state", url])
+    assert before.exit_code == 0, before.output
+    assert "from before Alembic" in before.output and "schema version 3" in before.output
+    assert f"needs an upgrade to revision {head}" in before.output
+    done = runner.invoke(app, ["db", "upgrade", "--state", url])
+    assert done.exit_code == 0, done.output
+    assert f"now revision {head}, schema version {SCHEMA_VERSION}: current" in done.output
+    again = runner.invoke(app, ["db", "upgrade", "--state", url])
+    assert again.exit_code == 0 and "already current" in again.output
+    store = make_store(url)
+    assert store.get_session("old").reason == "round 2 failed 3 times"
+    store.close()
+
+
+def test_edgefl_db_current_never_creates_a_sqlite_file(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from edgefl.cli.main import app
+
+    missing = tmp_path / "nowhere" / "state.db"
+    result = CliRunner().invoke(app, ["db", "current", "--state", f"sqlite:///{missing}"])
+    assert result.exit_code == 1 and "no state store at" in result.output
+    assert not missing.parent.exists()
 
 
 def test_concurrent_writers(url) -> None:
@@ -411,9 +657,8 @@ def test_one_lease_holder_at_a_time_and_takeover_raises_the_fence(url) -> None:
     other.close()
 
 
-def test_racing_processes_get_the_first_lease_once(tmp_path) -> None:
-    """Two processes race for a brand-new lease: exactly one wins."""
-    url = f"sqlite:///{tmp_path / 'race.db'}"
+def test_racing_processes_get_the_first_lease_once(url) -> None:
+    """Four processes race for a brand-new lease: exactly one wins."""
     make_store(url).close()
     code = (
         "import sys; from edgefl.store import make_store; "
@@ -425,3 +670,52 @@ def test_racing_processes_get_the_first_lease_once(tmp_path) -> None:
     ]
     results = [p.communicate(timeout=60)[0].decode().strip() for p in procs]
     assert sorted(results) == ["1", "None", "None", "None"], results
+
+
+def test_a_session_runs_end_to_end_with_its_state_on_postgresql(
+    mosquitto, postgres_url, tmp_path
+) -> None:
+    """The controller keeps a whole session on PostgreSQL: rounds, lineage and lease."""
+    from edgefl.tasks import digits
+    from tests.harness import Deployment, completed_accuracies
+
+    dep = Deployment(mosquitto.url, tmp_path, state_url=postgres_url)
+    try:
+        dep.start_combiners(1)
+        dep.start_fleet(4)
+        ctl = dep.controller()
+        sid, rounds = dep.run_session(ctl, rounds=3, min_devices=4, round_timeout_s=30)
+    finally:
+        dep.close()
+    assert completed_accuracies(rounds) == pytest.approx(digits.reference_run(4, 3), abs=1e-9)
+    store = make_store(postgres_url)  # what a restarted controller or the dashboard reads
+    try:
+        sess = store.get_session(sid)
+        assert (sess.status, sess.current_round) == ("completed", 3)
+        assert sess.model_version == rounds[-1].model_out
+        chain = [rounds[0].model_in] + [r.model_out for r in rounds]
+        assert [store.get_model(v).parent for v in chain[1:]] == chain[:-1]
+        lease = store.get_lease(sid)
+        assert lease is not None and lease.fence == 1 and lease.expires == 0.0  # released
+    finally:
+        store.close()
+
+
+def test_a_private_postgresql_starts_from_the_debian_binaries_and_stops() -> None:
+    """The fixture's other path, taken where no server answers on 5432 (or with
+    EDGEFL_TEST_PG_OWN=1): initdb and pg_ctl in a temporary directory, as a non-root user."""
+    from tests.postgres import _answers, own_postgres
+
+    with own_postgres() as server:
+        assert server.own and server.port != 5432
+        url = server.url()
+        store = make_store(url)
+        try:
+            store.create_session(_session())
+            assert store.get_session("s1").config == {"rounds": 3}
+        finally:
+            store.close()
+        with server.connect() as conn:
+            data_dir = conn.execute("SHOW data_directory").fetchone()[0]
+    assert not _answers(server.host, server.port)  # stopped
+    assert not Path(data_dir).exists()  # and its directory removed
