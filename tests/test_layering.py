@@ -30,6 +30,7 @@ SERVER = (
     "edgefl.aggregation",
     "edgefl.store",
     "edgefl.api",
+    "edgefl.client",  # the REST API's Python client (operators' side, not devices')
     "edgefl.broker",
     "edgefl.auth",
     "edgefl.telemetry",

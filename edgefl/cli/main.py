@@ -18,6 +18,7 @@ from edgefl.cli.common import err_console, require_auth, setup_logging
 from edgefl.cli.db import db_app
 from edgefl.cli.fleet import fleet_app
 from edgefl.cli.keys import keys_app
+from edgefl.cli.ops import register as register_ops
 from edgefl.cli.package import package_app
 
 if TYPE_CHECKING:
@@ -448,6 +449,7 @@ app.add_typer(fleet_app, name="fleet")
 app.add_typer(ca_app, name="ca")
 app.command("bridge-config")(bridge_config)
 app.add_typer(keys_app, name="keys")
+register_ops(app)  # session list|show|stop|watch, rounds, models (over the REST API)
 app.add_typer(db_app, name="db")
 
 

@@ -1,0 +1,252 @@
+"""Operator commands over the REST API (``edgefl.client``): sessions, rounds, models.
+
+They talk to an ``edgefl dashboard`` (or demo) server, never to the store or the broker, so
+they work from any workstation that can reach the API: ``--api URL`` (``EDGEFL_API``) and
+``--token JWT`` (``EDGEFL_TOKEN``, from ``edgefl token``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgefl.client import TERMINAL, APIClient, ClientError
+
+console = Console()
+err_console = Console(stderr=True)
+
+session_app = typer.Typer(
+    help="List, inspect, stop and watch sessions through the REST API.", no_args_is_help=True
+)
+
+ApiUrl = typer.Option(
+    "http://127.0.0.1:8080", "--api", envvar="EDGEFL_API", help="the edgefl API server's URL"
+)
+Token = typer.Option(
+    None,
+    "--token",
+    envvar="EDGEFL_TOKEN",
+    help="bearer JWT (edgefl token --role viewer|operator); none for an --insecure server",
+)
+
+
+@contextmanager
+def _client(api: str, token: str | None) -> Iterator[APIClient]:
+    """A client whose errors end the command with the problem's detail, not a traceback."""
+    try:
+        with APIClient(api, token) as client:
+            yield client
+    except ClientError as exc:
+        err_console.print(f"[red]edgefl: {exc}")
+        raise typer.Exit(1) from None
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _metrics(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+
+
+@session_app.command("list")
+def list_sessions(
+    limit: int = typer.Option(20, min=1, max=1000, help="sessions per page"),
+    offset: int = typer.Option(0, min=0, help="sessions to skip (newest first)"),
+    api: str = ApiUrl,
+    token: str | None = Token,
+) -> None:
+    """The sessions, newest first, with their progress."""
+    with _client(api, token) as client:
+        page = client.sessions(limit=limit, offset=offset)
+    table = Table(title=f"sessions {offset + 1}-{offset + len(page.items)} of {page.total}")
+    for col in ("session", "project", "status", "round", "aggregator", "model", "updated"):
+        table.add_column(col)
+    for s in page.items:
+        table.add_row(
+            s.session_id,
+            s.project,
+            s.status,
+            f"{s.current_round}/{s.rounds or '?'}",
+            s.aggregator or "-",
+            s.model_version,
+            _when(s.updated),
+        )
+    console.print(table)
+    if page.next_offset is not None:
+        console.print(f"more: --offset {page.next_offset}")
+
+
+@session_app.command("show")
+def show_session(session_id: str, api: str = ApiUrl, token: str | None = Token) -> None:
+    """One session: its state, why it stopped or failed, and its configuration."""
+    with _client(api, token) as client:
+        s = client.session(session_id)
+    table = Table(show_header=False, title=f"session {s.session_id}")
+    for key, value in (
+        ("project", s.project),
+        ("status", s.status),
+        ("round", f"{s.current_round}/{s.rounds or '?'}"),
+        ("model", s.model_version),
+        ("reason", s.reason or "-"),
+        ("stop requested by", s.stop_requested_by or "-"),
+        ("created", _when(s.created)),
+        ("updated", _when(s.updated)),
+        ("config", json.dumps(s.config, sort_keys=True)),
+    ):
+        table.add_row(key, value)
+    console.print(table)
+
+
+@session_app.command("stop")
+def stop_session(session_id: str, api: str = ApiUrl, token: str | None = Token) -> None:
+    """Ask the session's controller to stop it (operator). It stays resumable."""
+    with _client(api, token) as client:
+        res = client.stop_session(session_id)
+    console.print(f"stop of {res.session_id} requested by {res.stop_requested_by}")
+
+
+@session_app.command("watch")
+def watch_session(
+    session_id: str,
+    interval: float = typer.Option(1.0, min=0.1, help="seconds between polls of the API"),
+    api: str = ApiUrl,
+    token: str | None = Token,
+) -> None:
+    """Follow a session live: a progress bar and each round's metrics, until it ends.
+
+    Exits 0 when the session completes, 1 when it failed or was stopped.
+    """
+    printed: set[str] = set()
+    with _client(api, token) as client:
+        sess = client.session(session_id)
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        with progress:
+            bar = progress.add_task(
+                session_id, total=sess.rounds or None, completed=sess.current_round, status=""
+            )
+            while True:
+                for r in client.all_rounds(session_id):
+                    if r.status == "running" or r.task_id in printed:
+                        continue
+                    printed.add(r.task_id)
+                    outcome = _metrics(r.metrics) if r.status == "completed" else r.reason
+                    progress.console.print(
+                        f"round {r.round} (attempt {r.attempt}) {r.status}: "
+                        f"{r.participants}/{r.selected} devices, {outcome}"
+                    )
+                progress.update(
+                    bar,
+                    completed=sess.current_round,
+                    status=f"{sess.status} round {sess.current_round}/{sess.rounds or '?'}",
+                )
+                if sess.status in TERMINAL:
+                    break
+                time.sleep(interval)
+                sess = client.session(session_id)
+        done = [r for r in client.all_rounds(session_id) if r.status == "completed"]
+    final = _metrics(done[-1].metrics) if done else "no completed round"
+    console.print(
+        f"session {session_id} {sess.status} after round {sess.current_round}: final {final}"
+    )
+    if sess.reason:
+        console.print(f"reason: {sess.reason}")
+    if sess.status != "completed":
+        raise typer.Exit(1)
+
+
+def rounds(
+    session_id: str,
+    round_: int = typer.Option(
+        None, "--round", min=1, help="one round: its participants and rejections"
+    ),
+    api: str = ApiUrl,
+    token: str | None = Token,
+) -> None:
+    """A session's rounds with their metrics, or one round's devices (--round N)."""
+    with _client(api, token) as client:
+        if round_ is None:
+            attempts = client.all_rounds(session_id)
+        else:
+            detail = client.round(session_id, round_)
+    if round_ is None:
+        table = Table(title=f"rounds of {session_id}")
+        for col in ("round", "try", "status", "devices", "rejected", "secs", "metrics / reason"):
+            table.add_column(col)
+        for r in attempts:
+            table.add_row(
+                str(r.round),
+                str(r.attempt),
+                r.status,
+                f"{r.participants}/{r.selected}",
+                str(r.rejected),
+                f"{r.duration_s:.1f}" if r.duration_s is not None else "-",
+                _metrics(r.metrics) if r.status == "completed" else r.reason,
+            )
+        console.print(table)
+        return
+    console.print(
+        f"round {detail.round} attempt {detail.attempt} ({detail.attempts} in all) "
+        f"{detail.status}: {_metrics(detail.metrics) or detail.reason}"
+    )
+    table = Table(title="participants")
+    for col in ("device", "region", "examples", "metrics"):
+        table.add_column(col)
+    for p in detail.participants:
+        table.add_row(p.device, p.region or "-", str(p.examples), _metrics(p.metrics))
+    console.print(table)
+    if detail.rejections:
+        rejected = Table(title="rejected updates")
+        rejected.add_column("device")
+        rejected.add_column("reason")
+        for j in detail.rejections:
+            rejected.add_row(j.device, j.reason)
+        console.print(rejected)
+
+
+def models(
+    session_id: str,
+    lineage: str = typer.Option(None, "--lineage", help="a version: its chain of parents"),
+    api: str = ApiUrl,
+    token: str | None = Token,
+) -> None:
+    """A session's model versions (oldest first), or one version's lineage (--lineage V)."""
+    with _client(api, token) as client:
+        listed = client.lineage(session_id, lineage).chain if lineage else None
+        if listed is None:
+            listed = client.all_models(session_id)
+    title = f"lineage of {lineage}" if lineage else f"models of {session_id}"
+    table = Table(title=title)
+    for col in ("version", "round", "parent", "size", "digest", "created"):
+        table.add_column(col)
+    for m in listed:
+        table.add_row(
+            m.version,
+            str(m.round) if m.round is not None else "-",
+            m.parent or "-",
+            str(m.size),
+            m.digest[:16],
+            _when(m.created),
+        )
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Mount ``session``, ``rounds`` and ``models`` on the ``edgefl`` command."""
+    app.add_typer(session_app, name="session")
+    app.command("rounds")(rounds)
+    app.command("models")(models)
