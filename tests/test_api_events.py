@@ -102,7 +102,7 @@ def _round(store: Store, sid: str, r: int, acc: float, *, finish: bool = True) -
         f"{sid}:{r}:0",
         status="completed",
         model_out=f"v{r}",
-        participants=[{"device": "d1", "n": 10, "metrics": {}}],
+        participants=[{"device": "d1", "region": "region-0", "n": 10, "metrics": {}}],
         metrics={"accuracy": acc, "loss": 1 - acc},
         finished=time.time(),
     )

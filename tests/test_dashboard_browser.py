@@ -1,15 +1,19 @@
-"""The dashboard in a real headless Chromium: fed straight from a store, then by a live run.
+"""The dashboard in a real headless Chromium: fed straight from a store, then by live runs.
 
-The browser logs in the way a person does: it pastes a JWT into the page's login form.
+The browser logs in the way a person does: it pastes a JWT into the page's login form. The
+page follows the store over Server-Sent Events (edgefl/api/events.py), never by reloading;
+screenshots go to tests/artifacts/.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -19,9 +23,12 @@ from edgefl.api.app import create_app
 from edgefl.api.server import DashboardServer
 from edgefl.auth.revocation import revoke_subject
 from edgefl.auth.tokens import AuthConfig, Role, generate_secret
+from edgefl.controller import SessionConfig, SessionFailed
 from edgefl.store import make_store
 from edgefl.store.base import RoundRecord, SessionRecord, Store
-from tests.harness import Deployment
+from edgefl.store.blobs import FileBlobStore
+from edgefl.tasks import digits
+from tests.harness import Deployment, RogueDevice
 
 pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` leaves them out
 
@@ -36,17 +43,23 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SCREENSHOT = "/tmp/edgefl-dashboard.png"
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # git-ignored
 ROWS = "#rounds-table tbody tr"
-# count the blue-ish (accuracy curve) pixels on the canvas: proof that a curve was drawn
-INK = """() => {
-    const c = document.getElementById('accuracy-chart');
-    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-    let n = 0;
-    for (let i = 0; i < d.length; i += 4) {
-        if (d[i + 3] > 0 && d[i + 2] > 200 && d[i] < 100) n++;
-    }
-    return n; }"""
+# the points plotted on a chart: one <circle data-round> per completed round
+POINTS = "(id) => document.querySelectorAll('#' + id + ' circle[data-round]').length"
+
+
+def _points(page: Page, chart: str = "accuracy-chart") -> int:
+    return int(page.evaluate(POINTS, chart))
+
+
+def _shot(page: Page, name: str) -> Path:
+    """A full-page screenshot into tests/artifacts/ (CI keeps the folder), path printed."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {path}")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +194,8 @@ def test_dashboard_shows_stored_rounds_and_follows_new_ones(served, auth, browse
 
         box = page.locator("#accuracy-chart").bounding_box()
         assert box and box["width"] > 200 and box["height"] > 100
-        assert page.evaluate(INK) > 50, "no accuracy curve was drawn"
-        page.screenshot(path=SCREENSHOT, full_page=True)
+        assert _points(page) == 3 and _points(page, "loss-chart") == 3
+        _shot(page, "dashboard-stored.png")
 
         assert "vic" in page.inner_text("#whoami") and page.is_hidden("#stop-session")
 
@@ -225,7 +238,7 @@ def test_dashboard_follows_a_live_session(mosquitto, tmp_path, browser) -> None:
         assert "olga" in page.inner_text("#whoami")
 
         _, rounds = dep.run_session(ctl, rounds=6, min_devices=10, round_timeout_s=30)
-        # the page polls once a second; give it a few ticks to catch up
+        # the stream pushes the store's changes within half a second
         page.wait_for_function(f"document.querySelectorAll('{ROWS}').length === 6", timeout=10_000)
         assert page.inner_text("#session-status") == "completed"
         assert page.inner_text("#round-count").replace(" ", "") == "6/6"
@@ -234,6 +247,126 @@ def test_dashboard_follows_a_live_session(mosquitto, tmp_path, browser) -> None:
         assert page.locator(ROWS).first.get_attribute("data-round") == "6"
         box = page.locator("#accuracy-chart").bounding_box()
         assert box and box["width"] > 200 and box["height"] > 100
-        assert page.evaluate(INK) > 50, "no accuracy curve was drawn"
+        assert _points(page) == 6 and _points(page, "loss-chart") == 6
+    finally:
+        dep.close()
+
+
+# Before the page's own script runs: remember every EventSource it opens, so the test sees the
+# browser's streams themselves rather than what the page says about them.
+TRACK_STREAMS = """(() => {
+    const Native = window.EventSource;
+    window.__streams = [];
+    window.EventSource = class extends Native {
+        constructor(url, init) { super(url, init); window.__streams.push(this); }
+    };
+})();"""
+OPEN_STREAMS = """() => window.__streams.filter(s => s.readyState === EventSource.OPEN)
+    .map(s => new URL(s.url).pathname).sort()"""
+ROUND = "parseInt(document.getElementById('round-count').textContent)"
+
+
+def test_an_operator_watches_a_live_session_advance_and_stops_it(
+    embedded_broker, tmp_path, browser
+) -> None:
+    """A silent device holds every round open until its 1.5 s deadline, so rounds arrive at a
+    watchable pace; the page must show each one without reloading, then stop the session."""
+    auth = AuthConfig(secret=generate_secret())
+    dep = Deployment(embedded_broker.url, tmp_path)
+    try:
+        dep.start_combiners(1)
+        dep.start_fleet(3)
+        dep.own(RogueDevice(dep.url, dep.project, "region-0", "ghost", mode="silent"))
+        ctl = dep.controller()
+        reader = dep.own(make_store(dep.state_url))
+        blobs = FileBlobStore(dep.models_dir)
+        server = DashboardServer(
+            reader, port=0, auth=auth, project=dep.project, blobs=blobs
+        ).start()
+        dep.own(server)
+        config = SessionConfig(
+            session_id="watch-me",
+            rounds=40,  # far more than the test waits for: it ends by the stop button
+            min_devices=3,
+            round_timeout_s=1.5,
+            close_grace_s=0.5,
+            train={"lr": 0.1, "batch_size": 32},
+        )
+        ctl.create_session(config, digits.initial_weights())
+        outcome: dict[str, str] = {}
+
+        def run() -> None:
+            try:
+                ctl.run(config.session_id)
+                outcome["done"] = "completed"
+            except SessionFailed as exc:
+                outcome["error"] = str(exc)
+
+        runner = threading.Thread(target=run, daemon=True)
+        runner.start()
+
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        dep.own(page)
+        page.add_init_script(TRACK_STREAMS)
+        page.on("dialog", lambda dialog: dialog.accept())  # "Stop session watch-me?"
+        page.goto(server.url)
+        token = auth.issuer().issue("olga", Role.operator, dep.project)
+        _login(page, token)
+        page.wait_for_function(
+            "document.getElementById('session-status').textContent === 'running'", timeout=10_000
+        )
+        page.evaluate("window.__sameDocument = true")  # a reload would take this away
+        page.wait_for_function(f"{ROUND} >= 1", timeout=15_000)
+        before_round, before_points = page.evaluate(ROUND), _points(page)
+        assert before_points >= 1 and before_round >= 1
+        page.wait_for_function(f"{ROUND} > {before_round}", timeout=15_000)
+        page.wait_for_function(f"({POINTS})('accuracy-chart') > {before_points}", timeout=5000)
+        assert page.evaluate(ROUND) > before_round and _points(page) > before_points
+        assert _points(page, "loss-chart") == _points(page)
+        assert page.evaluate("window.__sameDocument") is True, "the page reloaded"
+        navigations = page.evaluate("performance.getEntriesByType('navigation').map(n => n.type)")
+        assert navigations == ["navigate"], navigations
+        assert page.evaluate(OPEN_STREAMS) == ["/api/events", "/api/sessions/watch-me/events"]
+        urls = page.evaluate("window.__streams.map(s => s.url)")
+        assert all("ticket=" in u and token not in u for u in urls), urls  # no JWT in a URL
+        assert page.is_visible("#stop-session") and page.is_hidden("#start-session")
+        progress = page.evaluate("[document.getElementById('progress').value, "
+                                 "document.getElementById('progress').max]")  # fmt: skip
+        assert progress[1] == 40 and 1 <= progress[0] <= 40
+
+        # lineage: each model row names the version before it as its parent; a download
+        # (fetched with the bearer header, handed over as a blob) is the stored blob
+        page.wait_for_function(
+            "document.querySelectorAll('#models-table tbody tr').length >= 2", timeout=5000
+        )
+        versions = page.locator("#models-table tbody tr").evaluate_all(
+            "rows => rows.map(r => [r.dataset.version, r.cells[1].textContent])"
+        )
+        for (_, parent), (older, _) in zip(versions, versions[1:]):
+            assert parent == older, versions
+        newest = versions[0][0]
+        with page.expect_download() as dl:
+            page.locator(f"#models-table tr[data-version='{newest}'] button.download").click()
+        data = Path(dl.value.path()).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == reader.get_model(newest).digest
+
+        _shot(page, "dashboard-live.png")
+        page.click("#stop-session")
+        page.wait_for_function(
+            "document.getElementById('session-status').textContent === 'stopped'",
+            timeout=20_000,
+        )
+        runner.join(timeout=20)
+        assert not runner.is_alive()
+        assert "stopped by request of olga (operator)" in outcome.get("error", ""), outcome
+        sess = reader.get_session(config.session_id)
+        assert sess is not None and sess.status == "stopped"
+        assert page.inner_text("#round-count").replace(" ", "") == f"{sess.current_round}/40"
+        # the session's stream ended with it; the sessions stream stays for what comes next
+        page.wait_for_function(f"({OPEN_STREAMS})().length === 1", timeout=5000)
+        assert page.evaluate(OPEN_STREAMS) == ["/api/events"]
+        assert page.is_hidden("#stop-session")
+        assert page.evaluate("window.__sameDocument") is True
+        _shot(page, "dashboard-stopped.png")
     finally:
         dep.close()
