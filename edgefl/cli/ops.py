@@ -19,8 +19,11 @@ from rich.table import Table
 
 from edgefl.client import TERMINAL, APIClient, ClientError
 
-console = Console()
-err_console = Console(stderr=True)
+
+def _console(stderr: bool = False) -> Console:
+    """A console made when the command runs, so it sizes itself to the terminal it has then."""
+    return Console(stderr=stderr)
+
 
 session_app = typer.Typer(
     help="List, inspect, stop and watch sessions through the REST API.", no_args_is_help=True
@@ -44,7 +47,7 @@ def _client(api: str, token: str | None) -> Iterator[APIClient]:
         with APIClient(api, token) as client:
             yield client
     except ClientError as exc:
-        err_console.print(f"[red]edgefl: {exc}")
+        _console(stderr=True).print(f"[red]edgefl: {exc}")
         raise typer.Exit(1) from None
 
 
@@ -64,6 +67,7 @@ def list_sessions(
     token: str | None = Token,
 ) -> None:
     """The sessions, newest first, with their progress."""
+    console = _console()
     with _client(api, token) as client:
         page = client.sessions(limit=limit, offset=offset)
     table = Table(title=f"sessions {offset + 1}-{offset + len(page.items)} of {page.total}")
@@ -87,6 +91,7 @@ def list_sessions(
 @session_app.command("show")
 def show_session(session_id: str, api: str = ApiUrl, token: str | None = Token) -> None:
     """One session: its state, why it stopped or failed, and its configuration."""
+    console = _console()
     with _client(api, token) as client:
         s = client.session(session_id)
     table = Table(show_header=False, title=f"session {s.session_id}")
@@ -108,6 +113,7 @@ def show_session(session_id: str, api: str = ApiUrl, token: str | None = Token) 
 @session_app.command("stop")
 def stop_session(session_id: str, api: str = ApiUrl, token: str | None = Token) -> None:
     """Ask the session's controller to stop it (operator). It stays resumable."""
+    console = _console()
     with _client(api, token) as client:
         res = client.stop_session(session_id)
     console.print(f"stop of {res.session_id} requested by {res.stop_requested_by}")
@@ -124,6 +130,7 @@ def watch_session(
 
     Exits 0 when the session completes, 1 when it failed or was stopped.
     """
+    console = _console()
     printed: set[str] = set()
     with _client(api, token) as client:
         sess = client.session(session_id)
@@ -178,6 +185,7 @@ def rounds(
     token: str | None = Token,
 ) -> None:
     """A session's rounds with their metrics, or one round's devices (--round N)."""
+    console = _console()
     with _client(api, token) as client:
         if round_ is None:
             attempts = client.all_rounds(session_id)
@@ -225,6 +233,7 @@ def models(
     token: str | None = Token,
 ) -> None:
     """A session's model versions (oldest first), or one version's lineage (--lineage V)."""
+    console = _console()
     with _client(api, token) as client:
         listed = client.lineage(session_id, lineage).chain if lineage else None
         if listed is None:
