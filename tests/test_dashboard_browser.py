@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import uvicorn
 from playwright.sync_api import Browser, Page, sync_playwright
@@ -366,6 +367,10 @@ def test_an_operator_watches_a_live_session_advance_and_stops_it(
         page.wait_for_function(f"({OPEN_STREAMS})().length === 1", timeout=5000)
         assert page.evaluate(OPEN_STREAMS) == ["/api/events"]
         assert page.is_hidden("#stop-session")
+        # start is offered exactly where the API has a start route (the page reads OpenAPI)
+        spec = httpx.get(server.url + "api/openapi.json", timeout=10).json()
+        has_start = any(p.endswith("/start") and "post" in m for p, m in spec["paths"].items())
+        assert page.is_visible("#start-session") == has_start
         assert page.evaluate("window.__sameDocument") is True
         _shot(page, "dashboard-stopped.png")
     finally:

@@ -48,8 +48,9 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from edgefl.api.auth import PEOPLE, ApiAuth, ApiError, Principal
+from edgefl.api.routes import models, rounds, sessions
 from edgefl.auth.tokens import AuthError, Role
-from edgefl.store.base import ModelRecord, SessionRecord, Store
+from edgefl.store.base import SessionRecord, Store
 
 log = logging.getLogger("edgefl.api")
 
@@ -77,8 +78,8 @@ class _Grant:
 class LiveEvents:
     """The SSE routes of one app, with their ticket book; ``router`` is what the app mounts.
 
-    ``summaries`` gives the session and round dictionaries of the REST API, so a stream
-    carries exactly what the JSON routes answer (the default is the app's own).
+    Events carry the REST resources' own summaries (``edgefl.api.routes``), so a stream says
+    exactly what ``GET /api/sessions``, ``.../rounds`` and ``.../models`` would.
     """
 
     def __init__(
@@ -195,8 +196,6 @@ class LiveEvents:
 
     def _session_changes(self, session_id: str) -> Callable[[], list[str]]:
         """A closure remembering what it sent, answering only what changed since."""
-        from edgefl.api.app import _round_summary, _session_summary
-
         sent_session: dict[str, Any] | None = None
         sent_rounds: dict[str, dict[str, Any]] = {}
         sent_models: set[str] = set()
@@ -208,15 +207,15 @@ class LiveEvents:
                 return [sse("end", {"session_id": session_id, "status": "gone"})]
             out: list[str] = []
             for r in self.store.list_rounds(session_id):
-                summary = _round_summary(r)
+                summary = rounds.summary(r).model_dump()
                 if sent_rounds.get(r.task_id) != summary:
                     sent_rounds[r.task_id] = summary
                     out.append(sse("round", summary))
             for m in self.store.list_models(session_id):
                 if m.version not in sent_models:
                     sent_models.add(m.version)
-                    out.append(sse("model", _model_summary(m)))
-            summary = _session_summary(sess)
+                    out.append(sse("model", models.summary(m).model_dump()))
+            summary = sessions.summary(sess).model_dump()
             if summary != sent_session:  # after its rounds: the counter never runs ahead
                 sent_session = summary
                 out.append(sse("session", summary))
@@ -227,14 +226,12 @@ class LiveEvents:
         return changes
 
     def _sessions_changes(self) -> Callable[[], list[str]]:
-        from edgefl.api.app import _session_summary
-
         sent: list[dict[str, Any]] | None = None
 
         def changes() -> list[str]:
             nonlocal sent
             listed = [
-                _session_summary(s)
+                sessions.summary(s).model_dump()
                 for s in reversed(self.store.list_sessions())
                 if self.project is None or s.project == self.project
             ]
@@ -288,15 +285,3 @@ class LiveEvents:
             return StreamingResponse(body, media_type="text/event-stream", headers=STREAM_HEADERS)
 
         return router
-
-
-def _model_summary(m: ModelRecord) -> dict[str, Any]:
-    """As ``GET /api/sessions/{id}/models`` lists it: lineage through ``parent``."""
-    return {
-        "version": m.version,
-        "parent": m.parent,
-        "round": m.round,
-        "digest": m.digest,
-        "size": m.size,
-        "created": m.created,
-    }
