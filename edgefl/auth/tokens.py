@@ -249,6 +249,11 @@ class TokenVerifier:
             jti,
             float(iat) if iat is not None else None,
         )
+        if self.revocations is not None:
+            # A fresh verification (a CONNECT, an API call) sees a revocation at once: one
+            # stat of the list, cheap beside the signature check. Without it, a revoked
+            # device could connect until the list's next periodic reload (up to 1 s).
+            self.revocations.refresh()
         reason = self.still_valid(claims)
         if reason:
             raise AuthError(reason)
