@@ -108,7 +108,7 @@ class DemoRun:
         config = SessionConfig(
             session_id=time.strftime("demo-%Y%m%d-%H%M%S"),
             rounds=o.rounds,
-            min_devices=o.devices,
+            min_devices=digits.devices_with_data(o.devices),  # empty devices decline
             round_timeout_s=o.round_timeout_s,
             aggregator=o.aggregator,
             train=train,

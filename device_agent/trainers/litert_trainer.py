@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from device_agent.trainers.base import TrainResult, TrainTask
+from device_agent.trainers.data import check_local_data
 from edgefl.models.numpy_models import minibatches
 from edgefl.protocol.types import Weights
 
@@ -99,6 +100,7 @@ class LiteRtTrainer:
             p["name"]: (np.dtype(p["dtype"]), tuple(int(d) for d in p["shape"]))
             for p in manifest["parameters"]
         }
+        X, y = check_local_data(X, y, allow_empty=False, who="LiteRtTrainer")
         self.X = self._check_features(manifest["inputs"][0], X)
         self.y = self._check_labels(manifest["labels"], y, len(self.X))
         optimizer = manifest.get("optimizer") or {}
@@ -133,8 +135,6 @@ class LiteRtTrainer:
                     f"package input {spec['name']!r} expects {_shape_text(expected)}, "
                     f"device data has {actual}"
                 )
-        if len(data) == 0:
-            raise ValueError("device data is empty: the LiteRT trainer needs at least one sample")
         return np.ascontiguousarray(data, dtype=np.dtype(spec["dtype"]))
 
     def _check_labels(self, spec: Mapping[str, Any], y: np.ndarray, n: int) -> np.ndarray:

@@ -7,32 +7,19 @@ from pathlib import Path
 import numpy as np
 
 from device_agent.trainers.base import TrainResult, TrainTask
+from device_agent.trainers.data import NoLocalData, load_local_data
 from edgefl.models.numpy_models import evaluate, train_epochs
 from edgefl.protocol.types import Weights
 
-
-def load_local_data(
-    X: np.ndarray | None,
-    y: np.ndarray | None,
-    data_path: str | Path | None,
-    *,
-    who: str = "NumpyTrainer",
-) -> tuple[np.ndarray, np.ndarray]:
-    """The device's data set: arrays, or an .npz with ``X`` and ``y``; refuses empty data."""
-    if data_path is not None:
-        with np.load(data_path) as data:
-            if "X" not in data or "y" not in data:
-                raise ValueError(f"{data_path}: the .npz needs arrays 'X' and 'y'")
-            X, y = data["X"], data["y"]
-    if X is None or y is None:
-        raise ValueError(f"{who} needs local data: X and y, or data_path to an .npz")
-    if len(X) != len(y) or len(y) == 0:
-        raise ValueError(f"local data has {len(X)} samples but {len(y)} labels")
-    return np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.int64)
+__all__ = ["NoLocalData", "NumpyTrainer", "load_local_data"]
 
 
 class NumpyTrainer:
-    """Trains softmax regression or the MLP on local arrays ``X`` (float) and ``y`` (int labels)."""
+    """Trains softmax regression or the MLP on local arrays ``X`` (float) and ``y`` (int labels).
+
+    A device with no examples is a valid device: ``local_examples`` is 0, the agent declines
+    its tasks without fetching the model, and ``train`` raises ``NoLocalData``.
+    """
 
     def __init__(
         self,
@@ -40,9 +27,15 @@ class NumpyTrainer:
         y: np.ndarray | None = None,
         data_path: str | Path | None = None,
     ) -> None:
-        self.X, self.y = load_local_data(X, y, data_path)
+        self.X, self.y = load_local_data(X, y, data_path, who="NumpyTrainer")
+
+    @property
+    def local_examples(self) -> int:
+        return len(self.y)
 
     def train(self, weights: Weights, task: TrainTask) -> TrainResult:
+        if len(self.y) == 0:
+            raise NoLocalData("NumpyTrainer")
         cfg = task.config
         new = train_epochs(
             weights,

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from device_agent.trainers.base import TrainResult, TrainTask
+from device_agent.trainers.data import check_local_data
 from edgefl.models.numpy_models import minibatches
 from edgefl.protocol.types import Weights
 
@@ -87,9 +88,7 @@ class OnnxTrainer:
         for name in (train_file, eval_file):
             if name not in files:
                 raise ValueError(f"package lacks file {name!r} named by its manifest")
-        X, y = np.asarray(X), np.asarray(y)
-        if len(X) == 0 or len(X) != len(y):
-            raise ValueError(f"local data has {len(X)} samples but {len(y)} labels")
+        X, y = check_local_data(X, y, allow_empty=False, who="OnnxTrainer")
         self.X = _fit_data(data_spec, X)
         self.dtype = _DTYPES[self.params[0]["dtype"]]
         self.y = self._fit_labels(label_spec, y)

@@ -14,7 +14,7 @@ from typing import Any, Dict
 import numpy as np
 
 from device_agent.trainers.base import Trainer, TrainResult, TrainTask
-from device_agent.trainers.numpy_trainer import load_local_data
+from device_agent.trainers.data import NoLocalData, load_local_data
 from edgefl.protocol.types import Weights
 
 
@@ -24,7 +24,9 @@ class PackageTrainer:
     Raises ``RuntimeError`` from ``train`` before any package is loaded, and ``ValueError`` (or
     ``PackageError``) from ``load_package`` for a package this device cannot run: a framework
     without its runtime, inputs that do not fit the local data. The previous package, if any,
-    stays loaded then. Not thread-safe: the agent's worker is its only caller.
+    stays loaded then. Not thread-safe: the agent's worker is its only caller. With no local
+    examples it still starts (``local_examples`` is 0); ``load_package`` and ``train`` raise
+    ``NoLocalData``, so the agent declines.
     """
 
     def __init__(
@@ -41,10 +43,16 @@ class PackageTrainer:
         self.package_name: str | None = None
         self._inner: Trainer | None = None
 
+    @property
+    def local_examples(self) -> int:
+        return len(self.y)
+
     def load_package(self, package: Any) -> None:
         """Build the framework's trainer for ``package`` (a verified ``ModelPackage``)."""
         from edgefl.packages.format import apply_preprocessing, check_data_shape
 
+        if len(self.y) == 0:
+            raise NoLocalData("PackageTrainer")
         manifest = package.manifest
         check_data_shape(manifest, self.X, self.y)
         X = apply_preprocessing(manifest, self.X)
