@@ -92,6 +92,17 @@ def _coerce(name: str, raw: str) -> Any:
     return raw
 
 
+_PATH_KEYS = (
+    "data_path",
+    "package",
+    "trusted_key",
+    "package_cache",
+    "ca_file",
+    "cert_file",
+    "key_file",
+)
+
+
 def load_config(
     path: str | Path | None = None, env: dict[str, str] | None = None, **overrides: Any
 ) -> AgentConfig:
@@ -109,6 +120,12 @@ def load_config(
                 f"agent config {p} must hold a JSON object or TOML table, "
                 f"not {type(loaded).__name__}"
             )
+        # A relative path in a file means "next to this file", so a provisioning bundle
+        # (agent.json beside ca.crt) works from any working directory.
+        for key in _PATH_KEYS:
+            value = loaded.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                loaded[key] = str(p.parent / value)
         values.update(loaded)
     names = {f.name for f in fields(AgentConfig)}
     unknown = sorted(set(values) - names)

@@ -322,7 +322,7 @@ def provision(
     bare secret, also accepted as ``secret=``) each password is a signed token for the
     identity, so the bundle also logs in to the embedded broker; Mosquitto compares it as a
     password. With ``ca_cert`` every active bundle gets a copy (``ca.crt``) and
-    ``ca_file: "ca.crt"``, relative to the bundle: run the agent from its folder. Raises
+    ``ca_file: "ca.crt"``, which the agent resolves next to ``agent.json``. Raises
     ``ProvisionError`` for a bad CSV or CA file, another project's registry, or a device
     whose region differs from the registered one (revoke it and provision a new id instead).
     """

@@ -62,3 +62,23 @@ def test_agent_config_toml_and_errors(tmp_path) -> None:
 def test_agent_cli_reports_config_errors(capsys) -> None:
     assert agent_main(["--broker-url", "mqtt://127.0.0.1:1"]) == 2
     assert "device_id" in capsys.readouterr().err
+
+
+def test_relative_paths_in_a_config_file_resolve_next_to_it(tmp_path, monkeypatch) -> None:
+    """A provisioning bundle (agent.json beside ca.crt) must work from any working directory."""
+    import json
+
+    from device_agent.config import load_config
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    (bundle / "agent.json").write_text(
+        json.dumps({"device_id": "d1", "ca_file": "ca.crt", "data_path": "/abs/data.npz"})
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(bundle / "agent.json", env={})
+    assert cfg.ca_file == str(bundle / "ca.crt")
+    assert cfg.data_path == "/abs/data.npz"  # absolute paths are kept as they are
