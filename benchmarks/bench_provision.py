@@ -2,6 +2,7 @@
 
 1. provision N devices (default 10,000, 4 regions) from a CSV into a fresh folder: bundles,
    registry, passwd (PBKDF2-SHA512 computed in-process) and the per-device ACL;
+   then the same into a second folder with EdDSA-signed tokens as passwords (the secure path);
 2. re-run with the same CSV (idempotent: every device kept) and with 100 new devices added;
 3. start a private Mosquitto on the generated passwd and acl.conf, time until it accepts
    connections, connect the last device with its bundle, then revoke a connected device and
@@ -23,6 +24,8 @@ from pathlib import Path
 
 from _common import emit, log
 
+from edgefl.auth.keys import KeyDir
+from edgefl.auth.tokens import AuthConfig
 from edgefl.broker.mosquitto import MosquittoProcess
 from edgefl.fleet.provision import provision, revoke
 from edgefl.transport import MqttConnection
@@ -60,6 +63,12 @@ def main() -> None:
         more = provision(csv2, "bench", out)
         assert len(more.added) == 100
         log(f"first {first.seconds:.2f} s, re-run {again.seconds:.2f} s, +100 {more.seconds:.2f} s")
+        # the secure path: every password is an EdDSA-signed token (its expiry recorded too)
+        keys = KeyDir(tmp / "keys")
+        keys.init("EdDSA")
+        signed = provision(csv1, "bench", tmp / "fleet-eddsa", auth=AuthConfig(keys=str(keys.path)))
+        assert len(signed.added) == n
+        log(f"with EdDSA tokens: {signed.seconds:.2f} s")
 
         extra = (
             f"password_file {out / 'broker' / 'passwd'}\nacl_file {out / 'broker' / 'acl.conf'}\n"
@@ -100,6 +109,7 @@ def main() -> None:
             "devices": n,
             "seconds": round(first.seconds, 3),
             "devices_per_s": round(n / first.seconds),
+            "seconds_eddsa_tokens": round(signed.seconds, 3),
             "rerun_same_csv_s": round(again.seconds, 3),
             "add_100_s": round(more.seconds, 3),
             "revoke_s": round(revoke_s, 3),
