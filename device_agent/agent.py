@@ -17,22 +17,32 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
 from device_agent.config import AgentConfig
 from device_agent.system_metrics import SystemMetrics, telemetry_name_ok
 from device_agent.trainers.base import Trainer, TrainTask
+from device_agent.trainers.data import NoLocalData
 from edgefl.protocol import ChunkError, MessageError, Topics, decode, encode
 from edgefl.protocol.chunking import MIN_CHUNK_SIZE, Reassembler, split_payload
 from edgefl.protocol.messages import clean_metrics
 from edgefl.protocol.tensors import encode_tensors, loads_tensors
 from edgefl.transport import MqttConnection
 
+if TYPE_CHECKING:
+    from edgefl.transport.multiplex import SharedLoop
+
 log = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
+
+
+class TaskExecutor(Protocol):
+    """Where a simulated fleet runs its agents' tasks (a shared thread pool)."""
+
+    def submit(self, fn: Callable[[], None], /) -> Any: ...
 
 
 class DeviceAgent:
@@ -43,12 +53,30 @@ class DeviceAgent:
     never blocks the network thread). ``start`` returns once connected (or at once with
     ``timeout=None``; it then keeps dialling); ``stop`` publishes an offline status, closes the
     connection and joins the worker. A failed task never stops the agent: it is logged and
-    declined, so the round does not wait for this device.
+    declined, so the round does not wait for this device. So is a task for a device that has
+    no local data (its trainer's ``local_examples`` is 0): it declines with "no local data"
+    before fetching anything.
+
+    A simulated fleet passes ``loop`` (a ``SharedLoop``: no network thread per device) and
+    ``executor`` (a shared pool: no worker thread per device; this agent's tasks still run one
+    at a time, in order) and may share one ``system_metrics`` between its agents.
     """
 
-    def __init__(self, config: AgentConfig, trainer: Trainer) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        trainer: Trainer,
+        *,
+        loop: SharedLoop | None = None,
+        executor: TaskExecutor | None = None,
+        system_metrics: SystemMetrics | None = None,
+    ) -> None:
         self.config = config
         self.trainer = trainer
+        self._executor = executor
+        self._draining = False
+        self._drain_lock = threading.Lock()
+        self._stopped = False
         self.topics = Topics(config.project)
         self._tasks: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -59,7 +87,7 @@ class DeviceAgent:
         self.completed = 0
         self.last_error: str | None = None
         # telemetry: system readings from /proc and /sys, and bytes moved over MQTT
-        self.system_metrics = SystemMetrics()
+        self.system_metrics = system_metrics or SystemMetrics()
         self.bytes_received = 0
         c = config
         self.status_topic = self.topics.device(c.region, c.device_id, "status")
@@ -75,20 +103,27 @@ class DeviceAgent:
             min_backoff_s=c.min_backoff_s,
             max_backoff_s=c.max_backoff_s,
             on_connect=self._announce,
-            ca_file=c.ca_file, cert_file=c.cert_file, key_file=c.key_file,
+            ca_file=c.ca_file,
+            cert_file=c.cert_file,
+            key_file=c.key_file,
             tls_insecure=c.tls_insecure,
+            loop=loop,
         )
 
     # lifecycle -------------------------------------------------------------------------
     def start(self, timeout: float | None = 10.0) -> DeviceAgent:
         c = self.config
         self.conn.subscribe(self.topics.device(c.region, c.device_id, "task"), self._on_task)
-        self._worker = threading.Thread(target=self._work, name=f"agent-{c.device_id}", daemon=True)
-        self._worker.start()
+        if self._executor is None:
+            self._worker = threading.Thread(
+                target=self._work, name=f"agent-{c.device_id}", daemon=True
+            )
+            self._worker.start()
         self.conn.start(timeout)
         return self
 
     def stop(self) -> None:
+        self._stopped = True
         self._tasks.put(None)
         offline = encode("status", state="offline", ts=time.time(), device=self.config.device_id)
         self.conn.stop(publish_first=(self.status_topic, offline, 1, True))
@@ -139,21 +174,46 @@ class DeviceAgent:
         while len(self._seen) > 256:
             self._seen.popitem(last=False)
         self._tasks.put(task)
+        if self._executor is not None:
+            with self._drain_lock:
+                if self._draining:
+                    return  # the running drain takes it next
+                self._draining = True
+            self._executor.submit(self._drain)
 
     def _work(self) -> None:
         while True:
             task = self._tasks.get()
             if task is None:
                 return
+            self._handle(task)
+
+    def _drain(self) -> None:
+        """The shared-pool counterpart of ``_work``: run queued tasks, then give the thread back."""
+        while True:
             try:
-                self._run_task(task)
-            except Exception as exc:  # one failed task must not kill the agent
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.error(
-                    "%s: task %s failed: %s", self.config.device_id, task.get("task_id"), exc
-                )
-                log.debug("task failure", exc_info=True)
-                self._decline(task, self.last_error)
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                with self._drain_lock:
+                    if self._tasks.empty():
+                        self._draining = False
+                        return
+                continue
+            if task is None or self._stopped:
+                return
+            self._handle(task)
+
+    def _handle(self, task: dict[str, Any]) -> None:
+        try:
+            self._run_task(task)
+        except NoLocalData as exc:  # not a failure: nothing to train on
+            log.info("%s: declining task %s: %s", self.config.device_id, task.get("task_id"), exc)
+            self._decline(task, str(exc))
+        except Exception as exc:  # one failed task must not kill the agent
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.error("%s: task %s failed: %s", self.config.device_id, task.get("task_id"), exc)
+            log.debug("task failure", exc_info=True)
+            self._decline(task, self.last_error)
 
     def _run_task(self, task: dict[str, Any]) -> None:
         c = self.config
@@ -162,6 +222,9 @@ class DeviceAgent:
                 "%s: task %s arrived after its deadline; skipped", c.device_id, task["task_id"]
             )
             return
+        if getattr(self.trainer, "local_examples", None) == 0:
+            # nothing to train on: say so at once instead of fetching a model to ignore
+            raise NoLocalData()
         received0 = self.bytes_received
         if "package" in task:
             self._ensure_package(task["package"], task["deadline"])
@@ -193,10 +256,8 @@ class DeviceAgent:
             data = ch.to_bytes()
             sent += len(data)
             infos.append(self.conn.publish(topic, data, qos=1))
-        while not all(i.is_published() for i in infos):
-            if time.time() > task["deadline"] + 30:
-                raise TimeoutError(f"upload of {task['task_id']} not acknowledged in time")
-            time.sleep(0.005)
+        if not self.conn.wait_published(infos, task["deadline"] + 30 - time.time()):
+            raise TimeoutError(f"upload of {task['task_id']} not acknowledged in time")
         self.completed += 1
         self._publish_telemetry(
             {

@@ -13,14 +13,19 @@ import socket
 import ssl
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+if TYPE_CHECKING:
+    from edgefl.transport.multiplex import SharedLoop
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +88,9 @@ class MqttConnection:
     certificate (mutual TLS). ``tls_insecure=True`` turns verification off, for a lab broker
     with a self-signed certificate only, and logs INSECURE. A TLS failure (certificate
     verify failed, hostname mismatch) is logged and kept in ``last_refusal``.
+
+    With ``loop`` (a ``SharedLoop``), the connection has no thread of its own: the shared loop
+    drives it with many others (a simulated fleet). Everything else is the same.
     """
 
     def __init__(
@@ -103,8 +111,13 @@ class MqttConnection:
         cert_file: str | None = None,
         key_file: str | None = None,
         tls_insecure: bool = False,
+        loop: SharedLoop | None = None,
     ) -> None:
         self.address = parse_broker_url(url)
+        self._loop = loop
+        self.min_backoff_s = min_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._acks = threading.Condition()
         tls_context = None
         if self.address.tls:
             tls_context = tls_client_context(ca_file, cert_file, key_file, tls_insecure)
@@ -163,6 +176,7 @@ class MqttConnection:
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
         client.on_log = self._on_log
+        client.on_publish = self._on_publish
         self._keepalive = keepalive
         self.client = client
 
@@ -175,7 +189,10 @@ class MqttConnection:
         ``timeout=None`` it returns at once and keeps retrying in the background.
         """
         self.client.connect_async(self.address.host, self.address.port, keepalive=self._keepalive)
-        self.client.loop_start()
+        if self._loop is not None:
+            self._loop.attach(self)
+        else:
+            self.client.loop_start()
         if timeout is not None and not self.connected.wait(timeout):
             reason = self.last_refusal or "no CONNACK"
             self.stop()
@@ -198,8 +215,16 @@ class MqttConnection:
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=2.0)
         self.client.disconnect()
-        self.client.loop_stop()
+        if self._loop is not None:
+            self._loop.detach(self)
+        else:
+            self.client.loop_stop()
         self.connected.clear()
+
+    @property
+    def closing(self) -> bool:
+        """True once ``stop`` began: no reconnects from then on."""
+        return self._closing
 
     def drop(self) -> None:
         """Cut the socket without DISCONNECT, as a crash would: the broker sends the will.
@@ -251,6 +276,21 @@ class MqttConnection:
         """
         return self.client.publish(topic, payload, qos=qos, retain=retain)
 
+    def wait_published(self, infos: Sequence[paho.MQTTMessageInfo], timeout: float) -> bool:
+        """Wait until the broker acknowledged every message in ``infos``; False on timeout.
+
+        Woken by each acknowledgement (no polling), and correct across a reconnect: paho
+        resends unacknowledged QoS 1 messages and their acknowledgements wake us too.
+        """
+        end = time.monotonic() + timeout
+        with self._acks:
+            while not all(i.is_published() for i in infos):
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._acks.wait(min(left, 1.0))
+        return True
+
     # callbacks -------------------------------------------------------------------------
     def _on_connect(
         self,
@@ -263,8 +303,12 @@ class MqttConnection:
         if reason_code.is_failure:
             self.last_refusal = str(reason_code)
             log.error("%s: broker refused connection: %s", self.client_id, reason_code)
+            if self._loop is not None:
+                self._loop.connack(self, ok=False)
             return
         self.connect_count += 1
+        if self._loop is not None:
+            self._loop.connack(self, ok=True)
         sock = client.socket()
         if sock is not None and hasattr(sock, "setsockopt"):
             # Small control messages must not wait for Nagle + delayed ACK (~40 ms each hop).
@@ -281,6 +325,22 @@ class MqttConnection:
                 self._on_connect_cb()
             except Exception:
                 log.exception("%s: on_connect hook failed", self.client_id)
+
+    def _on_publish(
+        self,
+        _client: paho.Client,
+        _userdata: object,
+        _mid: int,
+        _reason_code: ReasonCode,
+        _props: Properties | None = None,
+    ) -> None:
+        with self._acks:
+            self._acks.notify_all()
+
+    def note_connect_failure(self, exc: BaseException) -> None:
+        """A failed dial (refused, unreachable, TLS), as a shared loop reports it."""
+        tls = isinstance(exc, ssl.SSLError)
+        self._note_failure(f"{'TLS' if tls else 'connect'} failed: {exc}", tls)
 
     def _on_connect_fail(self, _client: paho.Client, _userdata: object) -> None:
         # paho calls this inside its `except OSError:` and passes no exception: take it from
