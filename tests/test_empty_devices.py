@@ -63,9 +63,7 @@ def test_partition_reports_its_empty_devices() -> None:
 def test_session_with_empty_devices_completes_and_matches_the_reference(
     broker_url: str, tmp_path
 ) -> None:
-    empty = {
-        f"dev-{k:04d}" for k in range(FLEET) if len(digits.device_data(PARTITION, k)[1]) == 0
-    }
+    empty = {f"dev-{k:04d}" for k in range(FLEET) if len(digits.device_data(PARTITION, k)[1]) == 0}
     assert len(empty) == 11
     dep = Deployment(broker_url, tmp_path)
     try:

@@ -99,6 +99,8 @@ class _Round:
     reported: set[str] = field(default_factory=set)
     participants: list[Participant] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
+    rejected_devices: set[str] = field(default_factory=set)  # the devices in ``rejected``
+    declines: Counter[str] = field(default_factory=Counter)  # decline reasons, for one log line
     # replays and forgeries: kept even if the device's genuine update is accepted later
     provenance: list[Rejection] = field(default_factory=list)
     provenance_seen: set[tuple[str, str]] = field(default_factory=set)
@@ -435,12 +437,16 @@ class Combiner:
             return
         if msg["type"] == "decline":  # the device cannot take part: do not wait for it
             current = rnd is not None and msg["task_id"] == rnd.task_id
+            reason = msg["reason"][:512]
+            if current and rnd is not None and device in rnd.devices:
+                rnd.declines[reason] += 1
             self._reject(
                 device,
-                f"device declined: {msg['reason'][:512]}",
+                f"device declined: {reason}",
                 "declined",
                 quiet=not current,
                 final_for={"task_id": msg["task_id"]},
+                log_each=False,  # expected in a large fleet: summarised when the round closes
             )
             return
         if msg["device"] != device:  # a replay or a forgery on this device's topic
@@ -496,7 +502,9 @@ class Combiner:
             self._accepted_digests.pop(next(iter(self._accepted_digests)))
         rnd.reported.add(device)
         # an earlier bad chunk from this device was transient: it is a participant now
-        rnd.rejected = [r for r in rnd.rejected if r["device"] != device]
+        if device in rnd.rejected_devices:
+            rnd.rejected_devices.discard(device)
+            rnd.rejected = [r for r in rnd.rejected if r["device"] != device]
         rnd.participants.append(
             Participant(
                 device=device,
@@ -521,6 +529,7 @@ class Combiner:
         kind: str,
         quiet: bool = False,
         final_for: dict[str, Any] | None = None,
+        log_each: bool = True,
     ) -> None:
         """Count and log a refused update; record it against the open round.
 
@@ -528,11 +537,12 @@ class Combiner:
         warning limiter: one warning per device and kind per ``warn_interval_s``, then a
         summary. ``final_for`` is the transfer meta of a refusal that no resend can fix: when
         it names the open round, the device counts as reported, so the round need not wait.
+        ``log_each=False`` logs at debug only (declines: the round's log line counts them).
         """
         self.stats["rejected"] += 1
         self.stats[f"rejected_{kind}"] += 1
         text = f"combiner {self.config.name}: rejected update from {device}: {reason}"
-        if quiet:
+        if quiet or not log_each:
             log.debug("%s", text)
         else:
             self._warnings.warn(device, kind, "rejections", text, reason)
@@ -542,9 +552,10 @@ class Combiner:
             and not rnd.flushed
             and not quiet
             and device in rnd.devices
-            and all(r["device"] != device for r in rnd.rejected)
+            and device not in rnd.rejected_devices
         ):
             rnd.rejected.append(Rejection(device=device, reason=reason))
+            rnd.rejected_devices.add(device)
             self._progress()
         if (
             final_for is not None
@@ -615,12 +626,17 @@ class Combiner:
             self.conn.publish(topic, chunk.to_bytes(), qos=1)
         self.stats["partials"] += 1
         self.reassembler.discard(_for_task(rnd.task_id))
+        declined = ""
+        if rnd.declines:
+            top = ", ".join(f"{n} {r!r}" for r, n in rnd.declines.most_common(3))
+            declined = f", {sum(rnd.declines.values())} of them declined: {top}"
         log.info(
-            "combiner %s: round %s partial sent (%d updates, %d rejected; %s)",
+            "combiner %s: round %s partial sent (%d updates, %d rejected%s; %s)",
             self.config.name,
             rnd.task_id,
             rnd.acc.count,
             len(rnd.rejected) + len(rnd.provenance),
+            declined,
             why,
         )
         # free the model-sized sums now; the round record stays for late-update diagnostics
