@@ -307,6 +307,9 @@ class MqttConnection:
                 self._loop.connack(self, ok=False)
             return
         self.connect_count += 1
+        # paho formats a log line for every packet while on_log is set; it is needed only to
+        # see why a connection fails before its CONNACK (set again on disconnect)
+        client.on_log = None
         if self._loop is not None:
             self._loop.connack(self, ok=True)
         sock = client.socket()
@@ -377,6 +380,7 @@ class MqttConnection:
         _props: Properties | None = None,
     ) -> None:
         self.connected.clear()
+        self.client.on_log = self._on_log
         if not self._closing:
             log.warning(
                 "%s: disconnected (%s); reconnecting with backoff", self.client_id, reason_code
