@@ -26,10 +26,11 @@ from device_agent.system_metrics import SystemMetrics, telemetry_name_ok
 from device_agent.trainers.base import Trainer, TrainTask
 from device_agent.trainers.data import NoLocalData
 from edgefl.protocol import ChunkError, MessageError, Topics, decode, encode
-from edgefl.protocol.chunking import MIN_CHUNK_SIZE, Reassembler, split_payload
+from edgefl.protocol.chunking import MIN_CHUNK_SIZE, Reassembler, parse_chunk, split_payload
 from edgefl.protocol.messages import clean_metrics
 from edgefl.protocol.tensors import encode_tensors, loads_tensors
 from edgefl.transport import MqttConnection
+from edgefl.transport.compat import announce_on_hello, fetch_retained
 
 if TYPE_CHECKING:
     from edgefl.transport.multiplex import SharedLoop
@@ -114,6 +115,8 @@ class DeviceAgent:
     def start(self, timeout: float | None = 10.0) -> DeviceAgent:
         c = self.config
         self.conn.subscribe(self.topics.device(c.region, c.device_id, "task"), self._on_task)
+        # brokers without retained delivery to wildcards: announce again on a controller's hello
+        announce_on_hello(self.conn, self.topics.controller_status(), self._announce)
         if self._executor is None:
             self._worker = threading.Thread(
                 target=self._work, name=f"agent-{c.device_id}", daemon=True
@@ -394,18 +397,31 @@ class DeviceAgent:
     def _download(
         self, version: str, digest: bytes, deadline: float, max_payload: int | None = None
     ) -> bytes:
-        """Fetch a retained, chunked transfer from the model tree and check its digest."""
+        """Fetch a retained, chunked transfer from the model tree and check its digest.
+
+        Where the broker hands out retained messages only to exact-topic subscriptions
+        (``retained_wildcards=false``), chunk 0 is also subscribed to by its exact topic and,
+        once it tells the count, every other chunk (``edgefl.transport.compat``).
+        """
         reasm = Reassembler(ttl_s=self.config.download_timeout_s)
         if max_payload is not None:  # a package announces its size: accept no more
             reasm = Reassembler(ttl_s=self.config.download_timeout_s, max_payload=max_payload)
         done = threading.Event()
         result: dict[str, bytes] = {}
 
+        exact: list[str] = []  # exact chunk topics subscribed to, to unsubscribe at the end
+        asked = [self.conn.quirks.retained_wildcards]  # elsewhere nothing to ask for
+
         def on_chunk(topic: str, payload: bytes) -> None:
             if done.is_set():
                 return
             try:
-                got = reasm.feed("controller", payload)
+                chunk = parse_chunk(payload, reasm.max_chunk_size)
+                if not asked[0]:
+                    asked[0] = True
+                    rest = [self.topics.model_chunk(version, i) for i in range(1, chunk.count)]
+                    exact.extend(fetch_retained(self.conn, rest))
+                got = reasm.feed_chunk("controller", chunk)
             except ChunkError as exc:
                 log.warning("%s: bad model chunk on %s: %s", self.config.device_id, topic, exc)
                 return
@@ -416,10 +432,14 @@ class DeviceAgent:
 
         flt = self.topics.model_filter(version)
         self.conn.subscribe(flt, on_chunk)
+        exact.extend(fetch_retained(self.conn, [self.topics.model_chunk(version, 0)]))
         try:
             self._await_download(version, done, deadline)
         finally:
+            asked[0] = True
             self.conn.unsubscribe(flt)
+            for exact_topic in list(exact):
+                self.conn.unsubscribe(exact_topic)
         if hashlib.sha256(result["payload"]).digest() != digest:
             raise ValueError(f"{version} does not match the digest in the task")
         return result["payload"]

@@ -48,6 +48,7 @@ from edgefl.protocol.messages import OPTIONAL, SCHEMAS, clean_metrics
 from edgefl.protocol.tensors import decode_tensors, encode_tensors
 from edgefl.protocol.types import Participant, Rejection, Spec, spec_from_wire
 from edgefl.transport import MqttConnection
+from edgefl.transport.compat import announce_on_hello
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,8 @@ class Combiner:
         self.conn.subscribe(
             t.device_wildcard(c.region, "update"), self._enqueue(self._on_update_chunk)
         )
+        # brokers without retained delivery to wildcards: announce again on a controller's hello
+        announce_on_hello(self.conn, t.controller_status(), self._announce)
         self.conn.start(timeout)
         log.info("combiner %s serving region %s on %s", c.name, c.region, self.conn.address.url)
         return self

@@ -33,12 +33,13 @@ from edgefl.controller.rounds import Evaluator, RoundRunner
 from edgefl.controller.stop_requests import StopWatch
 from edgefl.controller.telemetry_forward import TelemetryForwarder
 from edgefl.packages.format import ModelPackage
-from edgefl.protocol import MessageError, Topics, decode
+from edgefl.protocol import MessageError, Topics, decode, encode
 from edgefl.protocol.messages import package_ref
 from edgefl.protocol.types import Weights
 from edgefl.store.base import BlobStore, RoundRecord, SessionRecord, StorageError, Store
 from edgefl.telemetry import NullSink, Point, TelemetrySink
 from edgefl.transport import MqttConnection
+from edgefl.transport.compat import say_hello
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,13 @@ class Controller:
         return self
 
     def _on_connect(self) -> None:
-        """After a reconnect, publish the retained model again: the broker may have lost it."""
+        """After a reconnect, publish the retained model again: the broker may have lost it.
+
+        On a broker whose retained messages miss wildcard subscriptions (RabbitMQ), say hello
+        on ``ctl/status`` so devices and combiners announce themselves again (protocol 7.1).
+        """
+        hello = encode("status", state="online", ts=time.time(), controller=self.instance_id)
+        say_hello(self.conn, self.topics.controller_status(), hello)
         if self.conn.connect_count > 1:
             self.distributor.republish()
 

@@ -99,7 +99,8 @@ class Topics:
         return f"{self.base}/model/{version}/+"
 
     def controller_status(self) -> str:
-        """Reserved for the controller's status; nothing in protocol v1 publishes to it yet."""
+        """The controller's retained hello, on brokers without retained delivery to wildcards
+        (optional, docs/protocol.md 7.1; ``edgefl.transport.compat``)."""
         return f"{self.base}/ctl/status"
 
     # parsing --------------------------------------------------------------------------

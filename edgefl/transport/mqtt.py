@@ -24,6 +24,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgefl.transport.compat import BrokerQuirks, broker_quirks, check_topic
+
 if TYPE_CHECKING:
     from edgefl.transport.multiplex import SharedLoop
 
@@ -55,6 +57,7 @@ def parse_broker_url(url: str) -> BrokerAddress:
 
     ``tcp://`` and ``ssl://`` are accepted as aliases; the port defaults to 1883, or 8883 with
     TLS; percent-escapes in the credentials are decoded. Raises ``ValueError`` naming the URL.
+    A query (``?broker=rabbitmq``) names the broker's quirks: ``edgefl.transport.compat``.
     """
     parsed = urlparse(url)
     if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
@@ -114,6 +117,8 @@ class MqttConnection:
         loop: SharedLoop | None = None,
     ) -> None:
         self.address = parse_broker_url(url)
+        # what this broker does differently (from the URL's query), and the workarounds
+        self.quirks: BrokerQuirks = broker_quirks(url)
         self._loop = loop
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
@@ -241,7 +246,9 @@ class MqttConnection:
 
         Subscribing again to the same filter replaces its handler. Paho delivers a message to
         every handler whose filter matches it, so overlapping filters each see it.
+        Raises ``ValueError`` for a filter the broker's quirks forbid (``check_topic``).
         """
+        check_topic(self.quirks, topic_filter)
 
         def _cb(_client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
             # paho decodes PUBLISH payloads with struct.unpack, which always yields bytes
@@ -272,8 +279,10 @@ class MqttConnection:
 
         With QoS 1 paho keeps the message and resends it after a reconnect, even one
         published while disconnected; QoS 0 messages published while disconnected are lost.
-        Paho raises ``ValueError`` for a topic with wildcards or an oversized payload.
+        Paho raises ``ValueError`` for a topic with wildcards or an oversized payload, and so
+        does this for a topic the broker's quirks forbid (``check_topic``).
         """
+        check_topic(self.quirks, topic)
         return self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def wait_published(self, infos: Sequence[paho.MQTTMessageInfo], timeout: float) -> bool:
