@@ -4,7 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := mosquitto mosquitto-clients chromium chromium-driver influxdb postgresql
+DEB_PACKAGES := mosquitto mosquitto-clients chromium chromium-driver influxdb postgresql \
+	rabbitmq-server nats-server
 
 .PHONY: demo test test-fast test-device-pythons lint bench system-deps clean
 
