@@ -12,6 +12,10 @@ Two modes, the same agents:
   last will, subscriptions, QoS 1 state); only threads are shared. This is what lets one
   machine run 1,000 training devices, or 10,000 connected ones.
 
+Start other connections of the same process (a controller, combiners) before a large shared
+fleet: paho's own network thread watches its socket with ``select()``, which fails for a file
+descriptor above 1023, and the fleet's sockets take the low numbers.
+
 A device whose partition is empty (the Dirichlet split leaves some devices without examples
 when N is large) starts like any other and declines its tasks with "no local data".
 """
