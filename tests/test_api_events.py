@@ -278,3 +278,31 @@ def test_heartbeats_revocation_expiry_and_a_departing_client(stores, auth) -> No
         while live.active:
             assert time.monotonic() < deadline, "the stream outlived its client"
             time.sleep(0.05)
+
+
+def test_stopping_the_server_ends_open_streams_promptly(stores, auth) -> None:
+    """A dashboard tab left open must not hold `make demo`'s Ctrl-C for uvicorn's timeout."""
+    writer, reader = stores
+    writer.create_session(SessionRecord("s1", "p", {"rounds": 3}, "running", 0, "v0", 1, 1))
+    server = DashboardServer(reader, port=0, auth=auth, project="p").start()
+    took: list[float] = []
+    try:
+        with (
+            httpx.Client(base_url=server.url.rstrip("/"), timeout=10) as http,
+            http.stream("GET", "/api/events", headers=_bearer(auth)) as res,
+        ):
+            events = Reader(res)
+            assert events.next().name == "sessions"
+
+            def stop() -> None:
+                t0 = time.monotonic()
+                server.stop()
+                took.append(time.monotonic() - t0)
+
+            stopper = threading.Thread(target=stop)
+            stopper.start()
+            assert events.next().name == "shutdown"
+            stopper.join(10)
+    finally:
+        server.stop()
+    assert took and took[0] < 2.0, f"stop() took {took}"

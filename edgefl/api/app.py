@@ -19,7 +19,17 @@ from fastapi.responses import HTMLResponse
 
 from edgefl.api.auth import ApiAuth, install_problem_handlers
 from edgefl.api.events import LiveEvents
-from edgefl.api.routes import identity, models, packages, projects, rounds, sessions
+from edgefl.api.routes import (
+    devices,
+    identity,
+    models,
+    packages,
+    projects,
+    rounds,
+    session_control,
+    sessions,
+    telemetry,
+)
 from edgefl.api.routes.deps import ApiContext
 from edgefl.api.schemas import Health
 from edgefl.auth.tokens import AuthConfig
@@ -98,8 +108,12 @@ def create_app(
     app.include_router(identity.router)
     app.include_router(projects.router)
     app.include_router(sessions.router)
+    app.include_router(session_control.router)
+    app.include_router(devices.router)
+    app.include_router(telemetry.router)
     app.include_router(rounds.router)
     app.include_router(models.router)
     app.include_router(packages.router)
-    app.include_router(LiveEvents(store, guard, project).router)
+    app.state.live_events = LiveEvents(store, guard, project)
+    app.include_router(app.state.live_events.router)
     return app

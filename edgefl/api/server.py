@@ -79,6 +79,7 @@ class DashboardServer:
         self.host = host
         self.port = port
         app = create_app(store, auth, insecure=insecure, project=project, blobs=blobs)
+        self.app = app
         self._server = uvicorn.Server(
             uvicorn.Config(
                 app,
@@ -117,6 +118,9 @@ class DashboardServer:
 
     def stop(self) -> None:
         """Ask uvicorn to exit and wait up to 5 s for its thread; safe before ``start``."""
+        live = getattr(self.app.state, "live_events", None)
+        if live is not None:
+            live.close()  # open event streams end first, so the exit is prompt
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=5)
