@@ -256,6 +256,8 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rounds(url) -> None:
         conn.execute(text("ALTER TABLE sessions DROP COLUMN stop_requested_at"))
         conn.execute(text("DROP TABLE leases"))
         conn.execute(text(f"DROP TABLE {VERSION_TABLE}"))  # from before Alembic
+        conn.execute(text("DROP TABLE devices"))  # and so before schema 5
+        conn.execute(text("DROP TABLE combiners"))
         conn.execute(text("UPDATE edgefl_meta SET value='1' WHERE key='schema_version'"))
     engine.dispose()
     store = make_store(url)
@@ -289,6 +291,8 @@ def test_a_version_3_database_gains_stop_requests(url) -> None:
         conn.execute(text("ALTER TABLE sessions DROP COLUMN stop_requested_by"))
         conn.execute(text("ALTER TABLE sessions DROP COLUMN stop_requested_at"))
         conn.execute(text(f"DROP TABLE {VERSION_TABLE}"))  # from before Alembic
+        conn.execute(text("DROP TABLE devices"))  # and so before schema 5
+        conn.execute(text("DROP TABLE combiners"))
         conn.execute(text("UPDATE edgefl_meta SET value='3' WHERE key='schema_version'"))
     engine.dispose()
     store = make_store(url)
@@ -357,8 +361,8 @@ V3_DDL = [
     "'old-r0001-aaaaaaaa', 10.5, 20.25, 'round 2 failed 3 times')",
     "INSERT INTO rounds VALUES ('old:1:0', 'old', 1, 0, 'completed', 'old-r0000-bbbbbbbb', "
     "'old-r0001-aaaaaaaa', '[\"d1\", \"d2\"]', "
-    "'[{\"device\": \"d1\", \"region\": \"r0\", \"n\": 5, \"metrics\": {}}]', "
-    "'[{\"device\": \"d2\", \"reason\": \"stale\"}]', '{\"accuracy\": 0.75}', '', 11.0, 12.0)",
+    '\'[{"device": "d1", "region": "r0", "n": 5, "metrics": {}}]\', '
+    '\'[{"device": "d2", "reason": "stale"}]\', \'{"accuracy": 0.75}\', \'\', 11.0, 12.0)',
     "INSERT INTO models VALUES ('old-r0001-aaaaaaaa', 'old-r0000-bbbbbbbb', 'old', 1, "
     "'aa', 123, 12.0, '{\"metrics\": {\"accuracy\": 0.75}}')",
     "INSERT INTO leases VALUES ('old', 'ctl@host:1:abcd', 4, 0.0)",
@@ -719,3 +723,163 @@ def test_a_private_postgresql_starts_from_the_debian_binaries_and_stops() -> Non
             data_dir = conn.execute("SHOW data_directory").fetchone()[0]
     assert not _answers(server.host, server.port)  # stopped
     assert not Path(data_dir).exists()  # and its directory removed
+
+
+# schema 5: the fleet tables, pagination in the store, status transitions ------------------
+def test_fleet_changes_create_rows_and_add_up_counts_across_stores(url) -> None:
+    from edgefl.store.base import CombinerChange, DeviceChange
+
+    store, other = make_store(url), make_store(url)  # two controllers' connections
+    try:
+        store.record_fleet(
+            [
+                DeviceChange("p", "d1", "r0", "online", 10.0, {"agent": "1"}),
+                DeviceChange("p", "d2", "r1", "online", 11.0),
+                DeviceChange("p", "ghost", current_task="p:1:0"),  # never seen: no row
+                DeviceChange("q", "d1", "r0", "offline", 12.0),
+            ],
+            [CombinerChange("p", "r0", "comb-0", "online", 10.0)],
+        )
+        assert store.get_device("p", "ghost") is None
+        store.record_fleet([DeviceChange("p", "d1", current_task="p:1:0", accepted=1)])
+        other.record_fleet([DeviceChange("p", "d1", accepted=1, declined=2, rejected=3)])
+        other.record_fleet(
+            [DeviceChange("p", "d1", last_seen=5.0, telemetry={"cpu": 0.5}, telemetry_at=9.0)],
+            [CombinerChange("p", "r0", current_task="s:2:0", current_round=2, accepted=4)],
+        )
+        d1 = store.get_device("p", "d1")
+        assert d1 is not None and (d1.region, d1.state, d1.attributes) == (
+            "r0",
+            "online",
+            {"agent": "1"},
+        )
+        assert (d1.accepted, d1.declined, d1.rejected) == (2, 2, 3)
+        assert (d1.current_task, d1.telemetry, d1.telemetry_at) == ("p:1:0", {"cpu": 0.5}, 9.0)
+        assert d1.last_seen == 10.0  # never moves back
+        store.record_fleet([DeviceChange("p", "d1", current_task="")])
+        assert store.get_device("p", "d1").current_task == ""
+        assert [d.device for d in store.list_devices("p")] == ["d1", "d2"]
+        assert [(d.project, d.device) for d in store.list_devices()] == [
+            ("p", "d1"),
+            ("p", "d2"),
+            ("q", "d1"),
+        ]
+        assert [d.device for d in store.list_devices("p", region="r1")] == ["d2"]
+        assert store.count_devices(state="offline") == 1 and store.count_devices("p") == 2
+        assert [d.device for d in store.list_devices("p", limit=1, offset=1)] == ["d2"]
+        [comb] = other.list_combiners("p")
+        assert (comb.combiner, comb.current_round, comb.accepted, comb.rejected) == (
+            "comb-0",
+            2,
+            4,
+            0,
+        )
+    finally:
+        store.close()
+        other.close()
+
+
+def test_lists_are_paginated_in_the_store_with_counts(url) -> None:
+    store = make_store(url)
+    try:
+        for i, (project, status) in enumerate(
+            [("p", "running"), ("p", "queued"), ("q", "queued"), ("p", "completed")]
+        ):
+            store.create_session(SessionRecord(f"s{i}", project, {}, status, 0, "v", i, i))
+        assert [s.session_id for s in store.list_sessions("p", newest_first=True)] == [
+            "s3",
+            "s1",
+            "s0",
+        ]
+        assert [s.session_id for s in store.list_sessions("p", limit=1, offset=1)] == ["s1"]
+        assert [s.session_id for s in store.list_sessions(status="queued")] == ["s1", "s2"]
+        assert store.count_sessions("p") == 3 and store.count_sessions(status="queued") == 2
+        for r in (1, 2, 3):
+            store.start_round(_round("s0", r))
+        assert [r.round for r in store.list_rounds("s0", limit=2, offset=1)] == [2, 3]
+        assert store.count_rounds("s0") == 3 and store.count_rounds("nope") == 0
+        for r in range(3):
+            store.add_model(ModelRecord(f"s0-r{r}", None, "s0", r, "ab" * 32, 5, float(r)))
+        assert [m.round for m in store.list_models("s0", limit=1, offset=2)] == [2]
+        assert store.count_models("s0") == 3 and store.count_models() == 3
+    finally:
+        store.close()
+
+
+def test_status_transitions_are_compare_and_set_across_stores(url) -> None:
+    store = make_store(url)
+    store.create_session(SessionRecord("s", "p", {}, "created", 0, "v", 1.0, 1.0))
+    try:
+        with pytest.raises(ValueError, match="is created, not queued"):
+            store.transition_session("s", ("queued",), "running")
+        assert store.transition_session("s", ("created",), "queued").status == "queued"
+        with pytest.raises(KeyError):
+            store.transition_session("nope", ("queued",), "running")
+        # serving controllers racing to claim it, each through its own connections
+        stores = [make_store(url) for _ in range(4)]
+        won: list[int] = []
+        lost: list[int] = []
+
+        def claim(i: int) -> None:
+            try:
+                stores[i].transition_session("s", ("queued",), "running")
+                won.append(i)
+            except ValueError:
+                lost.append(i)
+
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for s in stores:
+            s.close()
+        assert len(won) == 1 and len(lost) == 3
+        # a queued (or created) session is stopped at once: no controller runs it
+        store.create_session(SessionRecord("q", "p", {}, "queued", 0, "v", 2.0, 2.0))
+        stopped = store.request_stop("q", "ann (operator)")
+        assert stopped.status == "stopped" and "ann (operator)" in stopped.reason
+        assert stopped.stop_requested_by == ""
+    finally:
+        store.close()
+
+
+def test_migration_0001_to_0002_keeps_the_data_and_widens_model_sizes(url) -> None:
+    """A database at revision 0001 (schema 4) gains the fleet tables, keeps every row, and
+    takes model blobs over 2 GiB afterwards."""
+    from alembic import command
+
+    from edgefl.store.schema import alembic_config
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0001")
+        conn.execute(
+            text(
+                "INSERT INTO sessions (session_id, project, config, status, current_round, "
+                "model_version, created, updated) VALUES ('old', 'p', '{\"rounds\": 2}', "
+                "'completed', 2, 'old-r0002', 1.0, 2.0)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO models VALUES ('old-r0002', 'old-r0001', 'old', 2, 'ab', 2147483647,"
+                " 2.0, '{}')"
+            )
+        )
+    with engine.connect() as conn:
+        assert conn.execute(text(f"SELECT value FROM {META_TABLE}")).scalar() == "4"
+    engine.dispose()
+    store = make_store(url)
+    try:
+        assert store.schema.revision == "0002" and store.schema.schema_version == 5
+        sess = store.get_session("old")
+        assert sess is not None and (sess.status, sess.config) == ("completed", {"rounds": 2})
+        assert store.get_model("old-r0002").size == 2**31 - 1
+        store.add_model(ModelRecord("big", None, "old", 3, "cd" * 32, 5 * 2**30, 3.0))
+        assert store.get_model("big").size == 5 * 2**30
+        assert store.list_devices() == [] and store.list_combiners() == []
+    finally:
+        store.close()
+    assert _meta_version(url) == "5"
+    assert _schema_differences(url) == []

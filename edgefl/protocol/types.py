@@ -25,11 +25,20 @@ Spec = dict[str, tuple[str, tuple[int, ...]]]
 WireSpec = list[list[Any]]
 """A spec on the wire: ``[[name, dtype, [dims...]], ...]`` sorted by name."""
 
-SessionStatus = Literal["running", "completed", "failed", "stopped"]
+# created (through the API, not started yet) -> queued (waiting for a serving controller)
+# -> running -> completed, failed or stopped
+SessionStatus = Literal["created", "queued", "running", "completed", "failed", "stopped"]
 RoundStatus = Literal["running", "completed", "failed"]
 PresenceState = Literal["online", "offline"]
 
-SESSION_STATUSES: tuple[str, ...] = ("running", "completed", "failed", "stopped")
+SESSION_STATUSES: tuple[str, ...] = (
+    "created",
+    "queued",
+    "running",
+    "completed",
+    "failed",
+    "stopped",
+)
 ROUND_STATUSES: tuple[str, ...] = ("running", "completed", "failed")
 
 

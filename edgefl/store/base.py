@@ -6,6 +6,7 @@ PostgreSQL (same SQL store, another URL) and S3-compatible blob storage slot in 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -79,6 +80,81 @@ class LeaseRecord:
     expires: float  # unix seconds; a lease not renewed by then may be taken over
 
 
+@dataclass
+class DeviceRecord:
+    """A device as the controllers last saw it: presence, task, recent telemetry, counts.
+
+    Written by the controllers (``edgefl.controller.fleet_state``), throttled and batched;
+    one row per (project, device). ``telemetry`` holds the last accepted metrics only; the
+    history lives in the telemetry sink.
+    """
+
+    project: str
+    device: str
+    region: str
+    state: str  # "online" or "offline"
+    last_seen: float  # unix seconds of the last status or telemetry
+    attributes: dict[str, Any] = field(default_factory=dict)  # from its status (agent, ...)
+    current_task: str = ""  # the round task it was last given ("" once that round closed)
+    telemetry: dict[str, float] = field(default_factory=dict)  # last telemetry metrics
+    telemetry_at: float | None = None  # when those were measured
+    accepted: int = 0  # updates accepted into a round
+    declined: int = 0  # tasks it declined (could not run)
+    rejected: int = 0  # updates refused (malformed, stale, replayed...)
+
+
+@dataclass
+class DeviceChange:
+    """What changed about a device since the last flush; None leaves a field as it is.
+
+    The counts are increments, so controllers sharing a store never overwrite each other's.
+    ``current_task=""`` clears the task.
+    """
+
+    project: str
+    device: str
+    region: str | None = None
+    state: str | None = None
+    last_seen: float | None = None
+    attributes: dict[str, Any] | None = None
+    current_task: str | None = None
+    telemetry: dict[str, float] | None = None
+    telemetry_at: float | None = None
+    accepted: int = 0
+    declined: int = 0
+    rejected: int = 0
+
+
+@dataclass
+class CombinerRecord:
+    """A region's combiner as the controllers last saw it, and the updates it handled."""
+
+    project: str
+    region: str
+    combiner: str  # its name (combiner-<region> by default)
+    state: str  # "online" or "offline"
+    last_seen: float
+    current_task: str = ""  # the round task it last reported progress on
+    current_round: int = 0
+    accepted: int = 0  # updates accepted, over every round the controllers saw
+    rejected: int = 0
+
+
+@dataclass
+class CombinerChange:
+    """What changed about a combiner; None leaves a field, counts are increments."""
+
+    project: str
+    region: str
+    combiner: str | None = None
+    state: str | None = None
+    last_seen: float | None = None
+    current_task: str | None = None
+    current_round: int | None = None
+    accepted: int = 0
+    rejected: int = 0
+
+
 class Store(Protocol):
     """Durable control-plane state: sessions, round attempts and model versions.
 
@@ -93,8 +169,20 @@ class Store(Protocol):
     def get_session(self, session_id: str) -> SessionRecord | None:
         """The session, or None."""
 
-    def list_sessions(self) -> list[SessionRecord]:
-        """Every session, oldest first."""
+    def list_sessions(
+        self,
+        project: str | None = None,
+        *,
+        status: str | None = None,
+        newest_first: bool = False,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[SessionRecord]:
+        """Sessions (of one project, in one status), oldest first; a page of them with
+        ``limit``/``offset``, cut in the database."""
+
+    def count_sessions(self, project: str | None = None, *, status: str | None = None) -> int:
+        """How many sessions ``list_sessions`` would list without a limit."""
 
     def update_session(
         self,
@@ -111,11 +199,22 @@ class Store(Protocol):
         honoured (or overtaken), and must not stop the session again when it is resumed.
         """
 
+    def transition_session(
+        self, session_id: str, expected: tuple[str, ...], status: str, reason: str = ""
+    ) -> SessionRecord:
+        """Move a session to ``status`` only if it is in one of ``expected``, atomically.
+
+        The session as it now stands; KeyError if unknown, ValueError (naming its status) if
+        it is elsewhere. Of two callers racing (two serving controllers claiming a queued
+        session, an operator stopping it meanwhile) exactly one wins.
+        """
+
     def request_stop(self, session_id: str, requested_by: str) -> SessionRecord:
         """Ask the session's controller to stop it; the session as it now stands.
 
-        KeyError if unknown; ValueError if it is not ``running``. A second request while one
-        is pending keeps the first (who asked first is who stopped it).
+        KeyError if unknown; ValueError if it is not ``running``, ``created`` or ``queued``.
+        A session that no controller runs yet is ``stopped`` at once. A second request while
+        one is pending keeps the first (who asked first is who stopped it).
         """
 
     def add_model(self, record: ModelRecord) -> None:
@@ -124,8 +223,13 @@ class Store(Protocol):
     def get_model(self, version: str) -> ModelRecord | None:
         """The version's record, or None."""
 
-    def list_models(self, session_id: str | None = None) -> list[ModelRecord]:
-        """Model versions (of one session), oldest first."""
+    def list_models(
+        self, session_id: str | None = None, *, limit: int | None = None, offset: int = 0
+    ) -> list[ModelRecord]:
+        """Model versions (of one session), oldest first; a page with ``limit``/``offset``."""
+
+    def count_models(self, session_id: str | None = None) -> int:
+        """How many model versions (of one session) there are."""
 
     def start_round(self, record: RoundRecord) -> None:
         """Record a round attempt as it starts; ValueError if its task id exists."""
@@ -147,8 +251,13 @@ class Store(Protocol):
     def get_round(self, task_id: str) -> RoundRecord | None:
         """The attempt's record, or None."""
 
-    def list_rounds(self, session_id: str) -> list[RoundRecord]:
-        """A session's attempts ordered by (round, attempt)."""
+    def list_rounds(
+        self, session_id: str, *, limit: int | None = None, offset: int = 0
+    ) -> list[RoundRecord]:
+        """A session's attempts ordered by (round, attempt); a page with ``limit``/``offset``."""
+
+    def count_rounds(self, session_id: str) -> int:
+        """How many attempts a session has had."""
 
     def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> int | None:
         """Take (or renew) the session's lease; its fence token, or None if another holds it.
@@ -166,6 +275,35 @@ class Store(Protocol):
 
     def get_lease(self, session_id: str) -> LeaseRecord | None:
         """The session's lease, held or expired, or None if it never had one."""
+
+    def record_fleet(
+        self, devices: Sequence[DeviceChange], combiners: Sequence[CombinerChange] = ()
+    ) -> None:
+        """Apply a batch of device and combiner changes in one transaction (rows are created
+        on first sight). A device or combiner seen for the first time needs ``region`` and
+        ``state``; one without them is skipped."""
+
+    def get_device(self, project: str, device: str) -> DeviceRecord | None:
+        """The device's row, or None."""
+
+    def list_devices(
+        self,
+        project: str | None = None,
+        *,
+        region: str | None = None,
+        state: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[DeviceRecord]:
+        """Devices by (project, device), filtered, a page with ``limit``/``offset``."""
+
+    def count_devices(
+        self, project: str | None = None, *, region: str | None = None, state: str | None = None
+    ) -> int:
+        """How many devices ``list_devices`` would list without a limit."""
+
+    def list_combiners(self, project: str | None = None) -> list[CombinerRecord]:
+        """Combiners by (project, region)."""
 
     def close(self) -> None:
         """Release connections; the store must not be used afterwards."""

@@ -17,21 +17,25 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import MISSING, fields
 from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Float,
     Integer,
+    Select,
     String,
     case,
     create_engine,
     event,
+    func,
     insert,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.engine import URL, Connection, Engine, make_url
@@ -41,7 +45,16 @@ from sqlalchemy.pool import StaticPool
 
 from edgefl.protocol.types import Participant, Rejection, RoundStatus, SessionStatus
 from edgefl.store import schema
-from edgefl.store.base import LeaseRecord, ModelRecord, RoundRecord, SessionRecord
+from edgefl.store.base import (
+    CombinerChange,
+    CombinerRecord,
+    DeviceChange,
+    DeviceRecord,
+    LeaseRecord,
+    ModelRecord,
+    RoundRecord,
+    SessionRecord,
+)
 from edgefl.store.schema import SCHEMA_VERSION, SchemaError
 
 __all__ = [
@@ -115,9 +128,38 @@ class _Model(_Base):
     session_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     round: Mapped[int | None] = mapped_column(Integer, nullable=True)
     digest: Mapped[str] = mapped_column(String(64))
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)  # v5: Integer before (a 2 GiB limit)
     created: Mapped[float] = mapped_column(Float)
     meta: Mapped[dict] = mapped_column(JSON)
+
+
+class _Device(_Base):  # v5
+    __tablename__ = "devices"
+    project: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    region: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    last_seen: Mapped[float] = mapped_column(Float)
+    attributes: Mapped[dict] = mapped_column(JSON)
+    current_task: Mapped[str] = mapped_column(String(160))
+    telemetry: Mapped[dict] = mapped_column(JSON)
+    telemetry_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    accepted: Mapped[int] = mapped_column(Integer)
+    declined: Mapped[int] = mapped_column(Integer)
+    rejected: Mapped[int] = mapped_column(Integer)
+
+
+class _Combiner(_Base):  # v5
+    __tablename__ = "combiners"
+    project: Mapped[str] = mapped_column(String(64), primary_key=True)
+    region: Mapped[str] = mapped_column(String(64), primary_key=True)
+    combiner: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str] = mapped_column(String(16))
+    last_seen: Mapped[float] = mapped_column(Float)
+    current_task: Mapped[str] = mapped_column(String(160))
+    current_round: Mapped[int] = mapped_column(Integer)
+    accepted: Mapped[int] = mapped_column(Integer)
+    rejected: Mapped[int] = mapped_column(Integer)
 
 
 def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -160,7 +202,9 @@ def _text(value: str, limit: int) -> str:
     return value.replace("\x00", "")[:limit]
 
 
-R = TypeVar("R", SessionRecord, RoundRecord, ModelRecord, LeaseRecord)
+R = TypeVar("R", SessionRecord, RoundRecord, ModelRecord, LeaseRecord, DeviceRecord, CombinerRecord)
+FLEET_BATCH = 500  # rows locked per query in record_fleet (well under any parameter limit)
+TASK_MAX = 160  # the task id columns' length
 
 
 def _record(cls: type[R], row: _Base) -> R:
@@ -271,11 +315,58 @@ class SqlStore:
             row = s.get(_Session, session_id)
             return _record(SessionRecord, row) if row else None
 
-    def list_sessions(self) -> list[SessionRecord]:
+    @staticmethod
+    def _sessions_where(q: Select[Any], project: str | None, status: str | None) -> Select[Any]:
+        if project is not None:
+            q = q.where(_Session.project == project)
+        if status is not None:
+            q = q.where(_Session.status == status)
+        return q
+
+    def list_sessions(
+        self,
+        project: str | None = None,
+        *,
+        status: str | None = None,
+        newest_first: bool = False,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[SessionRecord]:
+        order = (
+            (_Session.created.desc(), _Session.session_id.desc())
+            if newest_first
+            else (_Session.created, _Session.session_id)
+        )
+        q = self._sessions_where(select(_Session), project, status).order_by(*order)
         with self._read_lock, self._read() as s:
-            q = select(_Session).order_by(_Session.created, _Session.session_id)
-            rows = s.scalars(q).all()
+            rows = s.scalars(_page(q, limit, offset)).all()
             return [_record(SessionRecord, r) for r in rows]
+
+    def count_sessions(self, project: str | None = None, *, status: str | None = None) -> int:
+        q = self._sessions_where(select(func.count()).select_from(_Session), project, status)
+        return self._count(q)
+
+    def _count(self, q: Select[Any]) -> int:
+        with self._read_lock, self._read() as s:
+            return int(s.execute(q).scalar_one())
+
+    def transition_session(
+        self, session_id: str, expected: tuple[str, ...], status: str, reason: str = ""
+    ) -> SessionRecord:
+        with self._write() as s:
+            row = s.get(_Session, session_id, with_for_update=True)
+            if row is None:
+                raise KeyError(f"unknown session {session_id!r}")
+            if row.status not in expected:
+                raise ValueError(
+                    f"session {session_id!r} is {row.status}, not {' or '.join(expected)}"
+                )
+            row.status = status
+            row.reason = _text(reason, REASON_MAX)
+            if status != "running":
+                row.stop_requested_by, row.stop_requested_at = None, None
+            row.updated = time.time()
+            return _record(SessionRecord, row)
 
     def update_session(
         self,
@@ -307,6 +398,13 @@ class SqlStore:
             row = s.get(_Session, session_id, with_for_update=True)
             if row is None:
                 raise KeyError(f"unknown session {session_id!r}")
+            if row.status in ("created", "queued"):  # no controller runs it: stopped now
+                row.status = "stopped"
+                row.reason = _text(
+                    f"stopped by request of {requested_by} before it ran", REASON_MAX
+                )
+                row.updated = time.time()
+                return _record(SessionRecord, row)
             if row.status != "running":
                 raise ValueError(f"session {session_id!r} is {row.status}, not running")
             if not row.stop_requested_by:
@@ -326,12 +424,20 @@ class SqlStore:
             row = s.get(_Model, version)
             return _record(ModelRecord, row) if row else None
 
-    def list_models(self, session_id: str | None = None) -> list[ModelRecord]:
+    def list_models(
+        self, session_id: str | None = None, *, limit: int | None = None, offset: int = 0
+    ) -> list[ModelRecord]:
         q = select(_Model).order_by(_Model.created, _Model.version)
         if session_id is not None:
             q = q.where(_Model.session_id == session_id)
         with self._read_lock, self._read() as s:
-            return [_record(ModelRecord, r) for r in s.scalars(q).all()]
+            return [_record(ModelRecord, r) for r in s.scalars(_page(q, limit, offset)).all()]
+
+    def count_models(self, session_id: str | None = None) -> int:
+        q = select(func.count()).select_from(_Model)
+        if session_id is not None:
+            q = q.where(_Model.session_id == session_id)
+        return self._count(q)
 
     # rounds -----------------------------------------------------------------------------
     def start_round(self, record: RoundRecord) -> None:
@@ -371,14 +477,20 @@ class SqlStore:
             row = s.get(_Round, task_id)
             return _record(RoundRecord, row) if row else None
 
-    def list_rounds(self, session_id: str) -> list[RoundRecord]:
+    def list_rounds(
+        self, session_id: str, *, limit: int | None = None, offset: int = 0
+    ) -> list[RoundRecord]:
         q = (
             select(_Round)
             .where(_Round.session_id == session_id)
             .order_by(_Round.round, _Round.attempt)
         )
         with self._read_lock, self._read() as s:
-            return [_record(RoundRecord, r) for r in s.scalars(q).all()]
+            return [_record(RoundRecord, r) for r in s.scalars(_page(q, limit, offset)).all()]
+
+    def count_rounds(self, session_id: str) -> int:
+        q = select(func.count()).select_from(_Round).where(_Round.session_id == session_id)
+        return self._count(q)
 
     # leases -----------------------------------------------------------------------------
     def acquire_lease(self, session_id: str, holder: str, ttl_s: float) -> int | None:
@@ -451,6 +563,152 @@ class SqlStore:
             row = s.get(_Lease, session_id)
             return _record(LeaseRecord, row) if row else None
 
+    # fleet: devices and combiners -------------------------------------------------------
+    def record_fleet(
+        self, devices: Sequence[DeviceChange], combiners: Sequence[CombinerChange] = ()
+    ) -> None:
+        if not devices and not combiners:
+            return
+        with self._write() as s:
+            for start in range(0, len(devices), FLEET_BATCH):
+                batch = devices[start : start + FLEET_BATCH]
+                keys = {(c.project, c.device) for c in batch}
+                q = select(_Device).where(tuple_(_Device.project, _Device.device).in_(keys))
+                rows = {(r.project, r.device): r for r in s.scalars(q.with_for_update())}
+                for change in batch:
+                    row = rows.get((change.project, change.device))
+                    if row is None:
+                        row = _new_device(change)
+                        if row is None:
+                            continue
+                        rows[(change.project, change.device)] = row
+                        s.add(row)
+                    _apply_device(row, change)
+            for comb in combiners:
+                crow = s.get(_Combiner, (comb.project, comb.region), with_for_update=True)
+                if crow is None:
+                    if comb.state is None:
+                        continue
+                    crow = _Combiner(
+                        project=comb.project,
+                        region=comb.region,
+                        combiner=comb.combiner or f"combiner-{comb.region}",
+                        state=comb.state,
+                        last_seen=comb.last_seen or time.time(),
+                        current_task="",
+                        current_round=0,
+                        accepted=0,
+                        rejected=0,
+                    )
+                    s.add(crow)
+                _apply_combiner(crow, comb)
+
+    def get_device(self, project: str, device: str) -> DeviceRecord | None:
+        with self._read_lock, self._read() as s:
+            row = s.get(_Device, (project, device))
+            return _record(DeviceRecord, row) if row else None
+
+    @staticmethod
+    def _devices_where(
+        q: Select[Any], project: str | None, region: str | None, state: str | None
+    ) -> Select[Any]:
+        for column, value in (
+            (_Device.project, project),
+            (_Device.region, region),
+            (_Device.state, state),
+        ):
+            if value is not None:
+                q = q.where(column == value)
+        return q
+
+    def list_devices(
+        self,
+        project: str | None = None,
+        *,
+        region: str | None = None,
+        state: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[DeviceRecord]:
+        q = self._devices_where(select(_Device), project, region, state)
+        q = q.order_by(_Device.project, _Device.device)
+        with self._read_lock, self._read() as s:
+            return [_record(DeviceRecord, r) for r in s.scalars(_page(q, limit, offset)).all()]
+
+    def count_devices(
+        self, project: str | None = None, *, region: str | None = None, state: str | None = None
+    ) -> int:
+        q = select(func.count()).select_from(_Device)
+        return self._count(self._devices_where(q, project, region, state))
+
+    def list_combiners(self, project: str | None = None) -> list[CombinerRecord]:
+        q = select(_Combiner).order_by(_Combiner.project, _Combiner.region)
+        if project is not None:
+            q = q.where(_Combiner.project == project)
+        with self._read_lock, self._read() as s:
+            return [_record(CombinerRecord, r) for r in s.scalars(q).all()]
+
     def close(self) -> None:
         """Release pooled connections; the store must not be used afterwards."""
         self.engine.dispose()
+
+
+def _page(q: Select[Any], limit: int | None, offset: int) -> Select[Any]:
+    """A page of a query, cut by the database (``OFFSET`` alone when there is no limit)."""
+    if offset:
+        q = q.offset(offset)
+    return q.limit(limit) if limit is not None else q
+
+
+def _new_device(change: DeviceChange) -> _Device | None:
+    """A first row for a device, or None when the change cannot start one (no region/state)."""
+    if change.region is None or change.state is None:
+        return None
+    return _Device(
+        project=change.project,
+        device=change.device,
+        region=change.region,
+        state=change.state,
+        last_seen=change.last_seen or time.time(),
+        attributes={},
+        current_task="",
+        telemetry={},
+        telemetry_at=None,
+        accepted=0,
+        declined=0,
+        rejected=0,
+    )
+
+
+def _apply_device(row: _Device, c: DeviceChange) -> None:
+    if c.region is not None:
+        row.region = c.region
+    if c.state is not None:
+        row.state = c.state
+    if c.last_seen is not None:
+        row.last_seen = max(row.last_seen or 0.0, c.last_seen)
+    if c.attributes is not None:
+        row.attributes = dict(c.attributes)
+    if c.current_task is not None:
+        row.current_task = _text(c.current_task, TASK_MAX)
+    if c.telemetry is not None:
+        row.telemetry = dict(c.telemetry)
+        row.telemetry_at = c.telemetry_at
+    row.accepted = (row.accepted or 0) + c.accepted
+    row.declined = (row.declined or 0) + c.declined
+    row.rejected = (row.rejected or 0) + c.rejected
+
+
+def _apply_combiner(row: _Combiner, c: CombinerChange) -> None:
+    if c.combiner is not None:
+        row.combiner = _text(c.combiner, 128)
+    if c.state is not None:
+        row.state = c.state
+    if c.last_seen is not None:
+        row.last_seen = max(row.last_seen or 0.0, c.last_seen)
+    if c.current_task is not None:
+        row.current_task = _text(c.current_task, TASK_MAX)
+    if c.current_round is not None:
+        row.current_round = c.current_round
+    row.accepted = (row.accepted or 0) + c.accepted
+    row.rejected = (row.rejected or 0) + c.rejected
