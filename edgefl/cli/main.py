@@ -23,6 +23,8 @@ from edgefl.cli.package import package_app
 
 if TYPE_CHECKING:
     from edgefl.auth.credentials import Logins
+    from edgefl.controller import Controller
+    from edgefl.store.base import SessionRecord
 
 app = typer.Typer(
     help="edgefl: federated learning for IoT fleets over MQTT.",
@@ -247,6 +249,14 @@ def controller(
     lease_ttl: float = typer.Option(
         10.0, min=1.0, help="seconds a crashed controller's hold on the session outlives it"
     ),
+    serve: bool = typer.Option(
+        False,
+        "--serve",
+        help="run as a service until interrupted: run the sessions queued through the REST API "
+        "(edgefl session create/start/resume), one at a time, and take over those whose "
+        "controller died; the session options below are then ignored",
+    ),
+    poll: float = typer.Option(1.0, min=0.1, help="with --serve: seconds between looks for work"),
     session_id: str = typer.Option(None, help="id for a new session"),
     rounds: int = typer.Option(10, min=1),
     min_devices: int = typer.Option(1, min=1),
@@ -290,7 +300,7 @@ def controller(
     ),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
-    """Create (or resume) a session and run it to the end.
+    """Create (or resume) a session and run it to the end; or, with --serve, run queued ones.
 
     With --package, devices train that exported model; without, the built-in digits model
     (and the controller evaluates it on the digits test split).
@@ -331,6 +341,9 @@ def controller(
             lease_ttl_s=lease_ttl,
             registry=registry,
         )
+        if serve:
+            _serve(ctl, poll)
+            return
         if resume is None:
             kwargs = {"session_id": session_id} if session_id else {}
             digest = None
@@ -374,6 +387,44 @@ def controller(
                 }
             )
         )
+
+
+def _serve(ctl: Controller, poll: float) -> None:
+    """``edgefl controller --serve``: run queued sessions until SIGINT/SIGTERM."""
+    from edgefl.controller.service import ControllerService
+    from edgefl.tasks import digits
+
+    def on_session(sess: SessionRecord) -> None:
+        print(
+            json.dumps(
+                {
+                    "session_id": sess.session_id,
+                    "status": sess.status,
+                    "rounds": sess.current_round,
+                    "model_version": sess.model_version,
+                    "reason": sess.reason,
+                }
+            ),
+            flush=True,
+        )
+
+    service = ControllerService(
+        ctl,
+        poll_s=poll,
+        evaluator_for=lambda cfg: None if cfg.package else digits.evaluator,
+        on_round=lambda rec, s: err_console.print(
+            f"{s.session_id} round {rec.round}: "
+            f"{json.dumps({k: round(v, 4) for k, v in rec.metrics.items()})}"
+        ),
+        on_session=on_session,
+    )
+    signal.signal(signal.SIGINT, lambda *_: service.stop())
+    signal.signal(signal.SIGTERM, lambda *_: service.stop())
+    err_console.print(
+        f"controller serving project {ctl.project}: runs sessions queued through the REST API "
+        "(Ctrl-C to stop)"
+    )
+    service.serve()
 
 
 @app.command()

@@ -23,6 +23,7 @@ from edgefl.aggregation import make_aggregator
 from edgefl.controller.config import SessionConfig
 from edgefl.controller.distribution import ModelDistributor
 from edgefl.controller.errors import SessionBusy, SessionFailed
+from edgefl.controller.fleet_state import FleetRecorder
 from edgefl.controller.inbox import CombinerInbox
 from edgefl.controller.lease import SessionLease
 from edgefl.controller.model_versions import ModelRepository
@@ -30,6 +31,7 @@ from edgefl.controller.presence import Presence
 from edgefl.controller.records import RoundAttempt
 from edgefl.controller.registry import DeviceRegistry
 from edgefl.controller.rounds import Evaluator, RoundRunner
+from edgefl.controller.session_setup import load_package, new_session, package_blob_key
 from edgefl.controller.stop_requests import StopWatch
 from edgefl.controller.telemetry_forward import TelemetryForwarder
 from edgefl.packages.format import ModelPackage
@@ -46,10 +48,7 @@ log = logging.getLogger(__name__)
 RoundCallback = Callable[[RoundRecord, SessionRecord], None]
 
 
-def package_blob_key(digest: str) -> str:
-    """Where a package lives in the blob store: content-addressed, beside the models."""
-    return f"pkg-{digest}"
-
+__all__ = ["Controller", "RoundCallback", "package_blob_key"]
 
 
 class Controller:
@@ -88,6 +87,10 @@ class Controller:
         self.presence = Presence(self.topics, registry)
         self.inbox = CombinerInbox(self.topics)
         self.telemetry = TelemetryForwarder(self.topics, self.sink)
+        # what it sees of the fleet, written to the store in batches for the REST API
+        self.fleet = FleetRecorder(store, self.topics)
+        self.presence.on_change = self.fleet.on_presence
+        self.telemetry.on_point = self.fleet.on_telemetry
         self._stop = threading.Event()
         self.lease_ttl_s = lease_ttl_s
         # by default a controller waits out a crashed predecessor's lease, then takes over
@@ -118,11 +121,16 @@ class Controller:
         self.conn.subscribe(t.device_wildcard(None, "status"), self.presence.on_device_status)
         self.conn.subscribe(t.combiner_wildcard("status"), self.presence.on_combiner_status)
         self.conn.subscribe(t.combiner_wildcard("partial"), self.inbox.on_partial_chunk)
-        self.conn.subscribe(t.combiner_wildcard("progress"), self.inbox.on_progress)
+        self.conn.subscribe(t.combiner_wildcard("progress"), self._on_progress)
         self.conn.subscribe(t.device_wildcard(None, "telemetry"), self.telemetry.on_telemetry)
         self.conn.subscribe(t.device_wildcard(None, "request"), self._on_request)
         self.conn.start(timeout)
+        self.fleet.start()
         return self
+
+    def _on_progress(self, topic: str, payload: bytes) -> None:
+        self.inbox.on_progress(topic, payload)
+        self.fleet.on_progress(topic, payload)
 
     def _on_connect(self) -> None:
         """After a reconnect, publish the retained model again: the broker may have lost it.
@@ -150,6 +158,7 @@ class Controller:
         self._stop.set()
         self.distributor.stop()
         self.conn.stop()
+        self.fleet.close()
 
     def request_stop(self) -> None:
         """Ask a running session to stop after the current step (it stays resumable)."""
@@ -170,11 +179,7 @@ class Controller:
 
     def load_package(self, digest: str) -> tuple[ModelPackage, bytes]:
         """A stored package and its bytes; KeyError if it was never added."""
-        key = package_blob_key(digest)
-        if not self.blobs.exists(key):
-            raise KeyError(f"no model package {digest[:16]}... in the store; add it first")
-        blob = self.blobs.get(key)
-        return ModelPackage.loads(blob), blob
+        return load_package(self.blobs, digest)
 
     # sessions --------------------------------------------------------------------------
     def create_session(
@@ -184,37 +189,7 @@ class Controller:
 
         With a package and no ``initial_weights``, the package's own weights start the session.
         """
-        if self.store.get_session(config.session_id) is not None:
-            raise ValueError(f"session {config.session_id!r} exists; resume it or pick another id")
-        make_aggregator(config.aggregator, **config.aggregator_params)  # fail early on typos
-        if config.package is not None:
-            package, _ = self.load_package(config.package)
-            if initial_weights is None:
-                initial_weights = package.initial_weights()
-        if initial_weights is None:
-            raise ValueError("a session needs initial weights, or a package that carries them")
-        record, _ = self.models.save(
-            initial_weights, parent=None, session_id=config.session_id, round_=0
-        )
-        now = time.time()
-        session = SessionRecord(
-            session_id=config.session_id,
-            project=self.project,
-            config=config.model_dump(),
-            status="running",
-            current_round=0,
-            model_version=record.version,
-            created=now,
-            updated=now,
-        )
-        self.store.create_session(session)
-        log.info(
-            "session %s created: %d rounds, aggregator %s",
-            config.session_id,
-            config.rounds,
-            config.aggregator,
-        )
-        return session
+        return new_session(self.store, self.blobs, self.project, config, initial_weights)
 
     def run(
         self,
@@ -222,13 +197,17 @@ class Controller:
         on_round: RoundCallback | None = None,
         *,
         retry_failed: bool = False,
+        claim: bool = False,
     ) -> SessionRecord:
         """Run a session to the end, resuming from its stored state.
 
         Only one controller runs a session: this one takes the session's lease first (waiting
         up to ``lease_wait_s`` for a crashed holder's lease to expire) and raises
         ``SessionBusy`` if another live controller holds it. A failed session runs again only
-        with ``retry_failed``, which gives the failed round a fresh attempt budget.
+        with ``retry_failed``, which gives the failed round a fresh attempt budget. A
+        ``queued`` session (from the REST API) is claimed under the lease, queued -> running,
+        and gets a fresh budget too; ``claim`` (a serving controller) insists on that and
+        raises ``SessionBusy`` if it is no longer queued (an operator stopped it meanwhile).
         """
         sess = self._get_session(session_id)
         if sess.status == "completed":
@@ -253,21 +232,28 @@ class Controller:
                 return sess
             if sess.status == "failed" and not retry_failed:
                 raise SessionFailed(f"session {session_id} failed: {sess.reason}")
-            return self._run_leased(sess, lease, on_round, retry_failed)
+            fresh = sess.status == "failed" and retry_failed
+            if claim or sess.status == "queued":  # from the queue, with a fresh attempt budget
+                try:
+                    sess = self.store.transition_session(session_id, ("queued",), "running")
+                except ValueError as exc:  # stopped, or claimed, meanwhile: not ours to run
+                    raise SessionBusy(str(exc)) from None
+                fresh = True
+            return self._run_leased(sess, lease, on_round, fresh)
 
     def _run_leased(
         self,
         sess: SessionRecord,
         lease: SessionLease,
         on_round: RoundCallback | None,
-        retry_failed: bool,
+        fresh_budget: bool,
     ) -> SessionRecord:
         session_id = sess.session_id
         config = SessionConfig(**sess.config)
         self._fail_orphaned_rounds(session_id)
         attempts = self._attempts_so_far(session_id)
         # a retried failed session starts its attempt budget afresh from what was used
-        spent = dict(attempts) if sess.status == "failed" and retry_failed else {}
+        spent = dict(attempts) if fresh_budget else {}
         if sess.status != "running":
             self.store.update_session(session_id, status="running", reason="")
         aggregator = make_aggregator(config.aggregator, **config.aggregator_params)
@@ -306,6 +292,8 @@ class Controller:
                 self.store.update_session(session_id, status="failed", reason=why)
                 raise SessionFailed(f"session {session_id} failed: {why}")
             attempts[r] = attempt + 1
+            task_id = RoundAttempt(session_id, r, attempt, version).task_id
+            self.fleet.round_started(task_id)
             try:
                 outcome = self.rounds.run(
                     config,
@@ -323,6 +311,8 @@ class Controller:
                     f"session {session_id} failed: {why}. Free space, then run it again "
                     "with retry_failed (--retry)"
                 ) from exc
+            finally:
+                self.fleet.round_ended(task_id)
             if outcome is None:
                 continue
             weights, version = outcome.weights, outcome.version

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from edgefl.controller.registry import DeviceRegistry
 from edgefl.protocol import MessageError, TopicError, Topics, decode
@@ -62,6 +63,9 @@ class Presence:
         self.revoked_dropped = 0  # devices online when revoked, dropped from eligibility
         self._clock = clock
         self._warned: dict[tuple[str, str, str], float] = {}
+        # observer of accepted statuses: (kind "device"|"combiner", region, name, message),
+        # called under the lock, so it must only note the change (the fleet recorder does)
+        self.on_change: Callable[[str, str, str, dict[str, Any]], None] | None = None
 
     def on_device_status(self, topic: str, payload: bytes) -> None:
         if not payload:
@@ -90,6 +94,8 @@ class Presence:
             self._devices[(region, device)] = msg["state"]
             self._dropped.discard(device)
             self.changed.notify_all()
+            if self.on_change is not None:
+                self.on_change("device", region, device, msg)
 
     def _refusal_locked(self, region: str, device: str, state: str) -> tuple[str, str] | None:
         """Why a status from ``device`` under ``region`` must not count, or None if it may."""
@@ -140,6 +146,8 @@ class Presence:
         with self._lock:
             self._combiners[region] = msg["state"]
             self.changed.notify_all()
+            if self.on_change is not None:
+                self.on_change("combiner", region, str(msg.get("combiner", "")), msg)
 
     def eligible(self) -> dict[str, str]:
         """Online devices in regions that have an online combiner: device -> region."""

@@ -13,6 +13,7 @@ import math
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from edgefl.protocol import MessageError, Topics, decode
@@ -62,6 +63,8 @@ class TelemetryForwarder:
         self.reasons: Counter[str] = Counter()
         self._budget: dict[str, tuple[float, float]] = {}  # device -> (tokens, at)
         self._lock = threading.Lock()
+        # sees each accepted point too (the fleet recorder keeps a device's last metrics)
+        self.on_point: Callable[[Point], None] | None = None
 
     @property
     def dropped(self) -> int:
@@ -79,6 +82,8 @@ class TelemetryForwarder:
         with self._lock:
             self.accepted += 1
         self.sink.write([point])
+        if self.on_point is not None:
+            self.on_point(point)
 
     def _check(self, topic: str, payload: bytes, now: float) -> tuple[Point | None, str]:
         try:
