@@ -22,6 +22,9 @@ import httpx
 from pydantic import BaseModel, TypeAdapter
 
 from edgefl.api.schemas import (
+    CombinerSummary,
+    DeviceDetail,
+    DeviceSummary,
     Keys,
     Lineage,
     ModelSummary,
@@ -31,9 +34,11 @@ from edgefl.api.schemas import (
     Revoked,
     RoundDetail,
     RoundSummary,
+    SessionCreate,
     SessionDetail,
     SessionSummary,
     StopAccepted,
+    TelemetryPoint,
     WhoAmI,
 )
 
@@ -136,10 +141,13 @@ class APIClient:
     def _get(self, path: str, model: type[M], **params: Any) -> M:
         return model.model_validate(self.request("GET", path, params=params).json())
 
-    def _page(self, path: str, model: type[M], limit: int | None, offset: int) -> Page[M]:
-        params: dict[str, int] = {"offset": offset}
+    def _page(
+        self, path: str, model: type[M], limit: int | None, offset: int, **filters: Any
+    ) -> Page[M]:
+        params: dict[str, Any] = {"offset": offset}
         if limit is not None:
             params["limit"] = limit
+        params.update({k: v for k, v in filters.items() if v is not None})
         res = self.request("GET", path, params=params)
         items = TypeAdapter(list[model]).validate_python(res.json())  # type: ignore[valid-type]
         total = int(res.headers.get("x-total-count", len(items)))
@@ -156,11 +164,11 @@ class APIClient:
             next_offset=next_offset,
         )
 
-    def _all(self, path: str, model: type[M]) -> Iterator[M]:
+    def _all(self, path: str, model: type[M], **filters: Any) -> Iterator[M]:
         """Every item of a list, following ``Link: rel=next`` page by page."""
         offset: int | None = 0
         while offset is not None:
-            page = self._page(path, model, None, offset)
+            page = self._page(path, model, None, offset, **filters)
             yield from page.items
             offset = page.next_offset
 
@@ -199,6 +207,24 @@ class APIClient:
 
     def session(self, session_id: str) -> SessionDetail:
         return self._get(f"/api/sessions/{_seg(session_id)}", SessionDetail)
+
+    def create_session(self, spec: SessionCreate | None = None, **fields: Any) -> SessionDetail:
+        """Operator: create a session (``created``) from ``spec`` or its fields (``rounds=``,
+        ``model=`` a built-in name or an uploaded package's digest, ``train={"lr": ...}``...).
+        """
+        body = spec if spec is not None else SessionCreate(**fields)
+        res = self.request("POST", "/api/sessions", json=body.model_dump(exclude_none=True))
+        return SessionDetail.model_validate(res.json())
+
+    def start_session(self, session_id: str) -> SessionSummary:
+        """Operator: queue a created session; a serving controller runs it."""
+        res = self.request("POST", f"/api/sessions/{_seg(session_id)}/start")
+        return SessionSummary.model_validate(res.json())
+
+    def resume_session(self, session_id: str) -> SessionSummary:
+        """Operator: queue a failed or stopped session again, with a fresh attempt budget."""
+        res = self.request("POST", f"/api/sessions/{_seg(session_id)}/resume")
+        return SessionSummary.model_validate(res.json())
 
     def stop_session(self, session_id: str) -> StopAccepted:
         """Operator: ask the session's controller to stop it (it stays resumable)."""
@@ -246,6 +272,42 @@ class APIClient:
         if etag and hashlib.sha256(res.content).hexdigest() != etag:
             raise ClientError(f"the download of {version} does not match its digest {etag}")
         return res.content
+
+    # devices, combiners, telemetry ------------------------------------------------------
+    def devices(
+        self,
+        region: str | None = None,
+        state: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> Page[DeviceSummary]:
+        """One page of devices (by id), optionally of one region or state."""
+        return self._page("/api/devices", DeviceSummary, limit, offset, region=region, state=state)
+
+    def iter_devices(
+        self, region: str | None = None, state: str | None = None
+    ) -> Iterator[DeviceSummary]:
+        """Every device (of a region, in a state), across pages."""
+        return self._all("/api/devices", DeviceSummary, region=region, state=state)
+
+    def device(self, device: str) -> DeviceDetail:
+        """One device with its attributes, current task and last telemetry."""
+        return self._get(f"/api/devices/{_seg(device)}", DeviceDetail)
+
+    def combiners(self, limit: int | None = None, offset: int = 0) -> Page[CombinerSummary]:
+        return self._page("/api/combiners", CombinerSummary, limit, offset)
+
+    def telemetry(
+        self, device: str | None = None, since: float | None = None, limit: int = 100
+    ) -> list[TelemetryPoint]:
+        """The devices' last telemetry points, newest first."""
+        params: dict[str, Any] = {"limit": limit}
+        if device is not None:
+            params["device"] = device
+        if since is not None:
+            params["since"] = since
+        res = self.request("GET", "/api/telemetry", params=params)
+        return TypeAdapter(list[TelemetryPoint]).validate_python(res.json())
 
     # packages ----------------------------------------------------------------------------
     def packages(self, limit: int | None = None, offset: int = 0) -> Page[PackageSummary]:

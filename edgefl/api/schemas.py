@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
 
@@ -46,6 +46,48 @@ class SessionDetail(SessionSummary):
     config: dict[str, Any]
 
 
+BUILTIN_MODELS = ("softmax", "mlp")  # the digits task's reference models (edgefl.tasks.digits)
+
+
+class TrainParams(BaseModel):
+    """What each device's trainer is told for every round."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(0.1, gt=0, le=10, description="learning rate")
+    batch_size: int = Field(32, ge=1, le=65536, description="local minibatch size")
+    epochs: int = Field(1, ge=1, le=1000, description="local epochs per round")
+
+
+class SessionCreate(BaseModel):
+    """A new session (``POST /api/sessions``): it is ``created``, and runs once started."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,48}$", description="default: s<date>-<time>"
+    )
+    project: str | None = Field(
+        None, description="default: the project this API serves (or 'default')"
+    )
+    model: str = Field(
+        "softmax",
+        description="a built-in digits model (softmax or mlp), or the SHA-256 (hex) of a "
+        "package uploaded through POST /api/packages",
+    )
+    rounds: int = Field(10, ge=1, le=100_000, description="successful rounds to run")
+    min_devices: int = Field(1, ge=1, description="quorum: accepted updates a round needs")
+    max_devices: int | None = Field(None, ge=1, description="cap on devices per round")
+    round_timeout_s: float = Field(60.0, gt=0, le=86_400)
+    buffer_size: int | None = Field(None, ge=1, description="close a round at this many updates")
+    aggregator: str = Field("fedavg", description="fedavg, fedadam, fedyogi, fedadagrad, ...")
+    aggregator_params: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    train: TrainParams = Field(default_factory=TrainParams)
+    wait_for_devices_s: float = Field(60.0, ge=0, le=86_400)
+    max_attempts: int = Field(3, ge=1, le=100, description="tries per round before it fails")
+    seed: int = 0
+
+
 class StopAccepted(BaseModel):
     """A recorded stop request; the session's controller acts on it between or during rounds."""
 
@@ -53,6 +95,52 @@ class StopAccepted(BaseModel):
     status: str
     stop_requested_by: str
     stop_requested_at: float | None
+
+
+# devices and combiners ---------------------------------------------------------------------
+class DeviceSummary(BaseModel):
+    """A device as the controllers last saw it (written every second or so, in batches)."""
+
+    project: str
+    device: str
+    region: str
+    state: str = Field(description="online or offline")
+    last_seen: float = Field(description="unix seconds of its last status or telemetry")
+    current_task: str = Field(description="the round task it was given ('' when none)")
+    accepted: int = Field(description="updates accepted into rounds")
+    declined: int = Field(description="tasks it declined")
+    rejected: int = Field(description="updates refused")
+
+
+class DeviceDetail(DeviceSummary):
+    """One device with its attributes and its last telemetry."""
+
+    attributes: dict[str, Any] = Field(description="from its status message (agent version...)")
+    telemetry: dict[str, float] = Field(description="its last telemetry metrics")
+    telemetry_at: float | None = Field(description="when those were measured (unix seconds)")
+
+
+class CombinerSummary(BaseModel):
+    """A region's combiner: presence, the round it works on, the updates it handled."""
+
+    project: str
+    region: str
+    combiner: str
+    state: str = Field(description="online or offline")
+    last_seen: float
+    current_task: str
+    current_round: int
+    accepted: int = Field(description="updates accepted, over the rounds the controllers saw")
+    rejected: int
+
+
+class TelemetryPoint(BaseModel):
+    """A device's telemetry metrics at one time."""
+
+    device: str
+    region: str
+    ts: float
+    metrics: dict[str, float]
 
 
 # rounds -----------------------------------------------------------------------------------

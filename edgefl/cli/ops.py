@@ -26,7 +26,8 @@ def _console(stderr: bool = False) -> Console:
 
 
 session_app = typer.Typer(
-    help="List, inspect, stop and watch sessions through the REST API.", no_args_is_help=True
+    help="Create, start, stop, resume, list and watch sessions through the REST API.",
+    no_args_is_help=True,
 )
 
 ApiUrl = typer.Option(
@@ -108,6 +109,66 @@ def show_session(session_id: str, api: str = ApiUrl, token: str | None = Token) 
     ):
         table.add_row(key, value)
     console.print(table)
+
+
+@session_app.command("create")
+def create_session(
+    rounds: int = typer.Option(10, min=1, help="successful rounds to run"),
+    min_devices: int = typer.Option(1, min=1, help="accepted updates a round needs"),
+    max_devices: int = typer.Option(None, min=1, help="cap on devices per round"),
+    round_timeout: float = typer.Option(60.0, min=0.1, help="seconds a round waits for updates"),
+    aggregator: str = typer.Option("fedavg", help="fedavg, fedadam, fedyogi or fedadagrad"),
+    model: str = typer.Option(
+        "softmax", help="softmax or mlp (built-in digits), or an uploaded package's SHA-256"
+    ),
+    lr: float = typer.Option(0.1, help="devices' learning rate"),
+    epochs: int = typer.Option(1, min=1, help="local epochs per round"),
+    batch_size: int = typer.Option(32, min=1, help="local minibatch size"),
+    session_id: str = typer.Option(None, "--id", help="the session id (default: by date)"),
+    start: bool = typer.Option(False, "--start", help="queue it at once"),
+    api: str = ApiUrl,
+    token: str | None = Token,
+) -> None:
+    """Create a session (operator); a serving controller runs it once started."""
+    from edgefl.api.schemas import SessionCreate, TrainParams
+
+    console = _console()
+    try:
+        spec = SessionCreate(
+            session_id=session_id,
+            model=model,
+            rounds=rounds,
+            min_devices=min_devices,
+            max_devices=max_devices,
+            round_timeout_s=round_timeout,
+            aggregator=aggregator,
+            train=TrainParams(lr=lr, epochs=epochs, batch_size=batch_size),
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    with _client(api, token) as client:
+        sess = client.create_session(spec)
+        console.print(f"session {sess.session_id} created ({sess.rounds} rounds)")
+        if start:
+            queued = client.start_session(sess.session_id)
+            console.print(f"session {queued.session_id} {queued.status}")
+    print(sess.session_id)
+
+
+@session_app.command("start")
+def start_session(session_id: str, api: str = ApiUrl, token: str | None = Token) -> None:
+    """Queue a created session (operator): a serving controller runs it next."""
+    with _client(api, token) as client:
+        sess = client.start_session(session_id)
+    _console().print(f"session {sess.session_id} {sess.status}")
+
+
+@session_app.command("resume")
+def resume_session(session_id: str, api: str = ApiUrl, token: str | None = Token) -> None:
+    """Queue a failed or stopped session again (operator), with a fresh attempt budget."""
+    with _client(api, token) as client:
+        sess = client.resume_session(session_id)
+    _console().print(f"session {sess.session_id} {sess.status} after round {sess.current_round}")
 
 
 @session_app.command("stop")
@@ -254,8 +315,73 @@ def models(
     console.print(table)
 
 
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    secs = max(0.0, time.time() - ts)
+    return f"{secs:.0f}s ago" if secs < 120 else _when(ts)
+
+
+def devices(
+    region: str = typer.Option(None, "--region", help="only this region's devices"),
+    state: str = typer.Option(None, "--state", help="online or offline"),
+    limit: int = typer.Option(100, min=1, max=1000, help="devices per page"),
+    offset: int = typer.Option(0, min=0, help="devices to skip"),
+    api: str = ApiUrl,
+    token: str | None = Token,
+) -> None:
+    """The devices as the controllers last saw them: state, task, update counts, telemetry."""
+    if state not in (None, "online", "offline"):
+        raise typer.BadParameter("--state must be online or offline")
+    console = _console()
+    with _client(api, token) as client:
+        page = client.devices(region=region, state=state, limit=limit, offset=offset)
+        recent = {p.device: p for p in client.telemetry(limit=1000)}
+    table = Table(title=f"devices {offset + 1}-{offset + len(page.items)} of {page.total}")
+    for col in ("device", "region", "state", "last seen", "task", "ok/declined/rejected"):
+        table.add_column(col)
+    table.add_column("telemetry")
+    for d in page.items:
+        point = recent.get(d.device)
+        table.add_row(
+            d.device,
+            d.region,
+            "[green]online" if d.state == "online" else "[red]offline",
+            _ago(d.last_seen),
+            d.current_task or "-",
+            f"{d.accepted}/{d.declined}/{d.rejected}",
+            _metrics(point.metrics) if point else "-",
+        )
+    console.print(table)
+    if page.next_offset is not None:
+        console.print(f"more: --offset {page.next_offset}")
+
+
+def combiners(api: str = ApiUrl, token: str | None = Token) -> None:
+    """The regional combiners: state, current round, updates accepted and rejected."""
+    console = _console()
+    with _client(api, token) as client:
+        page = client.combiners(limit=1000)
+    table = Table(title=f"combiners ({page.total})")
+    for col in ("region", "combiner", "state", "last seen", "round", "accepted", "rejected"):
+        table.add_column(col)
+    for c in page.items:
+        table.add_row(
+            c.region,
+            c.combiner,
+            "[green]online" if c.state == "online" else "[red]offline",
+            _ago(c.last_seen),
+            str(c.current_round or "-"),
+            str(c.accepted),
+            str(c.rejected),
+        )
+    console.print(table)
+
+
 def register(app: typer.Typer) -> None:
-    """Mount ``session``, ``rounds`` and ``models`` on the ``edgefl`` command."""
+    """Mount ``session``, ``rounds``, ``models``, ``devices`` and ``combiners`` on ``edgefl``."""
     app.add_typer(session_app, name="session")
     app.command("rounds")(rounds)
     app.command("models")(models)
+    app.command("devices")(devices)
+    app.command("combiners")(combiners)

@@ -100,7 +100,13 @@ def paginate(
     """The page of ``items`` that ``params`` asks for; the total goes into ``X-Total-Count``
     and the neighbours into an RFC 8288 ``Link`` header (first, prev, next), so every list
     keeps a plain JSON array as its body."""
-    total = len(items)
+    page_headers(len(items), params, request, response)
+    return list(items[params.offset : params.offset + params.limit])
+
+
+def page_headers(total: int, params: PageParams, request: Request, response: Response) -> None:
+    """``X-Total-Count`` and ``Link`` for a page the store cut itself (``limit``/``offset``
+    in SQL, with a count query), so a long list is never loaded whole."""
     limit, offset = params.limit, params.offset
     response.headers["X-Total-Count"] = str(total)
 
@@ -114,4 +120,3 @@ def paginate(
     if offset + limit < total:
         links.append(f'{ref(offset + limit)}; rel="next"')
     response.headers["Link"] = ", ".join(links)
-    return list(items[offset : offset + limit])

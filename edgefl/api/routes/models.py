@@ -14,7 +14,7 @@ import logging
 from fastapi import APIRouter, Request, Response
 
 from edgefl.api.auth import ApiError, Principal
-from edgefl.api.routes.deps import ApiContext, Ctx, PageParams, as_viewer, page, paginate
+from edgefl.api.routes.deps import ApiContext, Ctx, PageParams, as_viewer, page, page_headers
 from edgefl.api.schemas import Lineage, ModelSummary
 from edgefl.store.base import ModelRecord
 
@@ -56,8 +56,9 @@ def list_models(
 ) -> list[ModelSummary]:
     """The model versions a session produced, oldest first (metadata; blobs: download)."""
     ctx.session(session_id)
-    listed = [summary(m) for m in ctx.store.list_models(session_id)]
-    return paginate(listed, params, request, response)
+    listed = ctx.store.list_models(session_id, limit=params.limit, offset=params.offset)
+    page_headers(ctx.store.count_models(session_id), params, request, response)
+    return [summary(m) for m in listed]
 
 
 @router.get("/{version}", response_model=ModelSummary)

@@ -8,7 +8,14 @@ from typing import Any
 from fastapi import APIRouter, Query, Request, Response
 
 from edgefl.api.auth import ApiError, Principal
-from edgefl.api.routes.deps import ApiContext, Ctx, PageParams, as_viewer, long_page, paginate
+from edgefl.api.routes.deps import (
+    ApiContext,
+    Ctx,
+    PageParams,
+    as_viewer,
+    long_page,
+    page_headers,
+)
 from edgefl.api.schemas import Participant, Rejection, RoundDetail, RoundSummary
 from edgefl.store.base import RoundRecord
 
@@ -55,8 +62,9 @@ def list_rounds(
     A page holds up to 1000 attempts by default: a whole session, for a chart.
     """
     ctx.session(session_id)
-    listed = [summary(r) for r in ctx.store.list_rounds(session_id)]
-    return paginate(listed, params, request, response)
+    listed = ctx.store.list_rounds(session_id, limit=params.limit, offset=params.offset)
+    page_headers(ctx.store.count_rounds(session_id), params, request, response)
+    return [summary(r) for r in listed]
 
 
 @router.get("/{round_}", response_model=RoundDetail)

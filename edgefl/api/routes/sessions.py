@@ -1,9 +1,9 @@
 """Sessions: list, read, and an operator's stop request.
 
-Creating, starting and resuming a session is not here yet: a session runs in an
-``edgefl controller`` process, and no controller takes work from the store, so an API call
-could only record a wish nothing honours. Stop works because the running controller polls
-the store for it (``edgefl.controller.stop_requests``).
+Creating, starting and resuming are in ``session_control`` (a serving controller,
+``edgefl controller --serve``, runs what is queued). Stop works because the running
+controller polls the store for it (``edgefl.controller.stop_requests``); a session no
+controller runs yet (created or queued) is stopped at once.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from edgefl.api.routes.deps import (
     as_operator,
     as_viewer,
     page,
-    paginate,
+    page_headers,
 )
 from edgefl.api.schemas import SessionDetail, SessionSummary, StopAccepted
 from edgefl.store.base import SessionRecord
@@ -56,8 +56,11 @@ def list_sessions(
     _: Principal = as_viewer,
 ) -> list[SessionSummary]:
     """Newest first, so the dashboard's default pick is simply the first one."""
-    listed = [summary(s) for s in reversed(ctx.sessions())]
-    return paginate(listed, params, request, response)
+    listed = ctx.store.list_sessions(
+        ctx.project, newest_first=True, limit=params.limit, offset=params.offset
+    )
+    page_headers(ctx.store.count_sessions(ctx.project), params, request, response)
+    return [summary(s) for s in listed]
 
 
 @router.get("/{session_id}", response_model=SessionDetail)
@@ -73,7 +76,8 @@ def stop_session(
 ) -> StopAccepted:
     """Ask the session's controller to stop it (202: it acts between or during rounds).
 
-    409 if the session is not running; a repeated request keeps the first requester.
+    A created or queued session is stopped at once. 409 if the session has ended; a
+    repeated request keeps the first requester.
     """
     ctx.session(session_id)
     try:
