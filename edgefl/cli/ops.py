@@ -322,6 +322,16 @@ def _ago(ts: float | None) -> str:
     return f"{secs:.0f}s ago" if secs < 120 else _when(ts)
 
 
+# the telemetry the devices table shows (GET /api/devices/{device} has all of it)
+SHOWN_TELEMETRY = ("cpu_percent", "mem_used_percent", "temp_c", "train_loss")
+
+
+def _brief(metrics: dict[str, float]) -> str:
+    """A device's last telemetry in a table cell: the health readings, then training loss."""
+    shown = {k: metrics[k] for k in SHOWN_TELEMETRY if k in metrics}
+    return _metrics(shown or dict(list(metrics.items())[:3]))
+
+
 def devices(
     region: str = typer.Option(None, "--region", help="only this region's devices"),
     state: str = typer.Option(None, "--state", help="online or offline"),
@@ -338,7 +348,7 @@ def devices(
         page = client.devices(region=region, state=state, limit=limit, offset=offset)
         recent = {p.device: p for p in client.telemetry(limit=1000)}
     table = Table(title=f"devices {offset + 1}-{offset + len(page.items)} of {page.total}")
-    for col in ("device", "region", "state", "last seen", "task", "ok/declined/rejected"):
+    for col in ("device", "region", "state", "last seen", "task", "acc/decl/rej"):
         table.add_column(col)
     table.add_column("telemetry")
     for d in page.items:
@@ -350,7 +360,7 @@ def devices(
             _ago(d.last_seen),
             d.current_task or "-",
             f"{d.accepted}/{d.declined}/{d.rejected}",
-            _metrics(point.metrics) if point else "-",
+            _brief(point.metrics) if point else "-",
         )
     console.print(table)
     if page.next_offset is not None:
