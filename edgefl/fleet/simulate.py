@@ -51,6 +51,33 @@ SHARED_ABOVE = 64  # fleets larger than this share threads unless told otherwise
 DEFAULT_WORKERS = 64  # task threads of a shared fleet: tasks block on broker round trips
 
 
+def ensure_descriptors(n_devices: int, spare: int = 256) -> int:
+    """Raise this process's soft ``ulimit -n`` towards what ``n_devices`` connections need
+    (one descriptor each, plus ``spare``), up to the hard limit; return the soft limit.
+
+    A shell's default soft limit is often 1024: past it, connects fail with "Too many open
+    files" (the fleet then reports it). Only the hard limit needs an administrator.
+    """
+    try:
+        import resource
+    except ImportError:  # not Unix: nothing to raise
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n_devices + spare
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            log.warning(
+                "ulimit -n: hard limit %d is below the %d descriptors %d devices need",
+                hard,
+                want,
+                n_devices,
+            )
+        return new
+    return soft
+
+
 def numpy_trainer(_k: int, X: np.ndarray, y: np.ndarray) -> Trainer:
     return NumpyTrainer(X, y)
 
@@ -160,6 +187,7 @@ def start_fleet(
     fleet = Fleet()
     metrics: SystemMetrics | None = None
     if shared:
+        ensure_descriptors(n_devices)
         fleet.loops = [SharedLoop(f"fleet-loop-{i}").start() for i in range(max(1, loops))]
         fleet.executor = ThreadPoolExecutor(
             workers or min(DEFAULT_WORKERS, n_devices), thread_name_prefix="fleet-task"
