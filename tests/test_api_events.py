@@ -25,7 +25,14 @@ from edgefl.api.server import DashboardServer
 from edgefl.auth.revocation import revoke_subject
 from edgefl.auth.tokens import AuthConfig, Role, generate_secret
 from edgefl.store import make_store
-from edgefl.store.base import ModelRecord, RoundRecord, SessionRecord, Store
+from edgefl.store.base import (
+    CombinerChange,
+    DeviceChange,
+    ModelRecord,
+    RoundRecord,
+    SessionRecord,
+    Store,
+)
 
 PROBLEM = "application/problem+json"
 
@@ -306,3 +313,87 @@ def test_stopping_the_server_ends_open_streams_promptly(stores, auth) -> None:
     finally:
         server.stop()
     assert took and took[0] < 2.0, f"stop() took {took}"
+
+
+def _fleet(
+    store: Store, *changes: DeviceChange, combiners: tuple[CombinerChange, ...] = ()
+) -> None:
+    store.record_fleet(list(changes), list(combiners))
+
+
+def test_the_fleet_stream_sends_devices_and_combiners_then_only_what_changed(stores, auth) -> None:
+    writer, reader = stores
+    now = time.time()
+    _fleet(
+        writer,
+        DeviceChange("p", "d1", "region-0", "online", now, telemetry={"cpu_percent": 5.0},
+                     telemetry_at=now),
+        DeviceChange("p", "d2", "region-1", "online", now),
+        DeviceChange("p", "d3", "region-1", "offline", now - 60),
+        DeviceChange("q", "other", "region-0", "online", now),  # another project's
+        combiners=(CombinerChange("p", "region-0", "combiner-region-0", "online", now),),
+    )  # fmt: skip
+    live = LiveEvents(reader, ApiAuth(auth, "p"), "p", poll_s=0.05, fleet_poll_s=0.05)
+    app = FastAPI()
+    install_problem_handlers(app)
+    app.include_router(live.router)
+    with _serve(app) as url, httpx.Client(base_url=url, timeout=10) as http:
+        assert http.get("/api/fleet/events").status_code == 401
+        asleep = http.get("/api/fleet/events", params={"state": "asleep"}, headers=_bearer(auth))
+        assert asleep.status_code == 422
+        ticket = _ticket(http, _bearer(auth))
+        with http.stream("GET", "/api/fleet/events", params={"ticket": ticket}) as res:
+            assert res.status_code == 200
+            events = Reader(res)
+            first = events.until(lambda e: e.name == "fleet")
+            assert [e.name for e in first] == ["device"] * 3 + ["combiner", "fleet"]
+            d1 = first[0].data  # the shape of GET /api/devices/{device}
+            assert (d1["device"], d1["state"], d1["telemetry"]) == (
+                "d1",
+                "online",
+                {"cpu_percent": 5.0},
+            )
+            assert [e.data["device"] for e in first[:3]] == ["d1", "d2", "d3"]  # p's only
+            assert first[3].data["combiner"] == "combiner-region-0"
+            assert first[4].data == {"matching": 3, "listed": 3, "devices": 3, "online": 2}
+
+            # d2 trains: one device event, nothing about the rest
+            trained = DeviceChange(
+                "p", "d2", current_task="s1:1:0", accepted=1, telemetry={"train_loss": 0.5}
+            )
+            _fleet(writer, trained)
+            changed = events.until(lambda e: e.name == "device")
+            assert [e.data["device"] for e in changed if e.name == "device"] == ["d2"]
+            assert changed[-1].data["accepted"] == 1
+            assert changed[-1].data["current_task"] == "s1:1:0"
+            assert changed[-1].data["telemetry"] == {"train_loss": 0.5}
+            # a combiner's progress, and then d1 leaving: its state changes, the counts too
+            _fleet(
+                writer, combiners=(CombinerChange("p", "region-0", current_round=1, accepted=2),)
+            )
+            combiner = events.until(lambda e: e.name == "combiner")[-1]
+            assert (combiner.data["current_round"], combiner.data["accepted"]) == (1, 2)
+            _fleet(writer, DeviceChange("p", "d1", state="offline"))
+            tail = events.until(lambda e: e.name == "fleet")
+            assert [(e.name, e.data.get("device")) for e in tail] == [
+                ("device", "d1"),
+                ("fleet", None),
+            ]
+            assert tail[-1].data["online"] == 1
+
+        # filtered like GET /api/devices: a device leaving the filter is removed
+        ticket = _ticket(http, _bearer(auth))
+        params = {"ticket": ticket, "region": "region-1", "state": "online", "limit": 5}
+        with http.stream("GET", "/api/fleet/events", params=params) as res:
+            events = Reader(res)
+            first = events.until(lambda e: e.name == "fleet")
+            assert [e.data["device"] for e in first if e.name == "device"] == ["d2"]
+            assert first[-1].data == {"matching": 1, "listed": 1, "devices": 3, "online": 1}
+            _fleet(writer, DeviceChange("p", "d2", state="offline"))
+            gone = events.until(lambda e: e.name == "fleet")
+            assert [(e.name, e.data.get("device")) for e in gone] == [
+                ("device_removed", "d2"),
+                ("fleet", None),
+            ]
+            assert gone[0].data == {"project": "p", "device": "d2"}
+            assert gone[-1].data["matching"] == 0

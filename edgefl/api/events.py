@@ -1,6 +1,6 @@
 """Live updates for the dashboard over Server-Sent Events (``text/event-stream``).
 
-Two streams, both read-only (viewer and up):
+Three streams, all read-only (viewer and up):
 
 * ``GET /api/events``: ``sessions`` (every session's summary, newest first, the shape of
   ``GET /api/sessions``) at once and again whenever any session changes. It runs until the
@@ -10,6 +10,17 @@ Two streams, both read-only (viewer and up):
   (one model version with its parent) — first the whole state, then only what changed. When
   the session is ``completed``, ``failed`` or ``stopped`` it sends ``end`` and closes, so a
   browser's EventSource must close itself on ``end`` rather than reconnect.
+* ``GET /api/fleet/events``: the fleet as the controllers record it. ``device`` (the shape of
+  ``GET /api/devices/{device}``: state, last seen, task, counts and last telemetry) and
+  ``combiner`` (an item of ``GET /api/combiners``) for every one at first, then for each one
+  that changed; ``device_removed`` when a device leaves the listed set (it went offline under
+  ``?state=online``, say); and ``fleet`` (how many devices match, how many are listed, how
+  many are online) whenever those counts change. ``?region=`` and ``?state=`` filter the
+  devices as ``GET /api/devices`` does, and ``?limit=`` (500, at most 1000) caps them, so a
+  large fleet is narrowed in the database rather than shipped whole. It is polled every
+  ``fleet_poll_s`` (1 s: the controllers write the fleet tables about once a second). It is
+  not under ``/api/devices/`` because ``/api/devices/{device}`` would take ``events`` as a
+  device id (a valid one).
 
 Both send a ``: heartbeat`` comment after 15 s of silence (so proxies and the browser keep
 the connection), and ``auth`` (a problem document) followed by the end of the stream once the
@@ -43,18 +54,20 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from edgefl.api.auth import PEOPLE, ApiAuth, ApiError, Principal
-from edgefl.api.routes import models, rounds, sessions
+from edgefl.api.routes import devices, models, rounds, sessions
+from edgefl.api.routes.deps import MAX_LIMIT
 from edgefl.auth.tokens import AuthError, Role
 from edgefl.store.base import SessionRecord, Store
 
 log = logging.getLogger("edgefl.api")
 
 TERMINAL = ("completed", "failed", "stopped")
+FLEET_LIMIT = 500  # devices a fleet stream lists unless asked for fewer (or up to MAX_LIMIT)
 STREAM_HEADERS = {
     "Cache-Control": "no-store",
     "X-Accel-Buffering": "no",  # nginx would otherwise hold events back in its buffer
@@ -89,6 +102,7 @@ class LiveEvents:
         project: str | None = None,
         *,
         poll_s: float = 0.5,
+        fleet_poll_s: float = 1.0,
         heartbeat_s: float = 15.0,
         recheck_s: float = 2.0,
         ticket_ttl_s: float = 30.0,
@@ -98,6 +112,7 @@ class LiveEvents:
         self.guard = guard
         self.project = project
         self.poll_s = poll_s
+        self.fleet_poll_s = fleet_poll_s
         self.heartbeat_s = heartbeat_s
         self.recheck_s = recheck_s
         self.ticket_ttl_s = ticket_ttl_s
@@ -168,9 +183,14 @@ class LiveEvents:
         return sess
 
     async def _stream(
-        self, request: Request, grant: _Grant, changes: Callable[[], list[str]]
+        self,
+        request: Request,
+        grant: _Grant,
+        changes: Callable[[], list[str]],
+        poll_s: float | None = None,
     ) -> AsyncIterator[str]:
-        """Sends ``changes()`` every ``poll_s`` when non-empty, heartbeats, and auth checks.
+        """Sends ``changes()`` every ``poll_s`` (default ``self.poll_s``) when non-empty,
+        heartbeats, and auth checks.
 
         ``changes`` runs in a worker thread (it reads the store); an ``end`` message from it
         closes the stream. Leaving (client gone, server shutdown) cancels this generator.
@@ -202,7 +222,7 @@ class LiveEvents:
                     return
                 if await request.is_disconnected():
                     return
-                await anyio.sleep(self.poll_s)
+                await anyio.sleep(self.poll_s if poll_s is None else poll_s)
         finally:
             self._active -= 1
 
@@ -254,6 +274,58 @@ class LiveEvents:
 
         return changes
 
+    def _fleet_changes(
+        self, region: str | None, state: str | None, limit: int
+    ) -> Callable[[], list[str]]:
+        """Devices and combiners that are new or differ from what this stream last sent.
+
+        Keyed by (project, device) and (project, region), since an API bound to no project
+        serves every project's fleet.
+        """
+        sent_devices: dict[tuple[str, str], dict[str, Any]] = {}
+        sent_combiners: dict[tuple[str, str], dict[str, Any]] = {}
+        sent_counts: dict[str, int] | None = None
+
+        def changes() -> list[str]:
+            nonlocal sent_counts
+            store, project = self.store, self.project
+            rows = store.list_devices(project, region=region, state=state, limit=limit)
+            out: list[str] = []
+            listed: set[tuple[str, str]] = set()
+            for d in rows:
+                key = (d.project, d.device)
+                listed.add(key)
+                body = devices.detail(d).model_dump()
+                if sent_devices.get(key) != body:
+                    sent_devices[key] = body
+                    out.append(sse("device", body))
+            for key in [k for k in sent_devices if k not in listed]:
+                del sent_devices[key]
+                out.append(sse("device_removed", {"project": key[0], "device": key[1]}))
+            shown: set[tuple[str, str]] = set()
+            for c in store.list_combiners(project):
+                key = (c.project, c.region)
+                shown.add(key)
+                body = devices.combiner(c).model_dump()
+                if sent_combiners.get(key) != body:
+                    sent_combiners[key] = body
+                    out.append(sse("combiner", body))
+            for key in [k for k in sent_combiners if k not in shown]:
+                del sent_combiners[key]
+                out.append(sse("combiner_removed", {"project": key[0], "region": key[1]}))
+            counts = {
+                "matching": store.count_devices(project, region=region, state=state),
+                "listed": len(rows),
+                "devices": store.count_devices(project),
+                "online": store.count_devices(project, state="online"),
+            }
+            if counts != sent_counts:  # last: the page knows the first state is complete
+                sent_counts = counts
+                out.append(sse("fleet", counts))
+            return out
+
+        return changes
+
     def _routes(self) -> APIRouter:
         router = APIRouter(prefix="/api", tags=["events"])
         as_viewer = Depends(self.guard.require(Role.viewer))
@@ -294,6 +366,23 @@ class LiveEvents:
             """One session's summary, rounds and models, then their changes until it ends."""
             await run_in_threadpool(self._session, session_id)  # 404 before streaming
             body = self._stream(request, grant, self._session_changes(session_id))
+            return StreamingResponse(body, media_type="text/event-stream", headers=STREAM_HEADERS)
+
+        @router.get("/fleet/events", response_class=StreamingResponse, tags=["devices"])
+        async def fleet_events(
+            request: Request,
+            region: str | None = Query(None, max_length=64, description="only this region's"),
+            state: str | None = Query(
+                None, pattern="^(online|offline)$", description="online or offline devices"
+            ),
+            limit: int = Query(FLEET_LIMIT, ge=1, le=MAX_LIMIT, description="devices listed"),
+            grant: _Grant = as_granted,
+        ) -> StreamingResponse:
+            """Devices (with last telemetry) and combiners, then only their changes, until
+            the client leaves; ``region``/``state`` filter the devices like GET /api/devices."""
+            body = self._stream(
+                request, grant, self._fleet_changes(region, state, limit), self.fleet_poll_s
+            )
             return StreamingResponse(body, media_type="text/event-stream", headers=STREAM_HEADERS)
 
         return router
