@@ -383,7 +383,7 @@ def test_the_fleet_stream_sends_devices_and_combiners_then_only_what_changed(sto
 
         # filtered like GET /api/devices: a device leaving the filter is removed
         ticket = _ticket(http, _bearer(auth))
-        params = {"ticket": ticket, "region": "region-1", "state": "online", "limit": 5}
+        params = {"ticket": ticket, "region": "region-1", "state": "online", "limit": "5"}
         with http.stream("GET", "/api/fleet/events", params=params) as res:
             events = Reader(res)
             first = events.until(lambda e: e.name == "fleet")
