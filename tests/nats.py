@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from tests.rabbitmq import free_port  # below the ephemeral range
+
 HOST = "127.0.0.1"
 CLUSTER = "edgefl-test"
 MAX_PAYLOAD = "8MB"
@@ -48,12 +50,6 @@ mqtt {{
   listen: {host}:{mqtt_port}
 }}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def find_nats() -> str:
@@ -200,5 +196,16 @@ def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsClust
         find_nats()
     except FileNotFoundError as exc:
         pytest.fail(str(exc), pytrace=False)
-    with NatsCluster(tmp_path_factory.mktemp("nats")) as cluster:
+    cluster = None
+    for attempt in range(3):  # a port taken in the moment before a node binds it: retry
+        try:
+            cluster = NatsCluster(tmp_path_factory.mktemp("nats")).start()
+            break
+        except RuntimeError as exc:
+            if "address already in use" not in str(exc) or attempt == 2:
+                raise
+    assert cluster is not None
+    try:
         yield cluster
+    finally:
+        cluster.stop()

@@ -13,7 +13,9 @@ whoever runs the tests and can write its temp folders.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -47,7 +49,24 @@ log.console = false
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free loopback port below the kernel's ephemeral range.
+
+    A port from ``bind(0)`` is ephemeral: another test's outgoing connection may take it as
+    its local port in the seconds before a slow server binds it (seen: RabbitMQ's AMQP
+    listener failing with eaddrinuse). Below the range only listeners compete for it.
+    """
+    low = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # fall back to any free port
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
 
@@ -207,5 +226,17 @@ def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
         find_rabbitmq()
     except FileNotFoundError as exc:
         pytest.fail(str(exc), pytrace=False)
-    with RabbitNode(tmp_path_factory.mktemp("rabbitmq")) as node:
+    node = None
+    for attempt in range(3):  # a port taken in the seconds before the node binds it: retry
+        candidate = RabbitNode(tmp_path_factory.mktemp("rabbitmq"))
+        try:
+            node = candidate.start()
+            break
+        except RuntimeError as exc:
+            if "eaddrinuse" not in str(exc) or attempt == 2:
+                raise
+    assert node is not None
+    try:
         yield node
+    finally:
+        node.stop()

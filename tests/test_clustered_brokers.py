@@ -156,9 +156,16 @@ def _probe_features(urls: Sequence[str]) -> dict[str, object]:
         clients.append(p)
         return p
 
+    def send(topic: str, payload: bytes, retain: bool = False) -> None:
+        try:
+            pub.publish(topic, payload, retain=retain)
+        except RuntimeError as exc:  # name the step, not only paho's "not connected"
+            raise AssertionError(f"{pub_url}: publishing {topic} failed: {exc}") from exc
+
     try:
         pub = client(pub_url)
-        pub.publish(f"{base}/r/0", b"kept", retain=True)
+        seen["qos2_granted"] = client(sub_url).subscribe(f"{base}/q2", qos=2)
+        send(f"{base}/r/0", b"kept", retain=True)
         settle(0.3)
         for name, flt in (("exact", f"{base}/r/0"), ("plus", f"{base}/r/+"), ("hash", f"{base}/#")):
             sub = client(sub_url)
@@ -186,10 +193,10 @@ def _probe_features(urls: Sequence[str]) -> dict[str, object]:
             info.wait_for_publish(3)
         seen["dot_publisher_kept"] = info.is_published() and dotted.client.is_connected()
         chunk = b"\x01" * (1024 * 1024 + 200)  # a 1 MiB chunk and its CBOR envelope
-        pub.publish(f"{base}/big", chunk)
-        pub.publish(f"{base}/q", b"queued")
+        send(f"{base}/big", chunk)
+        send(f"{base}/q", b"queued")
         for i in range(6):
-            pub.publish(f"{base}/s", b"%d" % i)
+            send(f"{base}/s", b"%d" % i)
         sock = dying.client.socket()
         assert sock is not None
         sock.close()  # a crash: the broker publishes the will
@@ -210,9 +217,45 @@ def _probe_features(urls: Sequence[str]) -> dict[str, object]:
 
 
 @pytest.mark.slow
+def test_mosquitto_features_as_documented(mosquitto) -> None:
+    """The reference: everything edgefl relies on, and shared subscriptions for pools."""
+    seen = _probe_features([mosquitto.url])
+    assert seen == {
+        "qos2_granted": [2],
+        "retained_exact": True,
+        "retained_plus": True,
+        "retained_hash": True,
+        "dot_publisher_kept": True,
+        "dot_topic": ["/d/a.b/x"],  # one topic, matched by both filters
+        "chunk_1MiB": True,  # with max_packet_size from edgefl.broker.mosquitto
+        "session_queued": True,
+        "will": True,
+        "shared_subscription": True,
+    }
+
+
+@pytest.mark.slow
+def test_amqtt_features_as_documented(embedded_broker) -> None:
+    seen = _probe_features([embedded_broker.url])
+    assert seen == {
+        "qos2_granted": [2],
+        "retained_exact": True,
+        "retained_plus": True,
+        "retained_hash": True,
+        "dot_publisher_kept": True,
+        "dot_topic": ["/d/a.b/x"],
+        "chunk_1MiB": True,
+        "session_queued": True,
+        "will": True,
+        "shared_subscription": False,  # no $share: one combiner per region
+    }
+
+
+@pytest.mark.slow
 def test_rabbitmq_features_as_documented(rabbitmq: RabbitNode) -> None:  # noqa: F811
     seen = _probe_features([rabbitmq.url])
     assert seen == {
+        "qos2_granted": [1],  # QoS 2 is granted as QoS 1
         "retained_exact": True,
         "retained_plus": False,  # 3.10 looks retained messages up by the exact filter only
         "retained_hash": False,
@@ -229,6 +272,7 @@ def test_rabbitmq_features_as_documented(rabbitmq: RabbitNode) -> None:  # noqa:
 def test_nats_cluster_features_as_documented(nats_cluster: NatsCluster) -> None:  # noqa: F811
     seen = _probe_features(nats_cluster.urls)
     assert seen == {
+        "qos2_granted": [1],  # QoS 2 is granted as QoS 1
         "retained_exact": True,
         "retained_plus": True,
         "retained_hash": True,
