@@ -289,6 +289,29 @@ def test_nats_cluster_features_as_documented(nats_cluster: NatsCluster) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("query", "expected"), [("", 0), ("?broker=rabbitmq", 3)])
+def test_late_controller_on_rabbitmq_needs_the_profile(
+    rabbitmq: RabbitNode,  # noqa: F811
+    tmp_path,
+    query: str,
+    expected: int,
+) -> None:
+    """RabbitMQ never hands a late controller the retained statuses through its wildcard
+    subscription; with the profile, its hello makes everyone announce again (protocol 7.1)."""
+    dep = deploy.Deployment(
+        tmp_path, project=deploy.random_project(), broker_url=rabbitmq.url + query
+    )
+    try:
+        dep.start_combiners(1)
+        dep.start_fleet(3)
+        settle(0.5)  # every retained status is on the broker before the controller comes
+        ctl = dep.start_controller()
+        assert len(ctl.presence.wait_for(3, 10 if expected else 3)) == expected
+    finally:
+        dep.close()
+
+
+@pytest.mark.slow
 def test_session_on_rabbitmq_reproduces_reference(rabbitmq: RabbitNode, tmp_path) -> None:  # noqa: F811
     url = f"{rabbitmq.url}?broker=rabbitmq"  # the documented URL: its quirks, by name
     _run_canonical_session(tmp_path, url, [url, url], [url])
