@@ -25,6 +25,7 @@ from edgefl.api.server import DashboardServer
 from edgefl.auth.revocation import revoke_subject
 from edgefl.auth.tokens import AuthConfig, Role, generate_secret
 from edgefl.controller import SessionConfig, SessionFailed
+from edgefl.controller.service import ControllerService
 from edgefl.store import make_store
 from edgefl.store.base import RoundRecord, SessionRecord, Store
 from edgefl.store.blobs import FileBlobStore
@@ -199,6 +200,7 @@ def test_dashboard_shows_stored_rounds_and_follows_new_ones(served, auth, browse
         _shot(page, "dashboard-stored.png")
 
         assert "vic" in page.inner_text("#whoami") and page.is_hidden("#stop-session")
+        assert page.is_hidden("#new-session")  # a viewer creates nothing
 
         page.goto(url + "?session=old")  # an explicit pick wins over "newest"
         page.wait_for_function(  # the token survived the reload (sessionStorage)
@@ -327,7 +329,11 @@ def test_an_operator_watches_a_live_session_advance_and_stops_it(
         assert page.evaluate("window.__sameDocument") is True, "the page reloaded"
         navigations = page.evaluate("performance.getEntriesByType('navigation').map(n => n.type)")
         assert navigations == ["navigate"], navigations
-        assert page.evaluate(OPEN_STREAMS) == ["/api/events", "/api/sessions/watch-me/events"]
+        assert page.evaluate(OPEN_STREAMS) == [
+            "/api/events",
+            "/api/fleet/events",
+            "/api/sessions/watch-me/events",
+        ]
         urls = page.evaluate("window.__streams.map(s => s.url)")
         assert all("ticket=" in u and token not in u for u in urls), urls  # no JWT in a URL
         assert page.is_visible("#stop-session") and page.is_hidden("#start-session")
@@ -363,15 +369,203 @@ def test_an_operator_watches_a_live_session_advance_and_stops_it(
         sess = reader.get_session(config.session_id)
         assert sess is not None and sess.status == "stopped"
         assert page.inner_text("#round-count").replace(" ", "") == f"{sess.current_round}/40"
-        # the session's stream ended with it; the sessions stream stays for what comes next
-        page.wait_for_function(f"({OPEN_STREAMS})().length === 1", timeout=5000)
-        assert page.evaluate(OPEN_STREAMS) == ["/api/events"]
-        assert page.is_hidden("#stop-session")
-        # start is offered exactly where the API has a start route (the page reads OpenAPI)
+        # the session's stream ended with it; the sessions and fleet streams stay
+        page.wait_for_function(f"({OPEN_STREAMS})().length === 2", timeout=5000)
+        assert page.evaluate(OPEN_STREAMS) == ["/api/events", "/api/fleet/events"]
+        assert page.is_hidden("#stop-session") and page.is_hidden("#start-session")
+        # resume is offered exactly where the API has a resume route (the page reads OpenAPI)
         spec = httpx.get(server.url + "api/openapi.json", timeout=10).json()
-        has_start = any(p.endswith("/start") and "post" in m for p, m in spec["paths"].items())
-        assert page.is_visible("#start-session") == has_start
+        has_resume = any(p.endswith("/resume") and "post" in m for p, m in spec["paths"].items())
+        assert has_resume and page.is_visible("#resume-session")
         assert page.evaluate("window.__sameDocument") is True
         _shot(page, "dashboard-stopped.png")
+    finally:
+        dep.close()
+
+
+# the devices table as the page shows it: device -> its cells
+DEVICE_ROWS = """() => Object.fromEntries([...document.querySelectorAll('#devices-table tbody tr')]
+    .map(tr => [tr.dataset.device, [...tr.cells].map(td => td.textContent)]))"""
+COMBINER_ROWS = """() => [...document.querySelectorAll('#combiners-table tbody tr')]
+    .map(tr => [...tr.cells].map(td => td.textContent))"""
+# cells: device, region, state, last seen, task, accepted, declined, rejected, loss, cpu, mem
+ROUNDS = 6  # at 1.5 s each: time to stop, resume and watch the fleet in between
+NONE = "\u2013"  # the en dash the page shows for no value
+COL = {"region": 1, "state": 2, "seen": 3, "task": 4, "accepted": 5, "loss": 8, "cpu": 9, "mem": 10}
+
+
+def _devices(page: Page) -> dict[str, list[str]]:
+    return dict(page.evaluate(DEVICE_ROWS))
+
+
+def test_an_operator_runs_a_session_on_a_serving_controller_and_watches_the_fleet(
+    embedded_broker, tmp_path, browser
+) -> None:
+    """The whole operator path in the page: create a session in the form, start it, watch
+    rounds, curves, devices and combiners move without a reload, stop it, resume it to its
+    end. A serving controller (`edgefl controller --serve`) runs it: the page only writes
+    the API, as in production. A silent device paces the rounds at their 1.5 s deadline."""
+    auth = AuthConfig(secret=generate_secret())
+    dep = Deployment(embedded_broker.url, tmp_path)
+    try:
+        dep.start_combiners(2)
+        fleet = dep.start_fleet(4)
+        honest = {a.config.device_id: a.config.region for a in fleet.agents}
+        dep.own(RogueDevice(dep.url, dep.project, "region-1", "ghost", mode="silent"))
+        ctl = dep.controller()
+        service = ControllerService(
+            ctl, poll_s=0.2, evaluator_for=lambda cfg: None if cfg.package else digits.evaluator
+        ).start()
+        dep.own(service)
+        reader = dep.own(make_store(dep.state_url))  # the API's own connection
+        server = DashboardServer(
+            reader, port=0, auth=auth, project=dep.project, blobs=FileBlobStore(dep.models_dir)
+        ).start()
+        dep.own(server)
+
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        dep.own(page)
+        page.add_init_script(TRACK_STREAMS)
+        page.on("dialog", lambda dialog: dialog.accept())  # "Stop session from-browser?"
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server.url)
+        token = auth.issuer().issue("olga", Role.operator, dep.project)
+        _login(page, token)
+        page.evaluate("window.__sameDocument = true")  # a reload would take this away
+
+        # the fleet before any session: every device and both combiners, online
+        page.wait_for_function(
+            f"Object.keys(({DEVICE_ROWS})()).length === 5 && "
+            "document.querySelectorAll('#combiners-table tbody tr').length === 2",
+            timeout=15_000,
+        )
+        shown = _devices(page)
+        assert sorted(shown) == sorted([*honest, "ghost"])
+        for name, region in [*honest.items(), ("ghost", "region-1")]:
+            assert (shown[name][COL["region"]], shown[name][COL["state"]]) == (region, "online")
+            assert shown[name][COL["seen"]].endswith("ago"), shown[name]
+        assert page.inner_text("#fleet-counts") == "5 of 5 online"
+        combiners = page.evaluate(COMBINER_ROWS)
+        assert [c[:3] for c in combiners] == [
+            ["combiner-region-0", "region-0", "online"],
+            ["combiner-region-1", "region-1", "online"],
+        ]
+
+        # a new session from the form: created, offered to start (not resume)
+        page.click("#new-session summary")
+        page.fill("#new-id", "from-browser")
+        page.fill("#new-rounds", str(ROUNDS))
+        page.fill("#new-min-devices", "4")
+        page.fill("#new-timeout", "1.5")
+        page.click("#create-session")
+        page.wait_for_function(
+            "document.getElementById('session-status').textContent === 'created'", timeout=10_000
+        )
+        assert "from-browser" in page.inner_text("#session-name")
+        assert page.is_visible("#start-session") and page.is_hidden("#resume-session")
+        assert page.is_visible("#stop-session")  # a created session can be stopped at once
+        time.sleep(0.5)  # created is not queued: the serving controller leaves it alone
+        assert reader.get_session("from-browser").status == "created"
+        page.click("#new-session summary")  # it closed once the session was made
+        page.fill("#new-id", "from-browser")  # the id is taken now: the API's reason shows
+        page.click("#create-session")
+        page.wait_for_function(
+            "document.getElementById('create-error').textContent.includes('exists')",
+            timeout=5000,
+        )
+
+        page.click("#start-session")
+        page.wait_for_function(f"{ROUND} >= 1", timeout=20_000)
+        before_round, before_points = page.evaluate(ROUND), _points(page)
+        assert before_points >= 1 and before_round < ROUNDS
+        page.wait_for_function(f"{ROUND} > {before_round}", timeout=15_000)
+        page.wait_for_function(f"({POINTS})('accuracy-chart') > {before_points}", timeout=5000)
+        assert _points(page, "loss-chart") == _points(page)
+
+        # stop it mid-way, then resume it: it goes on from its last completed round
+        page.click("#stop-session")
+        page.wait_for_function(
+            "document.getElementById('session-status').textContent === 'stopped'",
+            timeout=20_000,
+        )
+        assert page.evaluate(ROUND) < ROUNDS - 2  # rounds left to watch the fleet work in
+        assert page.is_visible("#resume-session") and page.is_hidden("#start-session")
+        assert page.is_hidden("#stop-session")
+        page.click("#resume-session")
+        page.wait_for_function(
+            "document.getElementById('session-status').textContent === 'running'",
+            timeout=10_000,
+        )
+        assert page.is_hidden("#resume-session") and page.is_visible("#stop-session")
+
+        # the fleet at work: the silent device holds a task, combiners count their round,
+        # the honest devices' counts and training telemetry arrive as they report
+        page.wait_for_function(
+            f"(({DEVICE_ROWS})().ghost || [])[{COL['task']}].startsWith('from-browser:')",
+            timeout=10_000,
+        )
+        page.wait_for_function(
+            f"Object.entries(({DEVICE_ROWS})()).filter(([n, c]) => n !== 'ghost' && "
+            f"parseInt(c[{COL['accepted']}]) >= 2 && !isNaN(parseFloat(c[{COL['loss']}])) && "
+            f"!isNaN(parseFloat(c[{COL['mem']}]))).length === 4",
+            timeout=10_000,
+        )
+        shown = _devices(page)
+        for name in honest:
+            loss = float(shown[name][COL["loss"]])
+            assert 0 < loss < 5 and 0 < float(shown[name][COL["mem"]]) <= 100, shown[name]
+        assert shown["ghost"][COL["loss"]] == NONE  # it never trained
+        row = page.locator("#devices-table tr[data-device='ghost']")
+        assert row.get_attribute("title") == "no telemetry yet"
+        assert "train_loss = " in (page.locator(f"#devices-table tr[data-device='{name}']")
+                                   .get_attribute("title") or "")  # fmt: skip
+        page.wait_for_function(
+            f"({COMBINER_ROWS})().every(c => parseInt(c[4]) >= 2 && parseInt(c[6]) >= 4)",
+            timeout=10_000,
+        )
+        _shot(page, "dashboard-fleet.png")
+
+        # the filters narrow the stream itself (GET /api/fleet/events?region=&state=)
+        page.select_option("#region-filter", "region-1")
+        page.wait_for_function(f"Object.keys(({DEVICE_ROWS})()).length === 3", timeout=10_000)
+        region1 = sorted(n for n, r in honest.items() if r == "region-1")
+        assert sorted(_devices(page)) == sorted([*region1, "ghost"])
+        page.select_option("#state-filter", "offline")
+        page.wait_for_function(
+            "document.getElementById('no-devices').textContent === 'no devices match'",
+            timeout=10_000,
+        )
+        assert _devices(page) == {} and page.is_visible("#no-devices")
+        fleet_urls = [u for u in page.evaluate("window.__streams.map(s => s.url)")
+                      if "/api/fleet/events" in u]  # fmt: skip
+        assert "region=region-1" in fleet_urls[-1] and "state=offline" in fleet_urls[-1]
+        page.select_option("#region-filter", "")
+        page.select_option("#state-filter", "")
+        page.wait_for_function(f"Object.keys(({DEVICE_ROWS})()).length === 5", timeout=10_000)
+
+        page.wait_for_function(
+            "document.getElementById('session-status').textContent === 'completed'",
+            timeout=30_000,
+        )
+        assert page.inner_text("#round-count").replace(" ", "") == f"{ROUNDS}/{ROUNDS}"
+        assert _points(page) == ROUNDS and _points(page, "loss-chart") == ROUNDS
+        assert page.is_hidden("#resume-session") and page.is_hidden("#stop-session")
+        sess = reader.get_session("from-browser")
+        assert sess is not None and sess.status == "completed" and sess.current_round == ROUNDS
+        completed = [r.round for r in reader.list_rounds("from-browser") if r.status == "completed"]
+        assert completed == list(range(1, ROUNDS + 1))  # none twice, none skipped
+        page.wait_for_function(
+            f"({DEVICE_ROWS})().ghost[{COL['task']}] === '{NONE}'", timeout=10_000
+        )  # the round closed: no task held any more
+
+        assert page.evaluate("window.__sameDocument") is True, "the page reloaded"
+        navigations = page.evaluate("performance.getEntriesByType('navigation').map(n => n.type)")
+        assert navigations == ["navigate"], navigations
+        urls = page.evaluate("window.__streams.map(s => s.url)")
+        assert all("ticket=" in u and token not in u for u in urls), urls  # no JWT in a URL
+        assert "/api/fleet/events" in page.evaluate(OPEN_STREAMS)
+        assert errors == [], errors  # the page's script never threw
+        _shot(page, "dashboard-resumed.png")
     finally:
         dep.close()
