@@ -14,7 +14,7 @@ The broker URL says which quirks apply: ``?broker=rabbitmq`` or ``?broker=nats``
 or one flag at a time (``?retained_wildcards=false``, ``?topic_dots=false``), e.g.
 ``mqtt://rabbit.example:1883?broker=rabbitmq``. Without a query nothing changes.
 
-The workarounds (docs/protocol.md 7.4, optional and backwards compatible):
+The workarounds (docs/protocol.md 7.1, optional and backwards compatible):
 
 * ``topic_dots=false``: ``MqttConnection`` refuses to publish or subscribe a topic with '.'
   (a ``ValueError`` naming it) instead of letting the broker lose or rename it.
