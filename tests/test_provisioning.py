@@ -391,8 +391,8 @@ def test_keys_ca_cert_and_the_revocation_list(
         folder = out / "devices" / dev
         assert (folder / "ca.crt").read_bytes() == ca.read_bytes()
         assert bundle(out, dev)["ca_file"] == "ca.crt"
-        monkeypatch.chdir(folder)  # the path is relative to the bundle
-        assert load_config(folder / "agent.json", env={}).ca_file == "ca.crt"
+        monkeypatch.chdir(tmp_path)  # resolved next to agent.json, from any folder
+        assert load_config(folder / "agent.json", env={}).ca_file == str(folder / "ca.crt")
     assert bundle(out, "dev-a")["password"] == token
     with pytest.raises(ProvisionError, match="PEM"):
         provision(csv_ab, P, out, auth=auth, ca_cert=tmp_path / "a.csv")
