@@ -71,6 +71,21 @@ class ModelRecord:
 
 
 @dataclass
+class ProjectRecord:
+    """A project's own settings (v6): which model version operators promoted.
+
+    The active model is what a new session may start from (``initial_model: "active"``) and
+    what a deployment ships; it always names a version of one of this project's sessions.
+    """
+
+    project: str
+    active_model: str | None = None
+    active_set_by: str = ""  # who promoted it, as ``subject (role)``
+    active_set_at: float | None = None  # unix seconds
+    updated: float = 0.0
+
+
+@dataclass
 class LeaseRecord:
     """Who runs a session: one controller at a time, proven by an increasing fence token."""
 
@@ -230,6 +245,19 @@ class Store(Protocol):
 
     def count_models(self, session_id: str | None = None) -> int:
         """How many model versions (of one session) there are."""
+
+    def get_project(self, project: str) -> ProjectRecord | None:
+        """The project's settings, or None while nothing was ever set for it."""
+
+    def set_active_model(
+        self, project: str, version: str | None, set_by: str = ""
+    ) -> ProjectRecord:
+        """Promote ``version`` as the project's active model (None clears it), atomically.
+
+        KeyError if the version is unknown; ValueError (naming the other project) if it was
+        not produced by a session of ``project``: one project's model never starts another's
+        sessions. The check and the write share one transaction.
+        """
 
     def start_round(self, record: RoundRecord) -> None:
         """Record a round attempt as it starts; ValueError if its task id exists."""

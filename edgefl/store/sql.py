@@ -52,6 +52,7 @@ from edgefl.store.base import (
     DeviceRecord,
     LeaseRecord,
     ModelRecord,
+    ProjectRecord,
     RoundRecord,
     SessionRecord,
 )
@@ -72,6 +73,10 @@ REQUESTER_MAX = 256  # the `stop_requested_by` column's length
 
 class _Base(DeclarativeBase):
     pass
+
+
+class _FirstRowRace(Exception):
+    """Another process inserted the row this transaction meant to create: try again."""
 
 
 class _Meta(_Base):
@@ -131,6 +136,15 @@ class _Model(_Base):
     size: Mapped[int] = mapped_column(BigInteger)  # v5: Integer before (a 2 GiB limit)
     created: Mapped[float] = mapped_column(Float)
     meta: Mapped[dict] = mapped_column(JSON)
+
+
+class _Project(_Base):  # v6
+    __tablename__ = "projects"
+    project: Mapped[str] = mapped_column(String(64), primary_key=True)
+    active_model: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    active_set_by: Mapped[str | None] = mapped_column(String(REQUESTER_MAX), nullable=True)
+    active_set_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    updated: Mapped[float] = mapped_column(Float)
 
 
 class _Device(_Base):  # v5
@@ -202,7 +216,16 @@ def _text(value: str, limit: int) -> str:
     return value.replace("\x00", "")[:limit]
 
 
-R = TypeVar("R", SessionRecord, RoundRecord, ModelRecord, LeaseRecord, DeviceRecord, CombinerRecord)
+R = TypeVar(
+    "R",
+    SessionRecord,
+    RoundRecord,
+    ModelRecord,
+    LeaseRecord,
+    DeviceRecord,
+    CombinerRecord,
+    ProjectRecord,
+)
 FLEET_BATCH = 500  # rows locked per query in record_fleet (well under any parameter limit)
 TASK_MAX = 160  # the task id columns' length
 
@@ -438,6 +461,47 @@ class SqlStore:
         if session_id is not None:
             q = q.where(_Model.session_id == session_id)
         return self._count(q)
+
+    # projects ---------------------------------------------------------------------------
+    def get_project(self, project: str) -> ProjectRecord | None:
+        with self._read_lock, self._read() as s:
+            row = s.get(_Project, project)
+            return _record(ProjectRecord, row) if row else None
+
+    def set_active_model(
+        self, project: str, version: str | None, set_by: str = ""
+    ) -> ProjectRecord:
+        try:
+            return self._set_active_model(project, version, set_by)
+        except _FirstRowRace:  # another process created the row just now: it exists now
+            return self._set_active_model(project, version, set_by)
+
+    def _set_active_model(self, project: str, version: str | None, set_by: str) -> ProjectRecord:
+        with self._write() as s:
+            if version is not None:
+                model = s.get(_Model, version)
+                if model is None:
+                    raise KeyError(f"unknown model version {version!r}")
+                owner = s.get(_Session, model.session_id) if model.session_id else None
+                if owner is None or owner.project != project:
+                    where = f"project {owner.project!r}" if owner else "no session"
+                    raise ValueError(
+                        f"model version {version!r} belongs to {where}, not project {project!r}"
+                    )
+            row = s.get(_Project, project, with_for_update=True)
+            now = time.time()
+            if row is None:
+                row = _Project(project=project, updated=now)
+                s.add(row)
+            row.active_model = version
+            row.active_set_by = _text(set_by, REQUESTER_MAX) if version is not None else None
+            row.active_set_at = now if version is not None else None
+            row.updated = now
+            try:
+                s.flush()
+            except IntegrityError:  # two first writers: the primary key refused this one
+                raise _FirstRowRace from None
+            return _record(ProjectRecord, row)
 
     # rounds -----------------------------------------------------------------------------
     def start_round(self, record: RoundRecord) -> None:
