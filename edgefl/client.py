@@ -194,7 +194,29 @@ class APIClient:
         return self._page("/api/projects", ProjectSummary, limit, offset)
 
     def project(self, name: str) -> ProjectSummary:
+        """One project's session counts and its active model."""
         return self._get(f"/api/projects/{_seg(name)}", ProjectSummary)
+
+    def set_active_model(self, project: str, version: str | None) -> ProjectSummary:
+        """Operator: promote ``version`` as ``project``'s active model (None clears it)."""
+        path = f"/api/projects/{_seg(project)}/active-model"
+        res = self.request("PUT", path, json={"version": version})
+        return ProjectSummary.model_validate(res.json())
+
+    def activate_model(self, version: str, project: str | None = None) -> ProjectSummary:
+        """Operator: promote ``version`` in ``project``, by default the project the token is
+        for (or the server's only project, on an insecure server)."""
+        return self.set_active_model(project or self.default_project(), version)
+
+    def default_project(self) -> str:
+        """The project this client works in: its token's, or the server's only one."""
+        mine = self.whoami().project
+        if mine:
+            return mine
+        names = [p.project for p in self.projects(limit=2).items]
+        if len(names) != 1:
+            raise ClientError("this server has several projects (or none): name one")
+        return names[0]
 
     # sessions ----------------------------------------------------------------------------
     def sessions(self, limit: int | None = None, offset: int = 0) -> Page[SessionSummary]:
@@ -298,14 +320,22 @@ class APIClient:
         return self._page("/api/combiners", CombinerSummary, limit, offset)
 
     def telemetry(
-        self, device: str | None = None, since: float | None = None, limit: int = 100
+        self,
+        device: str | None = None,
+        since: float | str | None = None,
+        limit: int = 100,
+        *,
+        metric: str | None = None,
+        until: float | str | None = None,
     ) -> list[TelemetryPoint]:
-        """The devices' last telemetry points, newest first."""
+        """Telemetry points, newest first: the history when the server reads InfluxDB (each
+        point's ``source`` is "influxdb"), else each device's last point ("store").
+        ``since``/``until`` are unix seconds, ages ("10m", "2h") or ISO 8601."""
         params: dict[str, Any] = {"limit": limit}
-        if device is not None:
-            params["device"] = device
-        if since is not None:
-            params["since"] = since
+        for key, value in (("device", device), ("metric", metric), ("since", since),
+                           ("until", until)):  # fmt: skip
+            if value is not None:
+                params[key] = value
         res = self.request("GET", "/api/telemetry", params=params)
         return TypeAdapter(list[TelemetryPoint]).validate_python(res.json())
 

@@ -70,10 +70,18 @@ class SessionCreate(BaseModel):
     project: str | None = Field(
         None, description="default: the project this API serves (or 'default')"
     )
-    model: str = Field(
-        "softmax",
+    model: str | None = Field(
+        None,
         description="a built-in digits model (softmax or mlp), or the SHA-256 (hex) of a "
-        "package uploaded through POST /api/packages",
+        "package uploaded through POST /api/packages; default: softmax, or with "
+        "initial_model the model that version was trained as",
+    )
+    initial_model: str | None = Field(
+        None,
+        max_length=128,
+        description="start from a stored model version instead of the model's initial "
+        "weights: 'active' (the project's active model) or a version id of this project; "
+        "its exact bytes become round 0, with it as parent in the lineage",
     )
     rounds: int = Field(10, ge=1, le=100_000, description="successful rounds to run")
     min_devices: int = Field(1, ge=1, description="quorum: accepted updates a round needs")
@@ -141,6 +149,11 @@ class TelemetryPoint(BaseModel):
     region: str
     ts: float
     metrics: dict[str, float]
+    source: str = Field(
+        "store",
+        description="'store': the device's last point, from the state store (no history "
+        "configured); 'influxdb': a point of the history in InfluxDB",
+    )
 
 
 # rounds -----------------------------------------------------------------------------------
@@ -201,6 +214,7 @@ class ModelSummary(BaseModel):
     digest: str = Field(description="hex SHA-256 of the CBOR blob (the download's ETag)")
     size: int
     created: float
+    active: bool = Field(False, description="whether it is its project's active model")
 
 
 class Lineage(BaseModel):
@@ -237,6 +251,19 @@ class ProjectSummary(BaseModel):
     by_status: dict[str, int]
     latest_session: str | None
     updated: float | None
+    active_model: str | None = Field(
+        None, description="the version operators promoted (PUT .../active-model), if any"
+    )
+    active_model_set_by: str | None = None
+    active_model_set_at: float | None = None
+
+
+class ActiveModelSet(BaseModel):
+    """``PUT /api/projects/{project}/active-model``: the version to promote (null clears)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str | None = Field(..., max_length=128)
 
 
 # identity ---------------------------------------------------------------------------------

@@ -119,7 +119,15 @@ def create_session(
     round_timeout: float = typer.Option(60.0, min=0.1, help="seconds a round waits for updates"),
     aggregator: str = typer.Option("fedavg", help="fedavg, fedadam, fedyogi or fedadagrad"),
     model: str = typer.Option(
-        "softmax", help="softmax or mlp (built-in digits), or an uploaded package's SHA-256"
+        None,
+        help="softmax or mlp (built-in digits), or an uploaded package's SHA-256 (default: "
+        "softmax, or with --initial-model the model that version was trained as)",
+    ),
+    initial_model: str = typer.Option(
+        None,
+        "--initial-model",
+        help="start from a stored version: 'active' (the project's active model, see "
+        "edgefl models activate) or a version id; default: the model's initial weights",
     ),
     lr: float = typer.Option(0.1, help="devices' learning rate"),
     epochs: int = typer.Option(1, min=1, help="local epochs per round"),
@@ -137,6 +145,7 @@ def create_session(
         spec = SessionCreate(
             session_id=session_id,
             model=model,
+            initial_model=initial_model,
             rounds=rounds,
             min_devices=min_devices,
             max_devices=max_devices,
@@ -149,6 +158,8 @@ def create_session(
     with _client(api, token) as client:
         sess = client.create_session(spec)
         console.print(f"session {sess.session_id} created ({sess.rounds} rounds)")
+        if initial_model:
+            console.print(f"starting from {initial_model}: round 0 is {sess.model_version}")
         if start:
             queued = client.start_session(sess.session_id)
             console.print(f"session {queued.session_id} {queued.status}")
@@ -288,30 +299,75 @@ def rounds(
 
 
 def models(
-    session_id: str,
+    target: str = typer.Argument(
+        ..., metavar="SESSION | activate", help="a session (its versions), or 'activate'"
+    ),
+    version: str = typer.Argument(None, help="with activate: the version to promote"),
     lineage: str = typer.Option(None, "--lineage", help="a version: its chain of parents"),
+    project: str = typer.Option(
+        None, "--project", help="with activate: the project (default: the token's)"
+    ),
     api: str = ApiUrl,
     token: str | None = Token,
 ) -> None:
-    """A session's model versions (oldest first), or one version's lineage (--lineage V)."""
+    """A session's model versions (oldest first; * marks the project's active model), one
+    version's lineage (--lineage V), or `edgefl models activate VERSION` (operator): promote
+    a version as the project's active model, which `session create --initial-model active`
+    starts from."""
     console = _console()
+    if target == "activate":
+        if not version:
+            raise typer.BadParameter("name the version: edgefl models activate VERSION")
+        with _client(api, token) as client:
+            proj = client.activate_model(version, project)
+        console.print(f"active model of project {proj.project}: {proj.active_model}")
+        return
+    if version is not None:
+        raise typer.BadParameter(f"unexpected {version!r}: edgefl models SESSION [--lineage V]")
     with _client(api, token) as client:
-        listed = client.lineage(session_id, lineage).chain if lineage else None
+        listed = client.lineage(target, lineage).chain if lineage else None
         if listed is None:
-            listed = client.all_models(session_id)
-    title = f"lineage of {lineage}" if lineage else f"models of {session_id}"
+            listed = client.all_models(target)
+    title = f"lineage of {lineage}" if lineage else f"models of {target}"
     table = Table(title=title)
-    for col in ("version", "round", "parent", "size", "digest", "created"):
+    for col in ("version", "active", "round", "parent", "size", "digest", "created"):
         table.add_column(col)
     for m in listed:
         table.add_row(
             m.version,
+            "*" if m.active else "",
             str(m.round) if m.round is not None else "-",
             m.parent or "-",
             str(m.size),
             m.digest[:16],
             _when(m.created),
         )
+    console.print(table)
+    active = next((m.version for m in listed if m.active), None)
+    if active:
+        console.print(f"* active model: {active}")
+
+
+def telemetry(
+    device: str = typer.Option(None, "--device", help="one device only"),
+    metric: str = typer.Option(None, "--metric", help="one metric only (e.g. train_loss)"),
+    since: str = typer.Option(None, "--since", help="from: an age (10m, 2h), unix s or ISO"),
+    until: str = typer.Option(None, "--until", help="to (same forms as --since)"),
+    limit: int = typer.Option(100, min=1, max=1000, help="newest points, at most"),
+    api: str = ApiUrl,
+    token: str | None = Token,
+) -> None:
+    """Device telemetry, newest first: the history when the API server reads InfluxDB
+    (edgefl dashboard --telemetry influxdb://...), else each device's last point."""
+    console = _console()
+    with _client(api, token) as client:
+        points = client.telemetry(device, since, limit, metric=metric, until=until)
+    source = points[0].source if points else "-"
+    table = Table(title=f"telemetry ({len(points)} points, source {source})")
+    for col in ("time", "device", "region", "metrics"):
+        table.add_column(col)
+    for p in points:
+        table.add_row(_when(p.ts), p.device, p.region, _metrics(p.metrics))
     console.print(table)
 
 
@@ -389,9 +445,11 @@ def combiners(api: str = ApiUrl, token: str | None = Token) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Mount ``session``, ``rounds``, ``models``, ``devices`` and ``combiners`` on ``edgefl``."""
+    """Mount ``session``, ``rounds``, ``models``, ``telemetry``, ``devices`` and ``combiners``
+    on ``edgefl``."""
     app.add_typer(session_app, name="session")
     app.command("rounds")(rounds)
     app.command("models")(models)
+    app.command("telemetry")(telemetry)
     app.command("devices")(devices)
     app.command("combiners")(combiners)

@@ -34,7 +34,27 @@ class ModelRepository:
         meta: dict | None = None,
     ) -> tuple[ModelRecord, bytes]:
         """Write blob(s) first and the record last, so a record never points at nothing."""
-        blob = dumps_tensors(weights)
+        return self.save_blob(
+            dumps_tensors(weights),
+            parent=parent,
+            session_id=session_id,
+            round_=round_,
+            optimizer_state=optimizer_state,
+            meta=meta,
+        )
+
+    def save_blob(
+        self,
+        blob: bytes,
+        *,
+        parent: str | None,
+        session_id: str,
+        round_: int,
+        optimizer_state: Weights | None = None,
+        meta: dict | None = None,
+    ) -> tuple[ModelRecord, bytes]:
+        """``save`` for bytes already encoded: a session started from another version keeps
+        that version's exact bytes (and so its digest), never a re-encoding of them."""
         digest = hashlib.sha256(blob).hexdigest()
         version = version_name(session_id, round_, digest)
         existing = self.store.get_model(version)

@@ -1,8 +1,10 @@
 """A session's model versions: metadata, lineage and the checked blob.
 
-"Set active" is not offered: a session's current model moves only when its controller
-records a round, and a resumed controller would pair a rolled-back model with the later
-rounds' optimizer state and attempt budget. Nothing yet honours an operator's pick.
+Each is marked ``active`` when it is its project's active model. Setting that is a project's
+business (``PUT /api/projects/{project}/active-model``), never a session's: a session's
+current model moves only when its controller records a round (a resumed controller would
+otherwise pair a rolled-back model with later rounds' optimizer state). The active model is
+honoured where a run begins: a new session with ``initial_model: "active"`` starts from it.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ router = APIRouter(prefix="/api/sessions/{session_id}/models", tags=["models"])
 MAX_LINEAGE = 100_000  # a chain longer than any session: a cycle in corrupt records
 
 
-def summary(m: ModelRecord) -> ModelSummary:
-    """The listed view of a model record."""
+def summary(m: ModelRecord, active: str | None = None) -> ModelSummary:
+    """The listed view of a model record; ``active`` is its project's active version."""
     return ModelSummary(
         version=m.version,
         parent=m.parent,
@@ -34,7 +36,14 @@ def summary(m: ModelRecord) -> ModelSummary:
         digest=m.digest,
         size=m.size,
         created=m.created,
+        active=active is not None and m.version == active,
     )
+
+
+def active_version(ctx: ApiContext, project: str) -> str | None:
+    """The project's active model version, or None."""
+    settings = ctx.store.get_project(project)
+    return settings.active_model if settings else None
 
 
 def _model(ctx: ApiContext, session_id: str, version: str) -> ModelRecord:
@@ -54,11 +63,13 @@ def list_models(
     ctx: ApiContext = Ctx,
     _: Principal = as_viewer,
 ) -> list[ModelSummary]:
-    """The model versions a session produced, oldest first (metadata; blobs: download)."""
-    ctx.session(session_id)
+    """The model versions a session produced, oldest first (metadata; blobs: download);
+    ``active`` marks its project's active model."""
+    sess = ctx.session(session_id)
     listed = ctx.store.list_models(session_id, limit=params.limit, offset=params.offset)
     page_headers(ctx.store.count_models(session_id), params, request, response)
-    return [summary(m) for m in listed]
+    active = active_version(ctx, sess.project)
+    return [summary(m, active) for m in listed]
 
 
 @router.get("/{version}", response_model=ModelSummary)
@@ -66,7 +77,8 @@ def get_model(
     session_id: str, version: str, ctx: ApiContext = Ctx, _: Principal = as_viewer
 ) -> ModelSummary:
     """One model version's record; 404 unless the session produced it."""
-    return summary(_model(ctx, session_id, version))
+    model = _model(ctx, session_id, version)
+    return summary(model, active_version(ctx, ctx.session(session_id).project))
 
 
 @router.get("/{version}/lineage", response_model=Lineage)
@@ -79,7 +91,8 @@ def lineage(
     client can tell a full history from a broken one.
     """
     model = _model(ctx, session_id, version)
-    chain = [summary(model)]
+    active = active_version(ctx, ctx.session(session_id).project)
+    chain = [summary(model, active)]
     seen = {model.version}
     complete = True
     while model.parent is not None:
@@ -88,7 +101,7 @@ def lineage(
             log.warning("lineage of %s breaks at %s", version, model.parent)
             complete = False
             break
-        chain.append(summary(parent))
+        chain.append(summary(parent, active))
         seen.add(parent.version)
         model = parent
     return Lineage(version=version, chain=chain, complete=complete)

@@ -2,7 +2,9 @@
 
 The API never talks to a controller: it writes the store, and a serving controller
 (``edgefl controller --serve``) picks up what is ``queued``. A session is ``created`` with
-its initial model stored exactly as a controller stores it (``new_session``), ``start``
+its initial model stored exactly as a controller stores it (``new_session``): the model's
+initial weights, or with ``initial_model`` ("active", or a version of the project) that
+version's exact bytes, recorded as the new round 0's parent. ``start``
 queues it, and ``resume`` queues a failed or stopped one again with a fresh attempt budget
 (what ``edgefl controller --resume ID --retry`` does).
 """
@@ -22,7 +24,7 @@ from edgefl.controller.config import SessionConfig
 from edgefl.controller.session_setup import new_session
 from edgefl.packages.format import PackageError
 from edgefl.protocol.types import Weights
-from edgefl.store.base import StorageError
+from edgefl.store.base import ModelRecord, StorageError
 
 security_log = logging.getLogger("edgefl.security")
 
@@ -31,26 +33,69 @@ router = APIRouter(prefix="/api/sessions", tags=["sessions"])
 DIGEST = frozenset("0123456789abcdef")
 
 
-def _config(body: SessionCreate) -> tuple[SessionConfig, Weights | None]:
+def _start_from(ctx: ApiContext, project: str, wanted: str | None) -> ModelRecord | None:
+    """The model version a new session starts from: the project's active one for "active",
+    a named version of the project, or None. 409 when there is no active model or the
+    version is another project's, 422 when no such version is stored."""
+    if wanted is None:
+        return None
+    if wanted == "active":
+        settings = ctx.store.get_project(project)
+        if settings is None or settings.active_model is None:
+            raise ApiError(
+                409,
+                f"project {project!r} has no active model: promote one first "
+                f"(PUT /api/projects/{project}/active-model)",
+            )
+        wanted = settings.active_model
+    model = ctx.store.get_model(wanted)
+    if model is None:
+        raise ApiError(422, f"initial_model: no model version {wanted!r}")
+    owner = ctx.store.get_session(model.session_id) if model.session_id else None
+    if owner is None or owner.project != project:
+        raise ApiError(
+            409,
+            f"initial_model: version {wanted!r} was not produced by a session of project "
+            f"{project!r}",
+            type_="urn:edgefl:problem:wrong-project",
+        )
+    return model
+
+
+def _model_of(ctx: ApiContext, start: ModelRecord | None) -> str:
+    """The model a request trains when it names none: its starting version's (that
+    session's built-in model or package), else the default built-in model."""
+    owner = ctx.store.get_session(start.session_id) if start and start.session_id else None
+    if owner is not None:
+        config = owner.config
+        if config.get("package"):
+            return str(config["package"])
+        model = (config.get("train") or {}).get("model")
+        if model in BUILTIN_MODELS:
+            return str(model)
+    return BUILTIN_MODELS[0]
+
+
+def _config(body: SessionCreate, model: str) -> tuple[SessionConfig, Weights | None]:
     """The controller's session config for a request, and the initial weights of a built-in
     model (None for a package, which carries its own)."""
     train = body.train.model_dump()
     package: str | None = None
     weights: Weights | None = None
-    if body.model in BUILTIN_MODELS:
+    if model in BUILTIN_MODELS:
         from edgefl.tasks import digits
 
-        train["model"] = body.model
-        weights = digits.initial_weights(body.model)
-    elif len(body.model) == 64 and set(body.model) <= DIGEST:
-        package = body.model
+        train["model"] = model
+        weights = digits.initial_weights(model)
+    elif len(model) == 64 and set(model) <= DIGEST:
+        package = model
     else:
         raise ApiError(
             422,
-            f"model {body.model[:80]!r} is neither a built-in model "
+            f"model {model[:80]!r} is neither a built-in model "
             f"({', '.join(BUILTIN_MODELS)}) nor a package digest (64 hex digits)",
         )
-    fields = body.model_dump(exclude={"session_id", "project", "model", "train"})
+    fields = body.model_dump(exclude={"session_id", "project", "model", "initial_model", "train"})
     if body.session_id is not None:
         fields["session_id"] = body.session_id
     try:
@@ -67,7 +112,11 @@ def create_session(
     body: SessionCreate, response: Response, ctx: ApiContext = Ctx, who: Principal = as_operator
 ) -> SessionDetail:
     """Create a session (``created``): its initial model is stored now, and it runs once
-    started. 409 if the id is taken, 422 for an unknown model, package or aggregator."""
+    started. 409 if the id is taken, 422 for an unknown model, package or aggregator.
+
+    ``initial_model`` ("active" or a version id) starts it from a stored version of this
+    project (409 if there is no active model or the version is another project's, 422 if it
+    does not fit the model trained)."""
     project = ctx.project or body.project or "default"
     if ctx.project is not None and body.project not in (None, ctx.project):
         raise ApiError(403, f"this API serves project {ctx.project!r}, not {body.project!r}")
@@ -77,10 +126,23 @@ def create_session(
             "this API server has no model folder, where a session's initial model is stored: "
             "start it with --models DIR (the controller's model folder)",
         )
-    config, weights = _config(body)
+    start = _start_from(ctx, project, body.initial_model)
+    config, weights = _config(body, body.model or _model_of(ctx, start))
     try:
-        sess = new_session(ctx.store, ctx.blobs, project, config, weights, status="created")
+        sess = new_session(
+            ctx.store,
+            ctx.blobs,
+            project,
+            config,
+            weights,
+            status="created",
+            start_from=start.version if start else None,
+        )
     except KeyError:
+        if config.package is None and start is not None:
+            raise ApiError(
+                409, f"the blob of {start.version!r} is not in this server's model folder"
+            ) from None
         raise ApiError(
             422,
             f"no package {config.package} in this server's model folder: upload it first "
