@@ -25,10 +25,10 @@ from edgefl.controller.model_versions import ModelRepository
 from edgefl.controller.service import ControllerService
 from edgefl.protocol.tensors import loads_tensors
 from edgefl.store import make_store
-from edgefl.store.base import ModelRecord, SessionRecord
+from edgefl.store.base import ModelRecord, SessionRecord, Store
 from edgefl.store.blobs import FileBlobStore
 from edgefl.store.schema import META_TABLE, alembic_config
-from edgefl.store.sql import SCHEMA_VERSION
+from edgefl.store.sql import SCHEMA_VERSION, SqlStore
 from edgefl.tasks import digits
 from tests.harness import Deployment
 
@@ -80,6 +80,17 @@ def fleet(embedded_broker, tmp_path_factory) -> Iterator[Fleet]:
         yield Fleet(server.url.rstrip("/"), auth, dep, service)
     finally:
         dep.close()
+
+
+def _model(store: Store, version: str) -> ModelRecord:
+    found = store.get_model(version)
+    assert found is not None, version
+    return found
+
+
+def _active(store: Store, project: str) -> str | None:
+    settings = store.get_project(project)
+    return settings.active_model if settings else None
 
 
 def _run(ops: httpx.Client, viewer: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +146,7 @@ def test_a_session_from_the_active_model_starts_from_its_exact_weights(fleet: Fl
         assert initial.round == 0 and initial.parent == best
         assert initial.version == made.json()["model_version"] != best
         assert blobs.get(initial.version) == blobs.get(best)
-        assert initial.digest == store.get_model(best).digest
+        assert initial.digest == _model(store, best).digest
         assert ops.post("/api/sessions/next-1/start").status_code == 202
         done = wait_for(
             "next-1 to end",
@@ -162,8 +173,7 @@ def test_a_session_from_the_active_model_starts_from_its_exact_weights(fleet: Fl
             "/api/sessions", json={**base, "session_id": "by-id", "initial_model": best}
         )
         assert (
-            by_id.status_code == 201
-            and store.get_model(by_id.json()["model_version"]).parent == best
+            by_id.status_code == 201 and _model(store, by_id.json()["model_version"]).parent == best
         )
         misfit = ops.post(
             "/api/sessions",
@@ -217,7 +227,7 @@ def test_cli_activates_marks_and_creates_from_the_active_model(fleet: Fleet) -> 
     done = run("models", "activate", pick, role=Role.operator)
     assert done.exit_code == 0, done.output
     assert f"active model of project {fleet.dep.project}: {pick}" in done.output
-    assert store.get_project(fleet.dep.project).active_model == pick
+    assert _active(store, fleet.dep.project) == pick
     listed = run("models", sid)
     assert listed.exit_code == 0 and f"* active model: {pick}" in listed.output
     line = next(ln for ln in listed.output.splitlines() if pick in ln and "active model" not in ln)
@@ -277,13 +287,14 @@ def test_migration_0002_to_0003_keeps_the_data_and_adds_projects(url: str) -> No
         assert conn.execute(text(f"SELECT value FROM {META_TABLE}")).scalar() == "5"
     engine.dispose()
     store = make_store(url)
+    assert isinstance(store, SqlStore)
     try:
         assert (
             store.schema.revision == "0003" and store.schema.schema_version == 6 == SCHEMA_VERSION
         )
         sess = store.get_session("old")
         assert sess is not None and (sess.status, sess.model_version) == ("completed", "old-r0002")
-        assert store.get_model("old-r0002").size == 3_000_000_000
+        assert _model(store, "old-r0002").size == 3_000_000_000
         [dev] = store.list_devices("p")
         assert (dev.device, dev.telemetry) == ("d1", {"cpu_percent": 3.5})
         assert store.get_project("p") is None  # no settings yet: nothing is made up
@@ -293,7 +304,7 @@ def test_migration_0002_to_0003_keeps_the_data_and_adds_projects(url: str) -> No
             store.set_active_model("q", "old-r0002")
         rec = store.set_active_model("p", "old-r0002", "ann (operator)")
         assert (rec.active_model, rec.active_set_by) == ("old-r0002", "ann (operator)")
-        assert store.get_project("p").active_model == "old-r0002"
+        assert _active(store, "p") == "old-r0002"
         cleared = store.set_active_model("p", None)
         assert cleared.active_model is None and cleared.active_set_at is None
     finally:

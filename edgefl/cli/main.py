@@ -441,6 +441,14 @@ def dashboard(
     host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
     port: int = typer.Option(8080),
     insecure: bool = typer.Option(False, help="serve without authentication (development only)"),
+    telemetry: str = typer.Option(
+        None,
+        "--telemetry",
+        envvar="EDGEFL_TELEMETRY",
+        help="InfluxDB 1.x the controller's --telemetry writes (influxdb://host:8086/DB): "
+        "GET /api/telemetry then answers history queries from it; default: each device's "
+        "last point from the state store",
+    ),
     log_level: str = LogLevel,
 ) -> None:
     """Serve the REST API and dashboard for a state store (JWT bearer auth, as the broker).
@@ -468,6 +476,17 @@ def dashboard(
     else:
         err_console.print(f"no model folder at {models}: model downloads answer 404 (--models)")
     app_ = create_app(store, auth, insecure=insecure, project=project, blobs=blobs)
+    if telemetry:
+        from edgefl.api.routes.telemetry import use_history
+        from edgefl.telemetry import open_history
+
+        try:
+            history = open_history(telemetry)
+        except ValueError as exc:
+            store.close()
+            raise typer.BadParameter(str(exc), param_hint="--telemetry") from None
+        use_history(app_, history)
+        err_console.print(f"telemetry history from InfluxDB {history.describe()}")
     err_console.print(f"dashboard at http://{host}:{port}/ (project {project})")
     try:
         uvicorn.run(app_, host=host, port=port, log_level="warning")

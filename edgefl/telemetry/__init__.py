@@ -17,13 +17,24 @@ from __future__ import annotations
 import os
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgefl.telemetry.base import NullSink, Point, TelemetrySink
 from edgefl.telemetry.buffered import BufferedSink
 from edgefl.telemetry.jsonl import JsonLinesSink
 
-__all__ = ["BufferedSink", "JsonLinesSink", "NullSink", "Point", "TelemetrySink", "open_sink"]
+if TYPE_CHECKING:
+    from edgefl.telemetry.influxql import InfluxV1Reader
+
+__all__ = [
+    "BufferedSink",
+    "JsonLinesSink",
+    "NullSink",
+    "Point",
+    "TelemetrySink",
+    "open_history",
+    "open_sink",
+]
 
 _BUFFERING = {
     "batch_size": ("batch_size", int),
@@ -56,6 +67,51 @@ def _options(query: dict[str, str], allowed: set[str]) -> dict[str, Any]:
     return out
 
 
+def _influx_v1(
+    text: str, parts: urllib.parse.SplitResult, query: dict[str, str]
+) -> tuple[str, str, str | None, str | None]:
+    """An ``influxdb(s)://`` URL's base URL, database and credentials (URL, then env)."""
+    database = parts.path.strip("/") or query.pop("db", "")
+    if not database:
+        raise ValueError(f"telemetry URL {text!r}: name the database (influxdb://host/DB)")
+    scheme = "https" if parts.scheme.lower() == "influxdbs" else "http"
+    base = f"{scheme}://{parts.hostname}:{parts.port or 8086}"
+    username = urllib.parse.unquote(parts.username or "") or _env("EDGEFL_INFLUX_USER")
+    password = urllib.parse.unquote(parts.password or "") or _env("EDGEFL_INFLUX_PASSWORD")
+    return base, database, username, password
+
+
+def open_history(url: str) -> InfluxV1Reader:
+    """A reader of the telemetry history that ``open_sink(url)`` writes, for the REST API.
+
+    Only InfluxDB 1.x (``influxdb://`` / ``influxdbs://``, the same URL and credentials as
+    the sink; buffering parameters are accepted and ignored, ``rp`` is honoured). Other
+    sinks cannot answer queries: ValueError, naming what would.
+    """
+    parts = urllib.parse.urlsplit(str(url))
+    scheme = parts.scheme.lower()
+    if scheme not in ("influxdb", "influxdbs"):
+        raise ValueError(
+            f"telemetry history needs an InfluxDB 1.x URL (influxdb://host:8086/DB), not "
+            f"{str(url)[:80]!r}; without one the API answers from the state store"
+        )
+    if not parts.hostname:
+        raise ValueError(f"telemetry URL {url!r} has no host")
+    query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    base, database, username, password = _influx_v1(str(url), parts, query)
+    opts = _options(query, {"rp", "db"})
+    from edgefl.telemetry.influxql import InfluxV1Reader
+
+    return InfluxV1Reader(
+        base,
+        database,
+        retention_policy=query.get("rp") or None,
+        timeout_s=opts.get("timeout_s", 5.0),
+        username=username,
+        password=password,
+    )
+
+
 def open_sink(url: str | Path | None) -> TelemetrySink:
     """The sink a telemetry URL names (see the module docstring); ValueError if malformed.
 
@@ -79,19 +135,15 @@ def open_sink(url: str | Path | None) -> TelemetrySink:
         raise ValueError(f"telemetry URL {text!r} has no host")
     port = parts.port or 8086
     if scheme in ("influxdb", "influxdbs"):
-        database = parts.path.strip("/") or query.pop("db", "")
-        if not database:
-            raise ValueError(f"telemetry URL {text!r}: name the database (influxdb://host/DB)")
-        base = f"{'https' if scheme == 'influxdbs' else 'http'}://{parts.hostname}:{port}"
+        base, database, username, password = _influx_v1(text, parts, query)
         opts = _options(query, {"rp", "db"})
         from edgefl.telemetry.influx import InfluxV1Sink
 
         return InfluxV1Sink(
             base,
             database,
-            username=urllib.parse.unquote(parts.username or "") or _env("EDGEFL_INFLUX_USER"),
-            password=urllib.parse.unquote(parts.password or "")
-            or _env("EDGEFL_INFLUX_PASSWORD"),
+            username=username,
+            password=password,
             retention_policy=query.get("rp") or None,
             **opts,
         )
