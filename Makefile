@@ -4,8 +4,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# kubernetes-client (kubectl kustomize) only where no kubectl is installed: its /usr/bin/kubectl
+# would clash with another package's (e.g. the Google Cloud SDK's kubectl).
 DEB_PACKAGES := mosquitto mosquitto-clients chromium chromium-driver influxdb postgresql \
-	rabbitmq-server nats-server
+	rabbitmq-server nats-server systemd shellcheck $(if $(shell command -v kubectl),,kubernetes-client)
 
 .PHONY: demo test test-fast test-device-pythons lint bench system-deps clean
 
