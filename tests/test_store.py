@@ -258,6 +258,7 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rounds(url) -> None:
         conn.execute(text(f"DROP TABLE {VERSION_TABLE}"))  # from before Alembic
         conn.execute(text("DROP TABLE devices"))  # and so before schema 5
         conn.execute(text("DROP TABLE combiners"))
+        conn.execute(text("DROP TABLE projects"))  # and schema 6
         conn.execute(text("UPDATE edgefl_meta SET value='1' WHERE key='schema_version'"))
     engine.dispose()
     store = make_store(url)
@@ -293,6 +294,7 @@ def test_a_version_3_database_gains_stop_requests(url) -> None:
         conn.execute(text(f"DROP TABLE {VERSION_TABLE}"))  # from before Alembic
         conn.execute(text("DROP TABLE devices"))  # and so before schema 5
         conn.execute(text("DROP TABLE combiners"))
+        conn.execute(text("DROP TABLE projects"))  # and schema 6
         conn.execute(text("UPDATE edgefl_meta SET value='3' WHERE key='schema_version'"))
     engine.dispose()
     store = make_store(url)
