@@ -162,7 +162,8 @@ def test_install_upgrade_uninstall_in_a_temporary_root(tmp_path: Path, wheel: Pa
         assert (root / d).stat().st_uid == uid
     # the unit names the final paths, and verifies against this venv
     unit_text = (root / "etc/systemd/system/edgefl-agent.service").read_text()
-    assert "ExecStart=/opt/edgefl/venv/bin/edgefl-agent --config /etc/edgefl/agent.json" in unit_text
+    execstart = "ExecStart=/opt/edgefl/venv/bin/edgefl-agent --config /etc/edgefl/agent.json"
+    assert execstart in unit_text
     if shutil.which("systemd-analyze"):
         probe = tmp_path / "edgefl-agent.service"
         probe.write_text(unit_text.replace("/opt/edgefl/venv", str(venv)))
