@@ -343,3 +343,18 @@ def test_open_sink_refuses_bad_urls(url, monkeypatch) -> None:
     monkeypatch.delenv("INFLUX_TOKEN", raising=False)
     with pytest.raises(ValueError):
         open_sink(url)
+
+
+def test_jsonl_sink_on_a_full_disk_drops_and_closes_cleanly(caplog) -> None:
+    """A full disk (``/dev/full`` answers every write with ENOSPC) loses points with a log
+    line, never an exception: the chaos suite's disk-full controller must exit cleanly."""
+    import logging
+
+    from edgefl.telemetry import JsonLinesSink
+    from edgefl.telemetry.base import Point
+
+    sink = JsonLinesSink("/dev/full")
+    with caplog.at_level(logging.WARNING, logger="edgefl.telemetry.jsonl"):
+        sink.write([Point("round", {"session": "s"}, {"accuracy": 0.5}, 1.0)])
+        sink.close()  # the buffered line fails again here; it must not raise
+    assert "dropped 1 points" in caplog.text

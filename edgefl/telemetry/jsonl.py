@@ -43,4 +43,8 @@ class JsonLinesSink:
     def close(self) -> None:
         """Close the file; later writes are dropped with a warning."""
         with self._lock:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as exc:
+                # a full disk already dropped these points at write; shutdown must not fail
+                log.error("telemetry: could not flush %s on close: %s", self.path, exc)
