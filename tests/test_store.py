@@ -259,6 +259,7 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rounds(url) -> None:
         conn.execute(text("DROP TABLE devices"))  # and so before schema 5
         conn.execute(text("DROP TABLE combiners"))
         conn.execute(text("DROP TABLE projects"))  # and schema 6
+        conn.execute(text("DROP TABLE memberships"))  # and schema 7
         conn.execute(text("UPDATE edgefl_meta SET value='1' WHERE key='schema_version'"))
     engine.dispose()
     store = make_store(url)
@@ -295,6 +296,7 @@ def test_a_version_3_database_gains_stop_requests(url) -> None:
         conn.execute(text("DROP TABLE devices"))  # and so before schema 5
         conn.execute(text("DROP TABLE combiners"))
         conn.execute(text("DROP TABLE projects"))  # and schema 6
+        conn.execute(text("DROP TABLE memberships"))  # and schema 7
         conn.execute(text("UPDATE edgefl_meta SET value='3' WHERE key='schema_version'"))
     engine.dispose()
     store = make_store(url)

@@ -6,7 +6,7 @@ PostgreSQL (same SQL store, another URL) and S3-compatible blob storage slot in 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -83,6 +83,29 @@ class ProjectRecord:
     active_set_by: str = ""  # who promoted it, as ``subject (role)``
     active_set_at: float | None = None  # unix seconds
     updated: float = 0.0
+
+
+MEMBER_ROLES = ("viewer", "operator", "admin")  # weakest first, as the API ranks them
+
+
+@dataclass
+class MembershipRecord:
+    """A person's membership of a project (v7): their role there, and who invited them.
+
+    ``user`` is a token's ``sub``. A project with no memberships at all is left to its
+    tokens' own role and project claims (what schema 6 did), so upgrades change nothing.
+    """
+
+    project: str
+    user: str
+    role: str  # one of MEMBER_ROLES
+    invited_by: str = ""  # as ``subject (role)``
+    created: float = 0.0
+    updated: float = 0.0
+
+
+class LastAdminError(ValueError):
+    """The change would leave a project with members but no admin: refused."""
 
 
 @dataclass
@@ -186,17 +209,19 @@ class Store(Protocol):
 
     def list_sessions(
         self,
-        project: str | None = None,
+        project: str | Collection[str] | None = None,
         *,
         status: str | None = None,
         newest_first: bool = False,
         limit: int | None = None,
         offset: int = 0,
     ) -> list[SessionRecord]:
-        """Sessions (of one project, in one status), oldest first; a page of them with
-        ``limit``/``offset``, cut in the database."""
+        """Sessions (of one project or a collection of them, in one status), oldest first; a
+        page of them with ``limit``/``offset``, cut in the database."""
 
-    def count_sessions(self, project: str | None = None, *, status: str | None = None) -> int:
+    def count_sessions(
+        self, project: str | Collection[str] | None = None, *, status: str | None = None
+    ) -> int:
         """How many sessions ``list_sessions`` would list without a limit."""
 
     def update_session(
@@ -259,6 +284,34 @@ class Store(Protocol):
         sessions. The check and the write share one transaction.
         """
 
+    def list_members(
+        self, project: str | None = None, *, user: str | None = None
+    ) -> list[MembershipRecord]:
+        """Memberships (of one project, of one user), by (project, user)."""
+
+    def get_member(self, project: str, user: str) -> MembershipRecord | None:
+        """The user's membership of the project, or None."""
+
+    def count_members(self, project: str) -> int:
+        """How many members the project has (0: its tokens' claims decide, as before v7)."""
+
+    def add_member(
+        self, project: str, user: str, role: str, invited_by: str = "", *, bootstrap: str = ""
+    ) -> MembershipRecord:
+        """Invite ``user`` with ``role``; ValueError if already a member or the role unknown.
+
+        ``bootstrap`` names whoever invites into a project without members: they are made its
+        first admin in the same transaction, so inviting someone never locks the inviter out.
+        """
+
+    def set_member_role(self, project: str, user: str, role: str) -> MembershipRecord:
+        """Change a member's role; KeyError if not a member, ``LastAdminError`` when it would
+        demote the project's last admin."""
+
+    def remove_member(self, project: str, user: str) -> None:
+        """Remove a member; KeyError if not one, ``LastAdminError`` for the last admin (a
+        project emptied of members would fall back to its tokens' claims)."""
+
     def start_round(self, record: RoundRecord) -> None:
         """Record a round attempt as it starts; ValueError if its task id exists."""
 
@@ -316,7 +369,7 @@ class Store(Protocol):
 
     def list_devices(
         self,
-        project: str | None = None,
+        project: str | Collection[str] | None = None,
         *,
         region: str | None = None,
         state: str | None = None,
@@ -326,12 +379,16 @@ class Store(Protocol):
         """Devices by (project, device), filtered, a page with ``limit``/``offset``."""
 
     def count_devices(
-        self, project: str | None = None, *, region: str | None = None, state: str | None = None
+        self,
+        project: str | Collection[str] | None = None,
+        *,
+        region: str | None = None,
+        state: str | None = None,
     ) -> int:
         """How many devices ``list_devices`` would list without a limit."""
 
-    def list_combiners(self, project: str | None = None) -> list[CombinerRecord]:
-        """Combiners by (project, region)."""
+    def list_combiners(self, project: str | Collection[str] | None = None) -> list[CombinerRecord]:
+        """Combiners by (project, region) (of one project or a collection of them)."""
 
     def close(self) -> None:
         """Release connections; the store must not be used afterwards."""

@@ -17,7 +17,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import MISSING, fields
 from typing import Any, TypeVar
 
@@ -46,11 +46,14 @@ from sqlalchemy.pool import StaticPool
 from edgefl.protocol.types import Participant, Rejection, RoundStatus, SessionStatus
 from edgefl.store import schema
 from edgefl.store.base import (
+    MEMBER_ROLES,
     CombinerChange,
     CombinerRecord,
     DeviceChange,
     DeviceRecord,
+    LastAdminError,
     LeaseRecord,
+    MembershipRecord,
     ModelRecord,
     ProjectRecord,
     RoundRecord,
@@ -147,6 +150,16 @@ class _Project(_Base):  # v6
     updated: Mapped[float] = mapped_column(Float)
 
 
+class _Membership(_Base):  # v7
+    __tablename__ = "memberships"
+    project: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user: Mapped[str] = mapped_column(String(REQUESTER_MAX), primary_key=True, index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    invited_by: Mapped[str] = mapped_column(String(REQUESTER_MAX))
+    created: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)
+
+
 class _Device(_Base):  # v5
     __tablename__ = "devices"
     project: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -225,6 +238,7 @@ R = TypeVar(
     DeviceRecord,
     CombinerRecord,
     ProjectRecord,
+    MembershipRecord,
 )
 FLEET_BATCH = 500  # rows locked per query in record_fleet (well under any parameter limit)
 TASK_MAX = 160  # the task id columns' length
@@ -339,16 +353,17 @@ class SqlStore:
             return _record(SessionRecord, row) if row else None
 
     @staticmethod
-    def _sessions_where(q: Select[Any], project: str | None, status: str | None) -> Select[Any]:
-        if project is not None:
-            q = q.where(_Session.project == project)
+    def _sessions_where(
+        q: Select[Any], project: str | Collection[str] | None, status: str | None
+    ) -> Select[Any]:
+        q = _in_projects(q, _Session.project, project)
         if status is not None:
             q = q.where(_Session.status == status)
         return q
 
     def list_sessions(
         self,
-        project: str | None = None,
+        project: str | Collection[str] | None = None,
         *,
         status: str | None = None,
         newest_first: bool = False,
@@ -365,7 +380,9 @@ class SqlStore:
             rows = s.scalars(_page(q, limit, offset)).all()
             return [_record(SessionRecord, r) for r in rows]
 
-    def count_sessions(self, project: str | None = None, *, status: str | None = None) -> int:
+    def count_sessions(
+        self, project: str | Collection[str] | None = None, *, status: str | None = None
+    ) -> int:
         q = self._sessions_where(select(func.count()).select_from(_Session), project, status)
         return self._count(q)
 
@@ -502,6 +519,79 @@ class SqlStore:
             except IntegrityError:  # two first writers: the primary key refused this one
                 raise _FirstRowRace from None
             return _record(ProjectRecord, row)
+
+    # memberships (v7) -------------------------------------------------------------------
+    def list_members(
+        self, project: str | None = None, *, user: str | None = None
+    ) -> list[MembershipRecord]:
+        q = select(_Membership).order_by(_Membership.project, _Membership.user)
+        if project is not None:
+            q = q.where(_Membership.project == project)
+        if user is not None:
+            q = q.where(_Membership.user == user)
+        with self._read_lock, self._read() as s:
+            return [_record(MembershipRecord, r) for r in s.scalars(q).all()]
+
+    def get_member(self, project: str, user: str) -> MembershipRecord | None:
+        with self._read_lock, self._read() as s:
+            row = s.get(_Membership, (project, user))
+            return _record(MembershipRecord, row) if row else None
+
+    def count_members(self, project: str) -> int:
+        q = select(func.count()).select_from(_Membership).where(_Membership.project == project)
+        return self._count(q)
+
+    @staticmethod
+    def _team(s: Session, project: str) -> dict[str, _Membership]:
+        """The project's members, their rows locked: the last-admin check and the change it
+        guards see the same team, whoever else is changing it."""
+        q = select(_Membership).where(_Membership.project == project).with_for_update()
+        return {r.user: r for r in s.scalars(q).all()}
+
+    def add_member(
+        self, project: str, user: str, role: str, invited_by: str = "", *, bootstrap: str = ""
+    ) -> MembershipRecord:
+        _check_role(role)
+        if not user or len(user) > REQUESTER_MAX:
+            raise ValueError(f"a user name is 1-{REQUESTER_MAX} characters")
+        with self._write() as s:
+            team = self._team(s, project)
+            if user in team:
+                raise ValueError(f"{user!r} is already a member of project {project!r}")
+            now = time.time()
+            by = _text(invited_by, REQUESTER_MAX)
+            if not team and bootstrap and bootstrap != user:
+                s.add(_Membership(project=project, user=bootstrap, role="admin",
+                                  invited_by=by, created=now, updated=now))  # fmt: skip
+            row = _Membership(
+                project=project, user=user, role=role, invited_by=by, created=now, updated=now
+            )
+            s.add(row)
+            s.flush()
+            return _record(MembershipRecord, row)
+
+    def set_member_role(self, project: str, user: str, role: str) -> MembershipRecord:
+        _check_role(role)
+        with self._write() as s:
+            team = self._team(s, project)
+            row = team.get(user)
+            if row is None:
+                raise KeyError(f"{user!r} is not a member of project {project!r}")
+            if row.role == "admin" and role != "admin":
+                _keep_an_admin(team, project, user, "demote")
+            row.role = role
+            row.updated = time.time()
+            return _record(MembershipRecord, row)
+
+    def remove_member(self, project: str, user: str) -> None:
+        with self._write() as s:
+            team = self._team(s, project)
+            row = team.get(user)
+            if row is None:
+                raise KeyError(f"{user!r} is not a member of project {project!r}")
+            if row.role == "admin":
+                _keep_an_admin(team, project, user, "remove")
+            s.delete(row)
 
     # rounds -----------------------------------------------------------------------------
     def start_round(self, record: RoundRecord) -> None:
@@ -674,10 +764,13 @@ class SqlStore:
 
     @staticmethod
     def _devices_where(
-        q: Select[Any], project: str | None, region: str | None, state: str | None
+        q: Select[Any],
+        project: str | Collection[str] | None,
+        region: str | None,
+        state: str | None,
     ) -> Select[Any]:
+        q = _in_projects(q, _Device.project, project)
         for column, value in (
-            (_Device.project, project),
             (_Device.region, region),
             (_Device.state, state),
         ):
@@ -687,7 +780,7 @@ class SqlStore:
 
     def list_devices(
         self,
-        project: str | None = None,
+        project: str | Collection[str] | None = None,
         *,
         region: str | None = None,
         state: str | None = None,
@@ -700,21 +793,47 @@ class SqlStore:
             return [_record(DeviceRecord, r) for r in s.scalars(_page(q, limit, offset)).all()]
 
     def count_devices(
-        self, project: str | None = None, *, region: str | None = None, state: str | None = None
+        self,
+        project: str | Collection[str] | None = None,
+        *,
+        region: str | None = None,
+        state: str | None = None,
     ) -> int:
         q = select(func.count()).select_from(_Device)
         return self._count(self._devices_where(q, project, region, state))
 
-    def list_combiners(self, project: str | None = None) -> list[CombinerRecord]:
+    def list_combiners(self, project: str | Collection[str] | None = None) -> list[CombinerRecord]:
         q = select(_Combiner).order_by(_Combiner.project, _Combiner.region)
-        if project is not None:
-            q = q.where(_Combiner.project == project)
+        q = _in_projects(q, _Combiner.project, project)
         with self._read_lock, self._read() as s:
             return [_record(CombinerRecord, r) for r in s.scalars(q).all()]
 
     def close(self) -> None:
         """Release pooled connections; the store must not be used afterwards."""
         self.engine.dispose()
+
+
+def _check_role(role: str) -> None:
+    if role not in MEMBER_ROLES:
+        raise ValueError(f"unknown role {role!r}: use {', '.join(MEMBER_ROLES)}")
+
+
+def _keep_an_admin(team: dict[str, _Membership], project: str, user: str, verb: str) -> None:
+    """Refuse to take the admin role from the project's only admin."""
+    if not any(u != user and r.role == "admin" for u, r in team.items()):
+        raise LastAdminError(
+            f"cannot {verb} {user!r}: the last admin of project {project!r} (make another "
+            "member admin first)"
+        )
+
+
+def _in_projects(q: Select[Any], column: Any, project: str | Collection[str] | None) -> Select[Any]:
+    """Filter on one project (a string) or several (any other collection; empty: none)."""
+    if project is None:
+        return q
+    if isinstance(project, str):
+        return q.where(column == project)
+    return q.where(column.in_(sorted(project)))
 
 
 def _page(q: Select[Any], limit: int | None, offset: int) -> Select[Any]:
