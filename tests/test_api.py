@@ -138,7 +138,7 @@ def test_models_carry_lineage(store: Store) -> None:
         ("s1-r0001", "s1-r0000", 1),
         ("s1-r0002", "s1-r0001", 2),
     ]
-    assert set(models[0]) == {"version", "parent", "round", "digest", "size", "created"}
+    assert set(models[0]) == {"version", "parent", "round", "digest", "size", "created", "active"}
     assert models[0]["digest"] == "00" * 32 and models[0]["size"] == 5
 
 

@@ -2,8 +2,9 @@
 
 Every route but ``/`` (the page, which holds no data) and ``/api/health`` needs a bearer JWT
 (``edgefl.api.auth``): viewers read projects, sessions, rounds, models and packages;
-operators stop sessions and upload packages; admins revoke devices and list keys. Errors are
-RFC 9457 problem documents, lists are paginated (``?limit=&offset=``, ``X-Total-Count``,
+operators stop sessions and upload packages; admins revoke devices, list keys and manage their
+projects' members. Roles are per project, and every answer is scoped to the caller's projects.
+Errors are RFC 9457 problem documents, lists are paginated (``?limit=&offset=``, ``X-Total-Count``,
 ``Link``). Without token material the app refuses to build unless explicitly ``insecure``.
 The resources live in ``edgefl.api.routes``, one module each.
 """
@@ -22,6 +23,7 @@ from edgefl.api.events import LiveEvents
 from edgefl.api.routes import (
     devices,
     identity,
+    members,
     models,
     packages,
     projects,
@@ -63,9 +65,11 @@ def create_app(
     """The dashboard page at ``/`` and the JSON API under ``/api``, reading ``store`` live.
 
     ``auth`` is the deployment's token material; ``auth=None`` raises ``ValueError`` unless
-    ``insecure=True``, which serves everything to anyone and says so in the log. ``project``
-    binds the API to one project: tokens of others are refused and its sessions are the only
-    ones shown (None: any project). ``blobs`` is the controller's model folder, for model
+    ``insecure=True``, which serves everything to anyone and says so in the log. Each caller
+    sees only their projects (memberships, or their token's project while it has none:
+    docs/security.md, "Teams and project scoping"). ``project`` binds the API to one project:
+    callers who are not its are refused and its sessions are the only ones shown (None: every
+    project the caller belongs to). ``blobs`` is the controller's model folder, for model
     downloads and packages; uploads over ``max_package_bytes`` are refused (413). The app
     neither caches nor closes ``store``, which must be safe to use from worker threads.
     """
@@ -83,7 +87,7 @@ def create_app(
     app = FastAPI(
         title=title, version="1", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json"
     )
-    guard = ApiAuth(auth, project)
+    guard = ApiAuth(auth, project, store)
     app.state.edgefl = ApiContext(
         store=store,
         guard=guard,
@@ -107,6 +111,7 @@ def create_app(
 
     app.include_router(identity.router)
     app.include_router(projects.router)
+    app.include_router(members.router)
     app.include_router(sessions.router)
     app.include_router(session_control.router)
     app.include_router(devices.router)

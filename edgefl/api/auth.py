@@ -3,15 +3,21 @@
 People hold ``viewer`` < ``operator`` < ``admin``; a route names the least role it needs.
 Service identities (device, combiner, controller) are for MQTT only and get 403 on every
 route: a stolen device token must not read a fleet's sessions. Tokens are checked by the same
-``TokenVerifier`` as the broker's (HS256 or EdDSA/ES256 keys, the revocation list, the
-project), so revoking a person or a token id reaches the API without a restart.
+``TokenVerifier`` as the broker's (HS256 or EdDSA/ES256 keys, the revocation list), so
+revoking a person or a token id reaches the API without a restart.
+
+Teams (docs/security.md, "Teams and project scoping"): a token proves *who* calls (``sub``)
+and caps what they may do (its role is a ceiling). Their role in a project is their
+membership's there, capped by the token's role; a project without any memberships keeps the
+old rule, the token's role in the token's project. Each request resolves this afresh from the
+store, so an invitation, a role change or a removal counts from the next request on.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -21,6 +27,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgefl.auth.tokens import AuthConfig, AuthError, Claims, Role, TokenVerifier
+from edgefl.store.base import Store
 
 log = logging.getLogger("edgefl.security")
 api_log = logging.getLogger("edgefl.api")
@@ -31,11 +38,41 @@ REALM = 'Bearer realm="edgefl"'
 PEOPLE: tuple[Role, ...] = (Role.viewer, Role.operator, Role.admin)
 
 
+def weaker(a: Role, b: Role) -> Role:
+    """The lesser of two people's roles (a token's ceiling against a membership)."""
+    return a if PEOPLE.index(a) <= PEOPLE.index(b) else b
+
+
+def at_least(role: Role | None, least: Role) -> bool:
+    """Whether ``role`` (None: no role) admits what needs ``least``."""
+    return role is not None and PEOPLE.index(role) >= PEOPLE.index(least)
+
+
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a verified token's claims, or nobody (``claims=None``, insecure mode)."""
+    """Who is calling: a verified token's claims, or nobody (``claims=None``, insecure mode).
+
+    ``roles`` is the caller's effective role in each project they may see (this request's
+    view of the memberships); ``None`` means every project (insecure mode).
+    """
 
     claims: Claims | None
+    roles: Mapping[str, Role] | None = field(default=None, compare=False)
+
+    def role_in(self, project: str) -> Role | None:
+        """The caller's role in ``project``, or None when it is not theirs."""
+        if self.roles is None:
+            return Role.admin
+        return self.roles.get(project)
+
+    def can(self, project: str, least: Role) -> bool:
+        """Whether the caller holds ``least`` or more in ``project``."""
+        return at_least(self.role_in(project), least)
+
+    @property
+    def projects(self) -> list[str] | None:
+        """The projects the caller may see, by name; None: every one (insecure mode)."""
+        return None if self.roles is None else sorted(self.roles)
 
     @property
     def name(self) -> str:
@@ -67,12 +104,43 @@ class ApiAuth:
     anonymous principal, and that is logged loudly once, when the app is built.
     """
 
-    def __init__(self, auth: AuthConfig | None, project: str | None) -> None:
+    def __init__(
+        self, auth: AuthConfig | None, project: str | None, store: Store | None = None
+    ) -> None:
         self.config = auth
         self.project = project
-        self.verifier: TokenVerifier | None = (
-            auth.verifier(project=project) if auth is not None else None
-        )
+        self.store = store
+        # no project check in the verifier: a member of this API's project may hold a token
+        # naming another one (``resolve`` decides, with the memberships)
+        self.verifier: TokenVerifier | None = auth.verifier() if auth is not None else None
+
+    def resolve(self, claims: Claims) -> dict[str, Role]:
+        """The caller's effective role per project, from the store's memberships.
+
+        A member's role is their membership's, capped by the token's role. The token's own
+        project, while it has no members at all, keeps the token's role (schema 6's rule).
+        An API bound to one project keeps only that one.
+        """
+        roles: dict[str, Role] = {}
+        if self.store is not None:
+            for m in self.store.list_members(user=claims.subject):
+                roles[m.project] = weaker(Role(m.role), claims.role)
+        home = claims.project
+        if home not in roles and (self.store is None or self.store.count_members(home) == 0):
+            roles[home] = claims.role
+        if self.project is not None:
+            roles = {p: r for p, r in roles.items() if p == self.project}
+        return roles
+
+    def principal(self, claims: Claims) -> Principal:
+        """The caller with their roles; 401 when an API bound to one project is not theirs
+        (as when the verifier itself checked the project)."""
+        roles = self.resolve(claims)
+        if self.project is not None and not roles:
+            raise self._unauthorized(
+                f"token is for project {claims.project!r}, not {self.project!r}", "invalid_token"
+            )
+        return Principal(claims, roles)
 
     def require(self, least: Role) -> Callable[[Request], Principal]:
         """A FastAPI dependency admitting people holding ``least`` or a stronger role."""
@@ -82,14 +150,12 @@ class ApiAuth:
             if self.verifier is None:
                 return Principal(None)
             claims = self._verify(request)
-            if claims.role not in allowed:
-                raise ApiError(
-                    403,
+            if claims.role not in allowed:  # the token's role is a ceiling
+                raise forbidden(
                     f"role {claims.role.value!r} of {claims.subject!r} may not do this: it needs "
-                    f"{' or '.join(r.value for r in allowed)}",
-                    type_="urn:edgefl:problem:forbidden",
+                    f"{' or '.join(r.value for r in allowed)}"
                 )
-            return Principal(claims)
+            return self.principal(claims)
 
         return dependency
 
@@ -119,6 +185,11 @@ class ApiAuth:
             type_="urn:edgefl:problem:unauthorized",
             headers={"WWW-Authenticate": challenge},
         )
+
+
+def forbidden(detail: str) -> ApiError:
+    """A 403 problem: the caller is known but their role does not allow this."""
+    return ApiError(403, detail, type_="urn:edgefl:problem:forbidden")
 
 
 def _client(request: Request) -> str:

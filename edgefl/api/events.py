@@ -27,6 +27,11 @@ the connection), and ``auth`` (a problem document) followed by the end of the st
 token behind it stops verifying: it is checked again every few seconds, so revoking a person
 or letting the token expire reaches an open page without any polling from the browser.
 
+Every stream carries only the caller's projects (docs/security.md, "Teams and project
+scoping"), and their roles are resolved again at each of those checks: a person removed from
+a project stops getting its sessions and fleet within seconds, and a stream of one of its
+sessions ends with ``auth`` (status 404).
+
 The API process learns of changes by reading the store (the controller may be another
 process): it polls the store every ``poll_s`` (0.5 s) per open stream and pushes only what
 differs from what that stream already sent.
@@ -60,7 +65,7 @@ from starlette.concurrency import run_in_threadpool
 
 from edgefl.api.auth import PEOPLE, ApiAuth, ApiError, Principal
 from edgefl.api.routes import devices, models, rounds, sessions
-from edgefl.api.routes.deps import MAX_LIMIT
+from edgefl.api.routes.deps import MAX_LIMIT, scope_of
 from edgefl.auth.tokens import AuthError, Role
 from edgefl.store.base import SessionRecord, Store
 
@@ -162,23 +167,33 @@ class LiveEvents:
             )
         return grant
 
-    def _recheck(self, grant: _Grant) -> str | None:
-        """Why the grant's token no longer admits a viewer, or None while it does."""
+    def _recheck(self, grant: _Grant) -> tuple[str | None, Principal]:
+        """Why the grant's token no longer admits a viewer (or None while it does), and the
+        caller with their roles as the store has them now."""
         verifier = self.guard.verifier
         if verifier is None or grant.token is None:
-            return None
+            return None, grant.principal
         try:
             claims = verifier.verify(grant.token)
         except AuthError as exc:
-            return str(exc)
+            return str(exc), grant.principal
         if claims.role not in PEOPLE:
-            return f"role {claims.role.value!r} may not read the dashboard"
-        return None
+            return f"role {claims.role.value!r} may not read the dashboard", grant.principal
+        try:
+            return None, self.guard.principal(claims)
+        except ApiError as exc:  # no longer a member of this API's project
+            return str(exc.detail), grant.principal
 
     # streams --------------------------------------------------------------------------
-    def _session(self, session_id: str) -> SessionRecord:
+    def _visible(self, project: str, who: Principal) -> bool:
+        return (self.project is None or project == self.project) and (
+            who.role_in(project) is not None
+        )
+
+    def _session(self, session_id: str, who: Principal) -> SessionRecord:
+        """The session, or 404 when it is missing or not the caller's project's."""
         sess = self.store.get_session(session_id)
-        if sess is None or (self.project is not None and sess.project != self.project):
+        if sess is None or not self._visible(sess.project, who):
             raise ApiError(404, f"no session {session_id!r}")
         return sess
 
@@ -186,11 +201,13 @@ class LiveEvents:
         self,
         request: Request,
         grant: _Grant,
-        changes: Callable[[], list[str]],
+        changes: Callable[[Principal], list[str]],
         poll_s: float | None = None,
+        project: str | None = None,
     ) -> AsyncIterator[str]:
-        """Sends ``changes()`` every ``poll_s`` (default ``self.poll_s``) when non-empty,
-        heartbeats, and auth checks.
+        """Sends ``changes(caller)`` every ``poll_s`` (default ``self.poll_s``) when
+        non-empty, heartbeats, and auth checks (which also refresh the caller's roles; a
+        stream of one ``project`` ends when it is no longer theirs).
 
         ``changes`` runs in a worker thread (it reads the store); an ``end`` message from it
         closes the stream. Leaving (client gone, server shutdown) cancels this generator.
@@ -198,17 +215,22 @@ class LiveEvents:
         import anyio
 
         self._active += 1
+        who = grant.principal
         try:
             last_sent = last_check = time.monotonic()
             while True:
                 now = time.monotonic()
                 if now - last_check >= self.recheck_s:
                     last_check = now
-                    why = await run_in_threadpool(self._recheck, grant)
+                    why, who = await run_in_threadpool(self._recheck, grant)
                     if why is not None:
                         yield sse("auth", {"status": 401, "detail": why})
                         return
-                messages = await run_in_threadpool(changes)
+                    if project is not None and not self._visible(project, who):
+                        detail = "not found: the stream's project is no longer the caller's"
+                        yield sse("auth", {"status": 404, "detail": detail})
+                        return
+                messages = await run_in_threadpool(changes, who)
                 if messages:
                     yield "".join(messages)
                     last_sent = time.monotonic()
@@ -226,13 +248,13 @@ class LiveEvents:
         finally:
             self._active -= 1
 
-    def _session_changes(self, session_id: str) -> Callable[[], list[str]]:
+    def _session_changes(self, session_id: str) -> Callable[[Principal], list[str]]:
         """A closure remembering what it sent, answering only what changed since."""
         sent_session: dict[str, Any] | None = None
         sent_rounds: dict[str, dict[str, Any]] = {}
         sent_models: set[str] = set()
 
-        def changes() -> list[str]:
+        def changes(_who: Principal) -> list[str]:
             nonlocal sent_session
             sess = self.store.get_session(session_id)
             if sess is None:  # deleted under us: nothing more will come
@@ -257,15 +279,14 @@ class LiveEvents:
 
         return changes
 
-    def _sessions_changes(self) -> Callable[[], list[str]]:
+    def _sessions_changes(self) -> Callable[[Principal], list[str]]:
         sent: list[dict[str, Any]] | None = None
 
-        def changes() -> list[str]:
+        def changes(who: Principal) -> list[str]:
             nonlocal sent
             listed = [
                 sessions.summary(s).model_dump()
-                for s in reversed(self.store.list_sessions())
-                if self.project is None or s.project == self.project
+                for s in reversed(self.store.list_sessions(scope_of(self.project, who)))
             ]
             if listed == sent:
                 return []
@@ -276,7 +297,7 @@ class LiveEvents:
 
     def _fleet_changes(
         self, region: str | None, state: str | None, limit: int
-    ) -> Callable[[], list[str]]:
+    ) -> Callable[[Principal], list[str]]:
         """Devices and combiners that are new or differ from what this stream last sent.
 
         Keyed by (project, device) and (project, region), since an API bound to no project
@@ -286,9 +307,9 @@ class LiveEvents:
         sent_combiners: dict[tuple[str, str], dict[str, Any]] = {}
         sent_counts: dict[str, int] | None = None
 
-        def changes() -> list[str]:
+        def changes(who: Principal) -> list[str]:
             nonlocal sent_counts
-            store, project = self.store, self.project
+            store, project = self.store, scope_of(self.project, who)
             rows = store.list_devices(project, region=region, state=state, limit=limit)
             out: list[str] = []
             listed: set[tuple[str, str]] = set()
@@ -335,10 +356,10 @@ class LiveEvents:
             """A ticket from the query, or else the bearer header (for clients that send one)."""
             if ticket:
                 grant = self._redeem(ticket)
-                why = self._recheck(grant)  # revoked in the ticket's 30 s: refused now
+                why, who = self._recheck(grant)  # revoked in the ticket's 30 s: refused now
                 if why is not None:
                     raise self.guard._unauthorized(why, "invalid_token")
-                return grant
+                return _Grant(who, grant.token, grant.expires)
             principal = bearer(request)
             _, _, token = request.headers.get("authorization", "").partition(" ")
             return _Grant(principal, token.strip() or None)
@@ -364,8 +385,9 @@ class LiveEvents:
             session_id: str, request: Request, grant: _Grant = as_granted
         ) -> StreamingResponse:
             """One session's summary, rounds and models, then their changes until it ends."""
-            await run_in_threadpool(self._session, session_id)  # 404 before streaming
-            body = self._stream(request, grant, self._session_changes(session_id))
+            sess = await run_in_threadpool(self._session, session_id, grant.principal)  # 404
+            changes = self._session_changes(session_id)
+            body = self._stream(request, grant, changes, project=sess.project)
             return StreamingResponse(body, media_type="text/event-stream", headers=STREAM_HEADERS)
 
         @router.get("/fleet/events", response_class=StreamingResponse, tags=["devices"])

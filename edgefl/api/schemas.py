@@ -7,7 +7,7 @@ Fields are what the store records; nothing here is computed that a client could 
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -256,6 +256,9 @@ class ProjectSummary(BaseModel):
     )
     active_model_set_by: str | None = None
     active_model_set_at: float | None = None
+    role: str | None = Field(
+        None, description="the caller's role in the project (null in insecure mode)"
+    )
 
 
 class ActiveModelSet(BaseModel):
@@ -273,6 +276,9 @@ class WhoAmI(BaseModel):
     subject: str | None
     role: str
     project: str | None
+    projects: dict[str, str] = Field(
+        default_factory=dict, description="each project of the caller's, with their role there"
+    )
     expires: float | None
     insecure: bool
 
@@ -309,3 +315,30 @@ class Page(BaseModel, Generic[T]):
     offset: int
     limit: int
     next_offset: int | None
+
+
+MemberRole = Literal["admin", "operator", "viewer"]
+
+
+class Member(BaseModel):
+    """A person's membership of a project: their role there and who invited them."""
+
+    project: str
+    user: str = Field(description="the ``sub`` of the person's tokens")
+    role: MemberRole
+    invited_by: str
+    created: float
+    updated: float
+
+
+class MemberInvite(BaseModel):
+    """``POST /api/projects/{project}/members``: whom to invite, with which role."""
+
+    user: str = Field(min_length=1, max_length=256)
+    role: MemberRole = "viewer"
+
+
+class MemberRoleSet(BaseModel):
+    """``PUT /api/projects/{project}/members/{user}``: the member's new role."""
+
+    role: MemberRole

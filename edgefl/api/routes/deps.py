@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from fastapi import Depends, Query, Request, Response
 
-from edgefl.api.auth import ApiAuth, ApiError, Principal
+from edgefl.api.auth import ApiAuth, ApiError, Principal, forbidden
 from edgefl.auth.tokens import AuthConfig, Role
 from edgefl.store.base import BlobStore, SessionRecord, Store
 
@@ -33,20 +33,60 @@ class ApiContext:
     blobs: BlobStore | None  # the controller's model folder: downloads and packages
     max_package_bytes: int
 
-    def session(self, session_id: str) -> SessionRecord:
-        """The session, or 404: another project's session is as unknown as a missing one."""
+    def session(self, session_id: str, who: Principal, least: Role = Role.viewer) -> SessionRecord:
+        """The session, or 404: another project's session is as unknown as a missing one
+        (its existence must not leak). 403 when it is the caller's but needs more than
+        their role there."""
         sess = self.store.get_session(session_id)
-        if sess is None or not self.visible(sess.project):
+        if sess is None or not self.visible(sess.project, who):
             raise ApiError(404, f"no session {session_id!r}")
+        self.require(sess.project, who, least)
         return sess
 
-    def visible(self, project: str) -> bool:
-        """Whether this API serves ``project`` (all of them when it is bound to none)."""
-        return self.project is None or project == self.project
+    def visible(self, project: str, who: Principal) -> bool:
+        """Whether this API serves ``project`` (all of them when bound to none) and the
+        caller belongs to it."""
+        return (self.project is None or project == self.project) and (
+            who.role_in(project) is not None
+        )
 
-    def sessions(self) -> list[SessionRecord]:
-        """The sessions this API serves, oldest first."""
-        return [s for s in self.store.list_sessions() if self.visible(s.project)]
+    def require(self, project: str, who: Principal, least: Role) -> None:
+        """404 unless the caller sees ``project``, 403 unless they hold ``least`` there."""
+        if not self.visible(project, who):
+            raise ApiError(404, f"no project {project!r}")
+        if not who.can(project, least):
+            role = who.role_in(project)
+            raise forbidden(
+                f"{who.name} is {role.value if role else 'no member'} in project {project!r}: "
+                f"this needs {least.value}"
+            )
+
+    def scope(self, who: Principal) -> str | list[str] | None:
+        """The store filter for the caller's data (``scope_of``)."""
+        return scope_of(self.project, who)
+
+    def require_somewhere(self, who: Principal, least: Role) -> None:
+        """403 unless the caller holds ``least`` in one of their projects (for what is not
+        any one project's: package uploads, the key ids)."""
+        mine = who.projects
+        if mine is not None and not any(who.can(p, least) for p in self._served(mine)):
+            raise forbidden(f"{who.name} is not {least.value} of any project here")
+
+    def _served(self, projects: list[str]) -> list[str]:
+        return [p for p in projects if self.project is None or p == self.project]
+
+    def sessions(self, who: Principal) -> list[SessionRecord]:
+        """The caller's sessions that this API serves, oldest first."""
+        return self.store.list_sessions(self.scope(who))
+
+
+def scope_of(bound: str | None, who: Principal) -> str | list[str] | None:
+    """The store filter for the caller's data on an API bound to ``bound``: the caller's
+    projects (a list, maybe empty), or that project or None (every one) in insecure mode."""
+    mine = who.projects
+    if mine is None:
+        return bound
+    return [p for p in mine if bound is None or p == bound]
 
 
 def context(request: Request) -> ApiContext:

@@ -61,13 +61,15 @@ def list_devices(
     state: str | None = Query(None, pattern="^(online|offline)$", description="online or offline"),
     params: PageParams = page,
     ctx: ApiContext = Ctx,
-    _: Principal = as_viewer,
+    who: Principal = as_viewer,
 ) -> list[DeviceSummary]:
-    """Devices by id, with state, last seen, current task and update counts."""
+    """Devices by (project, id) of the caller's projects, with state, last seen, current task
+    and update counts."""
+    scope = ctx.scope(who)
     rows = ctx.store.list_devices(
-        ctx.project, region=region, state=state, limit=params.limit, offset=params.offset
+        scope, region=region, state=state, limit=params.limit, offset=params.offset
     )
-    total = ctx.store.count_devices(ctx.project, region=region, state=state)
+    total = ctx.store.count_devices(scope, region=region, state=state)
     page_headers(total, params, request, response)
     return [summary(d) for d in rows]
 
@@ -77,11 +79,15 @@ def get_device(
     device: str,
     project: str | None = Query(None, description="for an API serving every project"),
     ctx: ApiContext = Ctx,
-    _: Principal = as_viewer,
+    who: Principal = as_viewer,
 ) -> DeviceDetail:
-    """One device with its attributes and last telemetry; 404 if no controller saw it."""
-    where = ctx.project or project or "default"
-    if not ctx.visible(where):
+    """One device with its attributes and last telemetry; 404 if no controller saw it (or it
+    is not the caller's project's). Without ``?project=`` an API serving several projects
+    looks in the caller's only project, else in ``default``."""
+    mine = who.projects
+    sole = mine[0] if mine is not None and len(mine) == 1 else None
+    where = ctx.project or project or sole or "default"
+    if not ctx.visible(where, who):
         raise ApiError(404, f"no device {device!r}")
     found = ctx.store.get_device(where, device)
     if found is None:
@@ -95,8 +101,9 @@ def list_combiners(
     response: Response,
     params: PageParams = page,
     ctx: ApiContext = Ctx,
-    _: Principal = as_viewer,
+    who: Principal = as_viewer,
 ) -> list[CombinerSummary]:
-    """Combiners by region: state, the round they work on, updates accepted and rejected."""
-    listed = [combiner(c) for c in ctx.store.list_combiners(ctx.project)]
+    """Combiners by region (the caller's projects'): state, the round they work on, updates
+    accepted and rejected."""
+    listed = [combiner(c) for c in ctx.store.list_combiners(ctx.scope(who))]
     return paginate(listed, params, request, response)

@@ -46,8 +46,8 @@ def active_version(ctx: ApiContext, project: str) -> str | None:
     return settings.active_model if settings else None
 
 
-def _model(ctx: ApiContext, session_id: str, version: str) -> ModelRecord:
-    ctx.session(session_id)
+def _model(ctx: ApiContext, session_id: str, version: str, who: Principal) -> ModelRecord:
+    ctx.session(session_id, who)
     model = ctx.store.get_model(version)
     if model is None or model.session_id != session_id:
         raise ApiError(404, f"session {session_id!r} has no model version {version!r}")
@@ -61,11 +61,11 @@ def list_models(
     response: Response,
     params: PageParams = page,
     ctx: ApiContext = Ctx,
-    _: Principal = as_viewer,
+    who: Principal = as_viewer,
 ) -> list[ModelSummary]:
     """The model versions a session produced, oldest first (metadata; blobs: download);
     ``active`` marks its project's active model."""
-    sess = ctx.session(session_id)
+    sess = ctx.session(session_id, who)
     listed = ctx.store.list_models(session_id, limit=params.limit, offset=params.offset)
     page_headers(ctx.store.count_models(session_id), params, request, response)
     active = active_version(ctx, sess.project)
@@ -74,24 +74,24 @@ def list_models(
 
 @router.get("/{version}", response_model=ModelSummary)
 def get_model(
-    session_id: str, version: str, ctx: ApiContext = Ctx, _: Principal = as_viewer
+    session_id: str, version: str, ctx: ApiContext = Ctx, who: Principal = as_viewer
 ) -> ModelSummary:
     """One model version's record; 404 unless the session produced it."""
-    model = _model(ctx, session_id, version)
-    return summary(model, active_version(ctx, ctx.session(session_id).project))
+    model = _model(ctx, session_id, version, who)
+    return summary(model, active_version(ctx, ctx.session(session_id, who).project))
 
 
 @router.get("/{version}/lineage", response_model=Lineage)
 def lineage(
-    session_id: str, version: str, ctx: ApiContext = Ctx, _: Principal = as_viewer
+    session_id: str, version: str, ctx: ApiContext = Ctx, who: Principal = as_viewer
 ) -> Lineage:
     """The version, then its parent, and so on back to the initial model.
 
     ``complete`` is False when a parent's record is missing (or the records loop), so a
     client can tell a full history from a broken one.
     """
-    model = _model(ctx, session_id, version)
-    active = active_version(ctx, ctx.session(session_id).project)
+    model = _model(ctx, session_id, version, who)
+    active = active_version(ctx, ctx.session(session_id, who).project)
     chain = [summary(model, active)]
     seen = {model.version}
     complete = True
@@ -113,10 +113,10 @@ def lineage(
     responses={200: {"content": {"application/cbor": {}}, "description": "the model blob"}},
 )
 def download(
-    session_id: str, version: str, ctx: ApiContext = Ctx, _: Principal = as_viewer
+    session_id: str, version: str, ctx: ApiContext = Ctx, who: Principal = as_viewer
 ) -> Response:
     """The model blob (CBOR tensor set, docs/storage.md), checked against its digest."""
-    model = _model(ctx, session_id, version)
+    model = _model(ctx, session_id, version, who)
     if ctx.blobs is None:
         raise ApiError(
             404,

@@ -26,6 +26,7 @@ from edgefl.api.routes.deps import (
     paginate,
 )
 from edgefl.api.schemas import PackageSummary
+from edgefl.auth.tokens import Role
 from edgefl.controller.controller import package_blob_key
 from edgefl.packages.format import ModelPackage, PackageError
 from edgefl.protocol.messages import package_ref
@@ -85,10 +86,10 @@ def _summary(pkg: ModelPackage, digest: str, size: int, sessions: list[str]) -> 
     )
 
 
-def _users(ctx: ApiContext) -> dict[str, list[str]]:
-    """Package digest -> the sessions (this API serves) that train it."""
+def _users(ctx: ApiContext, who: Principal) -> dict[str, list[str]]:
+    """Package digest -> the sessions (of the caller's projects) that train it."""
     out: dict[str, list[str]] = {}
-    for s in ctx.sessions():
+    for s in ctx.sessions(who):
         digest = s.config.get("package")
         if isinstance(digest, str):
             out.setdefault(digest, []).append(s.session_id)
@@ -116,11 +117,11 @@ def list_packages(
     response: Response,
     params: PageParams = page,
     ctx: ApiContext = Ctx,
-    _: Principal = as_viewer,
+    who: Principal = as_viewer,
 ) -> list[PackageSummary]:
     """The packages in the controller's model folder, by digest, with the sessions using them."""
     blobs = _blobs(ctx)
-    users = _users(ctx)
+    users = _users(ctx, who)
     digests = _stored_digests(blobs)
     chosen = paginate(digests, params, request, response)
     described = [_describe(blobs, d, users.get(d, [])) for d in chosen]
@@ -128,12 +129,12 @@ def list_packages(
 
 
 @router.get("/{digest}", response_model=PackageSummary)
-def get_package(digest: str, ctx: ApiContext = Ctx, _: Principal = as_viewer) -> PackageSummary:
+def get_package(digest: str, ctx: ApiContext = Ctx, who: Principal = as_viewer) -> PackageSummary:
     """One package by its SHA-256 (hex); 404 if it was never added."""
     blobs = _blobs(ctx)
     if digest not in _stored_digests(blobs):
         raise ApiError(404, f"no model package {digest!r} in this server's model folder")
-    found = _describe(blobs, digest, _users(ctx).get(digest, []))
+    found = _describe(blobs, digest, _users(ctx, who).get(digest, []))
     if found is None:
         raise ApiError(500, f"the stored package {digest[:16]}... is unreadable; its log says why")
     return found
@@ -175,6 +176,7 @@ async def upload_package(
     bytes were there already, 422 naming the problem when the reader refuses it, 413 past the
     size cap. Operators and admins may upload.
     """
+    ctx.require_somewhere(who, Role.operator)
     blobs = _blobs(ctx)
     kind = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
     if kind not in PACKAGE_TYPES:
@@ -206,7 +208,7 @@ async def upload_package(
         )
     response.status_code = 200 if existed else 201
     response.headers["Location"] = f"/api/packages/{digest}"
-    summary = _summary(pkg, digest, len(data), _users(ctx).get(digest, []))
+    summary = _summary(pkg, digest, len(data), _users(ctx, who).get(digest, []))
     with _summaries_lock:
         _summaries[digest] = summary.model_copy(update={"sessions": []})
     return summary

@@ -55,13 +55,13 @@ def list_rounds(
     response: Response,
     params: PageParams = long_page,
     ctx: ApiContext = Ctx,
-    _: Principal = as_viewer,
+    who: Principal = as_viewer,
 ) -> list[RoundSummary]:
     """Every round attempt of a session, by (round, attempt); 404 if the session is unknown.
 
     A page holds up to 1000 attempts by default: a whole session, for a chart.
     """
-    ctx.session(session_id)
+    ctx.session(session_id, who)
     listed = ctx.store.list_rounds(session_id, limit=params.limit, offset=params.offset)
     page_headers(ctx.store.count_rounds(session_id), params, request, response)
     return [summary(r) for r in listed]
@@ -73,11 +73,11 @@ def get_round(
     round_: int,
     attempt: int | None = Query(None, ge=0, description="an earlier attempt; default: the last"),
     ctx: ApiContext = Ctx,
-    _: Principal = as_viewer,
+    who: Principal = as_viewer,
 ) -> RoundDetail:
     """One round number's last attempt (the one that counts), or ``?attempt=``, with its
     selected devices, participants (region, examples, metrics) and rejections."""
-    ctx.session(session_id)
+    ctx.session(session_id, who)
     attempts = [r for r in ctx.store.list_rounds(session_id) if r.round == round_]
     if not attempts:
         raise ApiError(404, f"session {session_id!r} has no round {round_}")

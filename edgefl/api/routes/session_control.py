@@ -16,10 +16,11 @@ import logging
 from fastapi import APIRouter, Response
 from pydantic import ValidationError
 
-from edgefl.api.auth import ApiError, Principal
+from edgefl.api.auth import ApiError, Principal, forbidden
 from edgefl.api.routes.deps import ApiContext, Ctx, as_operator
 from edgefl.api.routes.sessions import summary
 from edgefl.api.schemas import BUILTIN_MODELS, SessionCreate, SessionDetail, SessionSummary
+from edgefl.auth.tokens import Role
 from edgefl.controller.config import SessionConfig
 from edgefl.controller.session_setup import new_session
 from edgefl.packages.format import PackageError
@@ -117,9 +118,12 @@ def create_session(
     ``initial_model`` ("active" or a version id) starts it from a stored version of this
     project (409 if there is no active model or the version is another project's, 422 if it
     does not fit the model trained)."""
-    project = ctx.project or body.project or "default"
+    home = who.claims.project if who.claims is not None else None
+    project = ctx.project or body.project or home or "default"
     if ctx.project is not None and body.project not in (None, ctx.project):
         raise ApiError(403, f"this API serves project {ctx.project!r}, not {body.project!r}")
+    if not who.can(project, Role.operator):  # 403 whether or not the project exists
+        raise forbidden(f"{who.name} is not an operator of project {project!r}")
     if ctx.blobs is None:
         raise ApiError(
             409,
@@ -163,7 +167,7 @@ def create_session(
 def _queue(
     ctx: ApiContext, session_id: str, expected: tuple[str, ...], who: Principal, verb: str
 ) -> SessionSummary:
-    ctx.session(session_id)
+    ctx.session(session_id, who, Role.operator)
     try:
         sess = ctx.store.transition_session(session_id, expected, "queued")
     except KeyError:

@@ -23,6 +23,7 @@ from edgefl.api.routes.deps import (
     page_headers,
 )
 from edgefl.api.schemas import SessionDetail, SessionSummary, StopAccepted
+from edgefl.auth.tokens import Role
 from edgefl.store.base import SessionRecord
 
 security_log = logging.getLogger("edgefl.security")
@@ -53,20 +54,24 @@ def list_sessions(
     response: Response,
     params: PageParams = page,
     ctx: ApiContext = Ctx,
-    _: Principal = as_viewer,
+    who: Principal = as_viewer,
 ) -> list[SessionSummary]:
-    """Newest first, so the dashboard's default pick is simply the first one."""
+    """Newest first, so the dashboard's default pick is simply the first one; only the
+    caller's projects' sessions."""
+    scope = ctx.scope(who)
     listed = ctx.store.list_sessions(
-        ctx.project, newest_first=True, limit=params.limit, offset=params.offset
+        scope, newest_first=True, limit=params.limit, offset=params.offset
     )
-    page_headers(ctx.store.count_sessions(ctx.project), params, request, response)
+    page_headers(ctx.store.count_sessions(scope), params, request, response)
     return [summary(s) for s in listed]
 
 
 @router.get("/{session_id}", response_model=SessionDetail)
-def get_session(session_id: str, ctx: ApiContext = Ctx, _: Principal = as_viewer) -> SessionDetail:
+def get_session(
+    session_id: str, ctx: ApiContext = Ctx, who: Principal = as_viewer
+) -> SessionDetail:
     """One session's summary plus the config it was started with; 404 if unknown."""
-    sess = ctx.session(session_id)
+    sess = ctx.session(session_id, who)
     return SessionDetail(**summary(sess).model_dump(), config=sess.config)
 
 
@@ -79,7 +84,7 @@ def stop_session(
     A created or queued session is stopped at once. 409 if the session has ended; a
     repeated request keeps the first requester.
     """
-    ctx.session(session_id)
+    ctx.session(session_id, who, Role.operator)
     try:
         sess = ctx.store.request_stop(session_id, who.name)
     except KeyError:

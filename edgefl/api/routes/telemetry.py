@@ -116,7 +116,7 @@ def query_telemetry(
     until: str | None = Query(None, max_length=40, description="to (same forms as since)"),
     limit: int = Query(100, ge=1, le=MAX_LIMIT, description="newest first, at most this many"),
     ctx: ApiContext = Ctx,
-    _: Principal = as_viewer,
+    who: Principal = as_viewer,
 ) -> list[TelemetryPoint]:
     """Device telemetry points, newest first: the history from InfluxDB when this server has
     one (``source: "influxdb"``), else each device's last point from the store (``source:
@@ -128,13 +128,16 @@ def query_telemetry(
     history: TelemetryHistory | None = getattr(request.app.state, "telemetry_history", None)
     if history is not None:
         response.headers[SOURCE_HEADER] = "influxdb"
-        return _from_history(ctx, history, device, metric, start, end, limit)
+        return _from_history(ctx.scope(who), history, device, metric, start, end, limit)
     response.headers[SOURCE_HEADER] = "store"
+    scope = ctx.scope(who)
     if device is not None:
-        projects = [ctx.project] if ctx.project else sorted({d.project for d in _all(ctx)})
+        projects = [scope] if isinstance(scope, str) else scope
+        if projects is None:
+            projects = sorted({d.project for d in _all(ctx, None)})
         rows = [r for p in projects if (r := ctx.store.get_device(p, device)) is not None]
     else:
-        rows = _all(ctx)
+        rows = _all(ctx, scope)
     points = [p for p in (_point(r, metric) for r in rows) if p is not None]
     if start is not None:
         points = [p for p in points if p.ts >= start]
@@ -145,7 +148,7 @@ def query_telemetry(
 
 
 def _from_history(
-    ctx: ApiContext,
+    scope: str | list[str] | None,
     history: TelemetryHistory,
     device: str | None,
     metric: str | None,
@@ -153,21 +156,25 @@ def _from_history(
     until: float | None,
     limit: int,
 ) -> list[TelemetryPoint]:
-    """The history's points (of this API's project only), or 502 when it cannot answer."""
+    """The history's points (of the caller's projects only: one query each, merged), or 502
+    when it cannot answer."""
+    projects: list[str | None] = [scope] if scope is None or isinstance(scope, str) else [*scope]
+    found: list[HistoryPoint] = []
     try:
-        found = history.device_points(
-            project=ctx.project, device=device, metric=metric, since=since, until=until,
-            limit=limit,
-        )  # fmt: skip
+        for project in projects:
+            found += history.device_points(
+                project=project, device=device, metric=metric, since=since, until=until,
+                limit=limit,
+            )  # fmt: skip
     except HistoryError as exc:
         log.warning("telemetry history query failed: %s", exc)
         raise ApiError(502, f"the telemetry history cannot answer: {exc}") from None
     return [
         TelemetryPoint(device=p.device, region=p.region, ts=p.ts, metrics=p.metrics,
                        source="influxdb")
-        for p in found
+        for p in sorted(found, key=lambda p: -p.ts)[:limit]
     ]  # fmt: skip
 
 
-def _all(ctx: ApiContext) -> list[DeviceRecord]:
-    return ctx.store.list_devices(ctx.project, limit=SCAN)
+def _all(ctx: ApiContext, scope: str | list[str] | None) -> list[DeviceRecord]:
+    return ctx.store.list_devices(scope, limit=SCAN)
