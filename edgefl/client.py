@@ -27,6 +27,7 @@ from edgefl.api.schemas import (
     DeviceSummary,
     Keys,
     Lineage,
+    Member,
     ModelSummary,
     PackageSummary,
     Page,
@@ -217,6 +218,28 @@ class APIClient:
         if len(names) != 1:
             raise ClientError("this server has several projects (or none): name one")
         return names[0]
+
+    # members (teams) ---------------------------------------------------------------------
+    def members(self, project: str) -> list[Member]:
+        """The project's team (admins), or only the caller's own membership (others)."""
+        res = self.request("GET", f"/api/projects/{_seg(project)}/members")
+        return TypeAdapter(list[Member]).validate_python(res.json())
+
+    def add_member(self, project: str, user: str, role: str = "viewer") -> Member:
+        """Admin: invite ``user`` (their tokens' ``sub``) into ``project`` with ``role``."""
+        path = f"/api/projects/{_seg(project)}/members"
+        res = self.request("POST", path, json={"user": user, "role": role})
+        return Member.model_validate(res.json())
+
+    def set_member_role(self, project: str, user: str, role: str) -> Member:
+        """Admin: change a member's role (409 when it would demote the last admin)."""
+        path = f"/api/projects/{_seg(project)}/members/{_seg(user)}"
+        res = self.request("PUT", path, json={"role": role})
+        return Member.model_validate(res.json())
+
+    def remove_member(self, project: str, user: str) -> None:
+        """Admin: remove a member (409 for the project's last admin)."""
+        self.request("DELETE", f"/api/projects/{_seg(project)}/members/{_seg(user)}")
 
     # sessions ----------------------------------------------------------------------------
     def sessions(self, limit: int | None = None, offset: int = 0) -> Page[SessionSummary]:

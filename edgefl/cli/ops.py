@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgefl.api.schemas import Member
 from edgefl.client import TERMINAL, APIClient, ClientError
 
 
@@ -444,10 +445,80 @@ def combiners(api: str = ApiUrl, token: str | None = Token) -> None:
     console.print(table)
 
 
+members_app = typer.Typer(
+    help="A project's team: list, invite, change roles and remove people (project admins).",
+    no_args_is_help=True,
+)
+ProjectOpt = typer.Option(..., "--project", "-p", help="the project whose team this is")
+RoleArg = typer.Argument(..., help="admin, operator or viewer")
+
+
+def _members_table(project: str, rows: list[Member]) -> Table:
+    table = Table(title=f"members of {project}")
+    for col in ("user", "role", "invited by", "since"):
+        table.add_column(col)
+    for m in rows:
+        table.add_row(m.user, m.role, m.invited_by or "-", _when(m.created))
+    return table
+
+
+@members_app.command("list")
+def members_list(project: str = ProjectOpt, api: str = ApiUrl, token: str | None = Token) -> None:
+    """The project's members (an admin sees all; anyone else only themselves)."""
+    with _client(api, token) as client:
+        rows = client.members(project)
+    if not rows:
+        _console().print(f"project {project} has no members: its tokens' roles apply")
+        return
+    _console().print(_members_table(project, rows))
+
+
+@members_app.command("add")
+def members_add(
+    user: str = typer.Argument(..., help="the person: the sub of their tokens"),
+    role: str = typer.Option("viewer", "--role", help="admin, operator or viewer"),
+    project: str = ProjectOpt,
+    api: str = ApiUrl,
+    token: str | None = Token,
+) -> None:
+    """Invite a person into the project (the first invitation makes you its first admin)."""
+    with _client(api, token) as client:
+        added = client.add_member(project, user, role)
+    _console().print(f"{added.user} is {added.role} of {added.project}")
+
+
+@members_app.command("set-role")
+def members_set_role(
+    user: str = typer.Argument(..., help="the member"),
+    role: str = RoleArg,
+    project: str = ProjectOpt,
+    api: str = ApiUrl,
+    token: str | None = Token,
+) -> None:
+    """Change a member's role (the last admin cannot be demoted)."""
+    with _client(api, token) as client:
+        changed = client.set_member_role(project, user, role)
+    _console().print(f"{changed.user} is now {changed.role} of {changed.project}")
+
+
+@members_app.command("remove")
+def members_remove(
+    user: str = typer.Argument(..., help="the member"),
+    project: str = ProjectOpt,
+    api: str = ApiUrl,
+    token: str | None = Token,
+) -> None:
+    """Remove a member: their next request no longer sees the project."""
+    with _client(api, token) as client:
+        client.remove_member(project, user)
+    _console().print(f"{user} removed from {project}")
+
+
 def register(app: typer.Typer) -> None:
-    """Mount ``session``, ``rounds``, ``models``, ``telemetry``, ``devices`` and ``combiners``
-    on ``edgefl``."""
+    """Mount ``session``, ``members``, ``rounds``, ``models``, ``telemetry``, ``devices`` and
+    ``combiners`` on ``edgefl``."""
     app.add_typer(session_app, name="session")
+    app.add_typer(members_app, name="members")
     app.command("rounds")(rounds)
     app.command("models")(models)
     app.command("telemetry")(telemetry)
