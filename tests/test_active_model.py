@@ -289,9 +289,9 @@ def test_migration_0002_to_0003_keeps_the_data_and_adds_projects(url: str) -> No
     store = make_store(url)
     assert isinstance(store, SqlStore)
     try:
-        assert (
-            store.schema.revision == "0003" and store.schema.schema_version == 6 == SCHEMA_VERSION
-        )
+        # upgraded to the head (later revisions may follow 0003; the data must survive them too)
+        assert store.schema.revision >= "0003"
+        assert store.schema.schema_version == SCHEMA_VERSION >= 6
         sess = store.get_session("old")
         assert sess is not None and (sess.status, sess.model_version) == ("completed", "old-r0002")
         assert _model(store, "old-r0002").size == 3_000_000_000
@@ -311,6 +311,6 @@ def test_migration_0002_to_0003_keeps_the_data_and_adds_projects(url: str) -> No
         store.close()
     engine = create_engine(url)
     with engine.connect() as conn:
-        assert conn.execute(text(f"SELECT value FROM {META_TABLE}")).scalar() == "6"
+        assert conn.execute(text(f"SELECT value FROM {META_TABLE}")).scalar() == str(SCHEMA_VERSION)
         assert conn.execute(text("SELECT count(*) FROM projects")).scalar() == 1
     engine.dispose()
