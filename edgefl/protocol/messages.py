@@ -10,11 +10,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cbor2
 
+from edgefl.protocol.cborview import loads_view
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from edgefl.protocol.chunking import Payload
+
 MESSAGE_VERSION = 1
+ZERO_COPY_FROM = 64 * 1024  # larger messages (updates, partials) decode without copying
 
 _num = (int, float)
 SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -100,10 +108,33 @@ def encode(msg_type: str, **fields: Any) -> bytes:
     return cbor2.dumps({"v": MESSAGE_VERSION, "type": msg_type, **fields})
 
 
-def decode(payload: bytes, expected: str | tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Parse and validate one message; raise MessageError with the reason otherwise."""
+def encode_payload(
+    msg_type: str, tensor_field: str, tensors: Mapping[str, np.ndarray], **fields: Any
+) -> Payload:
+    """``encode`` of a message with a tensor set, as segments that reference the tensors.
+
+    The same bytes as ``encode(msg_type, **fields, tensor_field=encode_tensors(tensors))``,
+    but the tensors are not copied: chunks are cut straight from their memory
+    (``chunking.ChunkWriter``). The tensors must not change until the payload is sent.
+    """
+    from edgefl.protocol.chunking import Payload
+    from edgefl.protocol.tensors import lazy_tensors
+
+    tags, blobs = lazy_tensors(tensors)
+    return Payload.splice(encode(msg_type, **fields, **{tensor_field: tags}), blobs)
+
+
+def decode(
+    payload: bytes | bytearray | memoryview, expected: str | tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Parse and validate one message; raise MessageError with the reason otherwise.
+
+    A large message (an update, a partial) is decoded without copying its byte strings: its
+    tensors' typed arrays are ``memoryview`` slices of ``payload`` (``cborview``).
+    """
     try:
-        msg = cbor2.loads(payload)
+        big = len(payload) >= ZERO_COPY_FROM
+        msg = loads_view(payload) if big else cbor2.loads(payload)
     except Exception as exc:
         raise MessageError(f"malformed CBOR: {exc}") from exc
     if not isinstance(msg, dict):
