@@ -14,9 +14,10 @@ import ssl
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as paho
@@ -33,6 +34,98 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], None]
 """A message handler: called with (topic, payload) on paho's network thread."""
+
+WINDOW_BYTES = 8 * 1024 * 1024
+"""Bytes a ``publish_stream`` keeps unacknowledged: enough to keep loopback and LAN links
+busy, small enough that a 40 MB upload never sits whole in paho's queue."""
+
+
+def stream_window(message_bytes: int, max_inflight: int = 64) -> int:
+    """Messages of ``message_bytes`` a stream keeps in flight: ``WINDOW_BYTES`` worth, at
+    least 4 and at most the connection's in-flight limit (so paho never queues any)."""
+    return max(4, min(max_inflight, WINDOW_BYTES // max(1, message_bytes)))
+
+
+class _Client(paho.Client):
+    """paho's client, sending large packets from a memoryview.
+
+    paho writes a packet with ``sock.send(packet[pos:])``: on a bytes packet each partial
+    send copies the rest of it, which for a 1 MiB chunk meeting a full socket buffer is
+    quadratic. A view makes that slice free; nothing else in paho reads the packet.
+    """
+
+    def _packet_queue(self, command: int, packet: Any, mid: int, qos: int, info: Any = None) -> Any:
+        if len(packet) >= 65536:
+            packet = memoryview(packet)
+        return super()._packet_queue(command, packet, mid, qos, info)
+
+
+class PublishStream:
+    """Messages published with at most ``window`` of them unacknowledged (QoS 1).
+
+    Made by ``MqttConnection.publish_stream``. Each PUBACK pulls the next message from the
+    source on paho's network thread, so a sender holds ``window`` messages, not all of them,
+    and the link stays busy without anyone waiting in a loop. Messages are made lazily by
+    ``make(key)`` for each key in order; ``unacked`` tells which keys to send again if the
+    stream is given up (``wait`` timed out).
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[Any],
+        make: Callable[[Any], tuple[str, bytes]],
+        qos: int,
+        retain: bool,
+        window: int,
+    ) -> None:
+        self.keys = keys
+        self.make = make
+        self.qos = qos
+        self.retain = retain
+        self.window = max(1, window)
+        self.next = 0  # index in keys of the next message to make
+        self.outstanding: dict[int, Any] = {}  # mid -> key
+        self.acked = 0
+        self.sent_bytes = 0
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.progress_at = time.monotonic()
+        self.done = threading.Event()
+        self._cond = threading.Condition()
+
+    @property
+    def finished(self) -> bool:
+        return self.done.is_set()
+
+    def wait(self, stall_s: float) -> bool:
+        """Block until every message is acknowledged; False if none was for ``stall_s``.
+
+        Raises what making a message raised. Woken by each acknowledgement, not polling.
+        """
+        with self._cond:
+            while not self.done.is_set():
+                left = self.progress_at + stall_s - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        if self.error is not None:
+            raise self.error
+        return True
+
+    def unacked(self) -> list[Any]:
+        """Keys not acknowledged yet (in flight, or never sent), in order."""
+        pending = set(self.outstanding.values())
+        return [k for k in self.keys[: self.next] if k in pending] + list(self.keys[self.next :])
+
+    def _finish(self) -> None:
+        with self._cond:
+            self.done.set()
+            self._cond.notify_all()
+
+    def _progressed(self) -> None:
+        with self._cond:
+            self.progress_at = time.monotonic()
+            self._cond.notify_all()
 
 
 @dataclass(frozen=True)
@@ -158,7 +251,7 @@ class MqttConnection:
         self._on_connect_cb = on_connect
         self._closing = False
         self.connect_count = 0
-        client = paho.Client(
+        client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=clean_session,
@@ -176,6 +269,13 @@ class MqttConnection:
         # paho annotates these as int but sleeps on them as float seconds
         client.reconnect_delay_set(min_delay=min_backoff_s, max_delay=max_backoff_s)  # type: ignore[arg-type]
         client.max_inflight_messages_set(max_inflight)
+        self.max_inflight = max_inflight
+        # publish streams: their messages in flight by mid, and acknowledgements not yet
+        # matched (paho may acknowledge a message before publish() has returned its mid)
+        self._streams_lock = threading.Lock()
+        self._stream_of: dict[int, PublishStream] = {}
+        self._streams: set[PublishStream] = set()
+        self._acked: deque[int] = deque()
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -300,6 +400,91 @@ class MqttConnection:
                 self._acks.wait(min(left, 1.0))
         return True
 
+    def publish_stream(
+        self,
+        keys: Sequence[Any],
+        make: Callable[[Any], tuple[str, bytes]],
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        window: int | None = None,
+    ) -> PublishStream:
+        """Publish ``make(key)`` for each key with at most ``window`` messages unacknowledged.
+
+        Returns at once; ``wait`` on the result for the last PUBACK. ``window`` defaults to the
+        connection's in-flight limit. Pipelined QoS 1 with bounded memory: the sender holds
+        at most ``window`` messages, and paho resends those in flight after a reconnect.
+        ``make`` runs on the caller's thread for the first window and then on the network
+        thread, one message per PUBACK: it must be quick (cut a chunk, not encode a model).
+        """
+        if qos != 1:
+            raise ValueError("publish_stream needs QoS 1 (acknowledgements clock it)")
+        stream = PublishStream(keys, make, qos, retain, window or self.max_inflight)
+        if not keys:
+            stream._finish()
+            return stream
+        with self._streams_lock:
+            self._streams.add(stream)
+            self._pump(stream)
+        self._drain_acks()
+        return stream
+
+    def cancel_stream(self, stream: PublishStream) -> None:
+        """Stop feeding ``stream`` (messages already in flight may still arrive)."""
+        with self._streams_lock:
+            stream.cancelled = True
+            self._streams.discard(stream)
+            for mid in [m for m, s in self._stream_of.items() if s is stream]:
+                del self._stream_of[mid]
+        stream._finish()
+
+    def _pump(self, stream: PublishStream) -> None:
+        """Publish from ``stream`` until its window is full (``_streams_lock`` held)."""
+        while (
+            not stream.cancelled
+            and stream.error is None
+            and len(stream.outstanding) < stream.window
+            and stream.next < len(stream.keys)
+        ):
+            key = stream.keys[stream.next]
+            try:
+                topic, payload = stream.make(key)
+                check_topic(self.quirks, topic)
+                info = self.client.publish(topic, payload, qos=stream.qos, retain=stream.retain)
+            except Exception as exc:  # a bad message ends the stream, reported by wait()
+                stream.error = exc
+                break
+            stream.next += 1
+            stream.sent_bytes += len(payload)
+            stream.outstanding[info.mid] = key
+            self._stream_of[info.mid] = stream
+        if stream.error is not None or (not stream.outstanding and stream.next >= len(stream.keys)):
+            self._streams.discard(stream)
+            for mid in list(stream.outstanding):
+                self._stream_of.pop(mid, None)
+            stream._finish()
+
+    def _drain_acks(self) -> None:
+        """Match PUBACKs to streams and refill their windows; never blocks on the lock.
+
+        Called by whoever just released the lock and by the network thread: an ack queued
+        while another thread held the lock is handled by that thread right after it.
+        """
+        while self._acked and self._streams_lock.acquire(blocking=False):
+            try:
+                touched: list[PublishStream] = []
+                while self._acked:
+                    mid = self._acked.popleft()
+                    stream = self._stream_of.pop(mid, None)
+                    if stream is not None and stream.outstanding.pop(mid, None) is not None:
+                        stream.acked += 1
+                        touched.append(stream)
+                for stream in dict.fromkeys(touched):
+                    stream._progressed()
+                    self._pump(stream)
+            finally:
+                self._streams_lock.release()
+
     # callbacks -------------------------------------------------------------------------
     def _on_connect(
         self,
@@ -342,10 +527,13 @@ class MqttConnection:
         self,
         _client: paho.Client,
         _userdata: object,
-        _mid: int,
+        mid: int,
         _reason_code: ReasonCode,
         _props: Properties | None = None,
     ) -> None:
+        if self._streams:
+            self._acked.append(mid)
+            self._drain_acks()
         with self._acks:
             self._acks.notify_all()
 
