@@ -26,11 +26,20 @@ from device_agent.system_metrics import SystemMetrics, telemetry_name_ok
 from device_agent.trainers.base import Trainer, TrainTask
 from device_agent.trainers.data import NoLocalData
 from edgefl.protocol import ChunkError, MessageError, Topics, decode, encode
-from edgefl.protocol.chunking import MIN_CHUNK_SIZE, Reassembler, parse_chunk, split_payload
-from edgefl.protocol.messages import clean_metrics
-from edgefl.protocol.tensors import encode_tensors, loads_tensors
+from edgefl.protocol.chunking import (
+    MIN_CHUNK_SIZE,
+    ChunkWriter,
+    Reassembler,
+    parse_chunk,
+    split_payload,
+    trim_heap,
+    tune_allocator,
+)
+from edgefl.protocol.messages import clean_metrics, encode_payload
+from edgefl.protocol.tensors import loads_tensors
 from edgefl.transport import MqttConnection
 from edgefl.transport.compat import announce_on_hello, fetch_retained
+from edgefl.transport.mqtt import stream_window
 
 if TYPE_CHECKING:
     from edgefl.transport.multiplex import SharedLoop
@@ -72,6 +81,7 @@ class DeviceAgent:
         executor: TaskExecutor | None = None,
         system_metrics: SystemMetrics | None = None,
     ) -> None:
+        tune_allocator()  # large blocks go back to the OS when freed (memory ~ model size)
         self.config = config
         self.trainer = trainer
         self._executor = executor
@@ -84,6 +94,8 @@ class DeviceAgent:
         self._latest: dict[str, tuple[int, int, int]] = {}  # session -> newest (fence, r, a)
         self.stale_tasks = 0
         self._model_cache: tuple[str, dict[str, np.ndarray]] | None = None
+        self._download_done: threading.Event | None = None  # the download being awaited
+        self._download_result_ready = False
         self._worker: threading.Thread | None = None
         self.completed = 0
         self.last_error: str | None = None
@@ -177,6 +189,9 @@ class DeviceAgent:
         while len(self._seen) > 256:
             self._seen.popitem(last=False)
         self._tasks.put(task)
+        waiting = self._download_done
+        if waiting is not None:
+            waiting.set()  # a download in progress gives up: the round moved on
         if self._executor is not None:
             with self._drain_lock:
                 if self._draining:
@@ -209,6 +224,7 @@ class DeviceAgent:
     def _handle(self, task: dict[str, Any]) -> None:
         try:
             self._run_task(task)
+            trim_heap()  # the update's memory is freed: give it back
         except NoLocalData as exc:  # not a failure: nothing to train on
             log.info("%s: declining task %s: %s", self.config.device_id, task.get("task_id"), exc)
             self._decline(task, str(exc))
@@ -243,31 +259,36 @@ class DeviceAgent:
             ),
         )
         train_s = time.perf_counter() - t0
-        update = encode(
+        # streamed: the update is cut into chunks straight from the trained tensors, and at
+        # most a window of chunk messages exists at once (no whole-update copies)
+        update = encode_payload(
             "update",
+            "tensors",
+            result.weights,
             task_id=task["task_id"],
             device=c.device_id,
             model_version=task["model_version"],
             num_examples=int(result.num_examples),
             metrics=clean_metrics(result.metrics),
-            tensors=encode_tensors(result.weights),
         )
         chunk_size = max(MIN_CHUNK_SIZE, min(int(task["chunk_size"]), c.max_chunk_size))
         topic = self.topics.device(c.region, c.device_id, "update")
-        infos, sent = [], 0
-        for ch in split_payload(update, chunk_size, meta={"task_id": task["task_id"]}):
-            data = ch.to_bytes()
-            sent += len(data)
-            infos.append(self.conn.publish(topic, data, qos=1))
-        if not self.conn.wait_published(infos, task["deadline"] + 30 - time.time()):
+        writer = ChunkWriter(update, chunk_size, meta={"task_id": task["task_id"]})
+        stream = self.conn.publish_stream(
+            range(writer.count),
+            lambda i: (topic, writer.message(i)),
+            window=stream_window(chunk_size, self.conn.max_inflight),
+        )
+        if not stream.wait(max(1.0, task["deadline"] + 30 - time.time())):
+            self.conn.cancel_stream(stream)
             raise TimeoutError(f"upload of {task['task_id']} not acknowledged in time")
         self.completed += 1
         self._publish_telemetry(
             {
                 "train_s": train_s,
                 "examples": float(result.num_examples),
-                "update_bytes": float(len(update)),
-                "bytes_sent": float(sent),
+                "update_bytes": float(update.size),
+                "bytes_sent": float(stream.sent_bytes),
                 "bytes_received": float(self.bytes_received - received0),
                 **clean_metrics(result.metrics),
             }
@@ -364,7 +385,9 @@ class DeviceAgent:
     def _fetch_model(self, version: str, digest: bytes, deadline: float) -> dict[str, np.ndarray]:
         if self._model_cache and self._model_cache[0] == version:
             return self._model_cache[1]
-        weights = loads_tensors(self._download(version, digest, deadline))
+        self._model_cache = None  # the old model's memory goes before the new one arrives
+        # the tensors are read-only views of the reassembly buffer: no copy of the model
+        weights = loads_tensors(self._download(version, digest, deadline, zero_copy=True))
         self._model_cache = (version, weights)
         return weights
 
@@ -381,12 +404,19 @@ class DeviceAgent:
         give_up = start + max(0.1, min(c.download_timeout_s, deadline - start))
         next_fetch = start + c.fetch_after_s
         request = encode("fetch", version=version)
-        while not done.wait(0.1):
+        self._download_done = done  # a newer task sets it (_on_task): no polling
+        while True:
+            if self._download_result_ready:
+                return
+            if not self._tasks.empty():
+                raise TimeoutError(f"gave up on {version}: a newer task is waiting")
+            # woken by the last chunk or a newer task, or at the next fetch or the timeout
+            done.wait(max(0.0, min(give_up, next_fetch) - time.time()))
+            if self._download_result_ready:
+                return
             now = time.time()
             if now >= give_up:
                 raise TimeoutError(f"model {version} did not arrive within {now - start:.1f}s")
-            if not self._tasks.empty():
-                raise TimeoutError(f"gave up on {version}: a newer task is waiting")
             if now >= next_fetch:
                 log.info("%s: %s has not arrived; asking for it", c.device_id, version)
                 self.conn.publish(
@@ -395,19 +425,30 @@ class DeviceAgent:
                 next_fetch = now + c.fetch_after_s
 
     def _download(
-        self, version: str, digest: bytes, deadline: float, max_payload: int | None = None
-    ) -> bytes:
+        self,
+        version: str,
+        digest: bytes,
+        deadline: float,
+        max_payload: int | None = None,
+        zero_copy: bool = False,
+    ) -> Any:
         """Fetch a retained, chunked transfer from the model tree and check its digest.
 
+        Returns ``bytes``, or with ``zero_copy`` a ``memoryview`` of the reassembly buffer.
+        Chunks whose digest is not the task's are dropped at once: the reassembler checks
+        the payload against that digest, so the payload is never hashed twice.
         Where the broker hands out retained messages only to exact-topic subscriptions
         (``retained_wildcards=false``), chunk 0 is also subscribed to by its exact topic and,
         once it tells the count, every other chunk (``edgefl.transport.compat``).
         """
-        reasm = Reassembler(ttl_s=self.config.download_timeout_s)
-        if max_payload is not None:  # a package announces its size: accept no more
-            reasm = Reassembler(ttl_s=self.config.download_timeout_s, max_payload=max_payload)
+        reasm = Reassembler(
+            # a package announces its size: accept no more
+            max_payload=256 * 1024 * 1024 if max_payload is None else max_payload,
+            ttl_s=self.config.download_timeout_s,
+            zero_copy=zero_copy,
+        )
         done = threading.Event()
-        result: dict[str, bytes] = {}
+        result: dict[str, Any] = {}
 
         exact: list[str] = []  # exact chunk topics subscribed to, to unsubscribe at the end
         asked = [self.conn.quirks.retained_wildcards]  # elsewhere nothing to ask for
@@ -417,6 +458,11 @@ class DeviceAgent:
                 return
             try:
                 chunk = parse_chunk(payload, reasm.max_chunk_size)
+                if chunk.digest != digest:  # another model under this version: give up now
+                    result["error"] = ValueError(f"{version} does not match the digest in the task")
+                    self._download_result_ready = True
+                    done.set()
+                    return
                 if not asked[0]:
                     asked[0] = True
                     rest = [self.topics.model_chunk(version, i) for i in range(1, chunk.count)]
@@ -426,22 +472,25 @@ class DeviceAgent:
                 log.warning("%s: bad model chunk on %s: %s", self.config.device_id, topic, exc)
                 return
             if got is not None:
+                self._download_result_ready = True
                 result["payload"] = got.payload
                 self.bytes_received += len(got.payload)
                 done.set()
 
+        self._download_result_ready = False
         flt = self.topics.model_filter(version)
         self.conn.subscribe(flt, on_chunk)
         exact.extend(fetch_retained(self.conn, [self.topics.model_chunk(version, 0)]))
         try:
             self._await_download(version, done, deadline)
         finally:
+            self._download_done = None
             asked[0] = True
             self.conn.unsubscribe(flt)
             for exact_topic in list(exact):
                 self.conn.unsubscribe(exact_topic)
-        if hashlib.sha256(result["payload"]).digest() != digest:
-            raise ValueError(f"{version} does not match the digest in the task")
+        if "error" in result:
+            raise result["error"]
         return result["payload"]
 
 
