@@ -34,27 +34,35 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from edgefl.aggregation import UpdateRejected, WeightedSum, validate_update
+from edgefl.aggregation.weighted_sum import axpy_inplace
 from edgefl.protocol import ChunkError, CodecError, MessageError, Topics, decode, encode
 from edgefl.protocol.chunking import (
     DEFAULT_CHUNK_SIZE,
+    ChunkWriter,
     Reassembler,
     ReceiverFull,
     TransferRefused,
     parse_chunk,
-    split_payload,
+    release_array,
+    trim_heap,
+    tune_allocator,
 )
-from edgefl.protocol.messages import OPTIONAL, SCHEMAS, clean_metrics
-from edgefl.protocol.tensors import decode_tensors, encode_tensors
+from edgefl.protocol.messages import OPTIONAL, SCHEMAS, clean_metrics, encode_payload
+from edgefl.protocol.tensors import decode_tensors
 from edgefl.protocol.types import Participant, Rejection, Spec, spec_from_wire
 from edgefl.transport import MqttConnection
 from edgefl.transport.compat import announce_on_hello
+from edgefl.transport.mqtt import stream_window
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], None]
 
 INBOX_MESSAGES = 16  # at most 16 chunks (4 MiB at the default chunk size) wait for the worker
+INBOX_BYTES = 4 * 1024 * 1024  # ... and at most 4 MiB of them (or one), whatever the chunk size
 REMEMBERED_SESSIONS = 64  # sessions whose newest accepted plan is remembered (stale-plan check)
 ACCEPTED_DIGESTS = 16_384  # digests of accepted updates remembered to catch their replays
 PROVENANCE_RECORDS = 64  # provenance rejections listed in one partial (all are counted)
@@ -84,6 +92,9 @@ class CombinerConfig:
     # per device: one upload per round task plus one overlapping resend
     max_transfers_per_device: int = 2
     max_spill_files: int = 64  # transfers spilled to temporary files at once
+    # updates larger than this are reassembled in temporary files (the page cache), not in
+    # this process's memory, and read through a mapping one tensor at a time
+    spill_above_bytes: int = 16 * 1024 * 1024
     warn_interval_s: float = 10.0  # one warning per device and kind of rejection per interval
 
     @property
@@ -123,6 +134,7 @@ class Combiner:
     """
 
     def __init__(self, config: CombinerConfig) -> None:
+        tune_allocator()  # large blocks go back to the OS when freed (memory ~ model size)
         self.config = config
         self.topics = Topics(config.project)
         self._lock = threading.RLock()
@@ -132,6 +144,8 @@ class Combiner:
         # The inbox is bounded: when the worker falls behind, the network thread blocks, TCP
         # pushes back on the broker, and memory stays O(model size) however many devices send.
         self._inbox: queue.Queue[tuple | None] = queue.Queue(maxsize=INBOX_MESSAGES)
+        self._inbox_bytes = 0  # payload bytes queued in the inbox
+        self._room = threading.Condition()
         self._worker: threading.Thread | None = None
         self._stopping = threading.Event()
         self._round: _Round | None = None
@@ -153,6 +167,8 @@ class Combiner:
             max_transfers_per_source=config.max_transfers_per_device,
             max_bytes_per_source=config.max_update_bytes,
             max_spill_files=config.max_spill_files,
+            zero_copy=True,
+            spill_above=config.spill_above_bytes,
         )
         self.sweep_interval_s = min(1.0, config.transfer_ttl_s / 10)
         self._warnings = _WarningLimiter(config.name, config.warn_interval_s)
@@ -228,7 +244,30 @@ class Combiner:
                     return
 
     def _enqueue(self, handler: Handler) -> Handler:
-        return lambda topic, payload: self._put((handler, topic, payload))
+        def put(topic: str, payload: bytes) -> None:
+            self._reserve(len(payload))
+            self._put((handler, topic, payload))
+
+        return put
+
+    def _reserve(self, size: int) -> None:
+        """Wait until the inbox has room for ``size`` more bytes (it always takes one
+        message): 16 chunks of 1 MiB would otherwise cost the combiner 16 MiB of backlog."""
+        with self._room:
+            while (
+                self._inbox_bytes
+                and self._inbox_bytes + size > INBOX_BYTES
+                and not self._stopping.is_set()
+            ):
+                self._room.wait(0.2)  # woken by the worker taking a message
+            self._inbox_bytes += size
+
+    def _taken(self, item: tuple) -> None:
+        """The worker took ``item`` from the inbox: free its bytes for the network thread."""
+        if len(item) == 3 and isinstance(item[2], (bytes, bytearray)):
+            with self._room:
+                self._inbox_bytes = max(0, self._inbox_bytes - len(item[2]))
+                self._room.notify()
 
     def _work(self) -> None:
         next_sweep = time.monotonic() + self.sweep_interval_s
@@ -240,8 +279,11 @@ class Combiner:
             if item is None:
                 return
             if self._stopping.is_set():
+                if item:
+                    self._taken(item)
                 continue  # drain quickly to the sentinel
             if item:
+                self._taken(item)
                 handler, *args = item
                 try:
                     handler(*args)
@@ -323,6 +365,7 @@ class Combiner:
             while len(self._plan_keys) > REMEMBERED_SESSIONS:
                 self._plan_keys.pop(next(iter(self._plan_keys)))
             devices = {str(d) for d in plan["devices"]}
+            trim_heap()  # the last round's messages are freed: give their memory back first
             rnd = _Round(plan["task_id"], plan, devices, spec, WeightedSum(spec))
             delay = max(0.0, float(plan["deadline"]) - time.time())
             rnd.timer = threading.Timer(
@@ -438,7 +481,9 @@ class Combiner:
             "a new transfer evicted the oldest",
         )
 
-    def _accept(self, device: str, payload: bytes, meta: dict[str, Any], digest: bytes) -> None:
+    def _accept(
+        self, device: str, payload: bytes | memoryview, meta: dict[str, Any], digest: bytes
+    ) -> None:
         rnd = self._round
         try:
             msg = decode(payload, ("update", "decline"))
@@ -500,13 +545,16 @@ class Combiner:
             if not 0 < n <= self.config.max_examples:
                 raise UpdateRejected(f"num_examples {n} outside 1..{self.config.max_examples}")
             tensors = decode_tensors(msg["tensors"])
-            validate_update(tensors, rnd.spec)
+            _validate_streaming(tensors, rnd.spec)
         except (UpdateRejected, CodecError) as exc:
             rnd.reported.add(device)
             self._reject(device, str(exc), "invalid_update")
             self._maybe_complete()
             return
-        rnd.acc.fold(tensors, float(n))
+        _fold_streaming(rnd.acc, tensors, float(n))
+        metrics = clean_metrics(msg["metrics"])
+        del tensors, msg, payload
+        trim_heap()  # the update's chunk messages are freed: return their memory
         self._accepted_digests[digest] = rnd.task_id
         while len(self._accepted_digests) > ACCEPTED_DIGESTS:
             self._accepted_digests.pop(next(iter(self._accepted_digests)))
@@ -520,7 +568,7 @@ class Combiner:
                 device=device,
                 region=self.config.region,
                 n=int(n),
-                metrics=clean_metrics(msg["metrics"]),
+                metrics=metrics,
             )
         )
         self.stats["accepted"] += 1
@@ -628,8 +676,12 @@ class Combiner:
         if rnd.timer:
             rnd.timer.cancel()
         self._closed_ids = ([*self._closed_ids, rnd.task_id])[-16:]
-        payload = encode(
+        # streamed: chunks are cut from the float64 sums themselves, a window at a time, as
+        # the broker acknowledges them; the sums are freed when the last one is
+        payload = encode_payload(
             "partial",
+            "sums",
+            rnd.acc.sums,
             task_id=rnd.task_id,
             region=self.config.region,
             combiner=self.config.name,
@@ -637,13 +689,14 @@ class Combiner:
             weight=rnd.acc.weight,
             devices=rnd.participants,
             rejected=rnd.rejected + rnd.provenance,
-            sums=encode_tensors(rnd.acc.sums),
         )
         topic = self.topics.combiner(self.config.region, "partial")
-        for chunk in split_payload(
-            payload, self.config.partial_chunk_size, meta={"task_id": rnd.task_id}
-        ):
-            self.conn.publish(topic, chunk.to_bytes(), qos=1)
+        writer = ChunkWriter(payload, self.config.partial_chunk_size, meta={"task_id": rnd.task_id})
+        self.conn.publish_stream(
+            range(writer.count),
+            lambda i: (topic, writer.message(i)),
+            window=stream_window(self.config.partial_chunk_size, self.conn.max_inflight),
+        )
         self.stats["partials"] += 1
         self.reassembler.discard(_for_task(rnd.task_id))
         declined = ""
@@ -661,6 +714,35 @@ class Combiner:
         )
         # free the model-sized sums now; the round record stays for late-update diagnostics
         rnd.acc = WeightedSum({})
+
+
+def _validate_streaming(tensors: dict[str, Any], spec: Spec) -> None:
+    """``validate_update`` one tensor at a time, letting each one's mapped pages go once
+    checked: a large update read from its spill file never sits whole in this process."""
+    missing = sorted(set(spec) - set(tensors))
+    extra = sorted(set(tensors) - set(spec))
+    if missing or extra:
+        raise UpdateRejected(
+            f"tensor names differ from the model: missing {missing}, unexpected {extra}"
+        )
+    for name, arr in tensors.items():
+        validate_update({name: arr}, {name: spec[name]})
+        release_array(arr)
+
+
+_SCRATCH = 1 << 15
+
+
+def _fold_streaming(acc: WeightedSum, tensors: dict[str, Any], weight: float) -> None:
+    """``acc.fold`` one tensor at a time (the same float64 arithmetic, into the same running
+    sums), letting each tensor's mapped pages go as soon as it is folded."""
+    scratch = np.empty(_SCRATCH, dtype=np.float64)
+    for name, total in acc.sums.items():
+        arr = tensors[name]
+        axpy_inplace(total, np.asarray(arr), weight, scratch)
+        release_array(arr)
+    acc.weight += weight
+    acc.count += 1
 
 
 def _for_task(task_id: str) -> Callable[[dict[str, Any]], bool]:
