@@ -275,6 +275,7 @@ class Controller:
             package = package_ref(config.package, len(package_blob))
             self.distributor.publish_package(package["id"], package_blob, config.chunk_size)
         self.distributor.publish(version, blob, config.chunk_size)
+        del blob  # the weights view it until the first round replaces them; then it is garbage
         stops = StopWatch(self, session_id).start()  # the REST API's stop requests
         r = sess.current_round + 1
         while r <= config.rounds:

@@ -11,21 +11,26 @@ reconnects, and when a device reports a model it cannot find (a ``fetch`` reques
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import logging
+import mmap
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from typing import IO
 
 from edgefl.protocol import Topics
-from edgefl.protocol.chunking import Chunk, split_payload
+from edgefl.protocol.chunking import ChunkWriter, Payload, release_pages, trim_heap
 from edgefl.store.base import Store
 from edgefl.transport import MqttConnection
+from edgefl.transport.mqtt import stream_window
 
 log = logging.getLogger(__name__)
 
 RETAINED_VERSIONS = 2  # the current model and the one before it (devices still finishing)
 PUBLISH_TIMEOUT_S = 300.0  # how long a publication waits for an unreachable broker
+STALL_S = 30.0  # a publication with no PUBACK for this long is given up and resent
 FETCH_COOLDOWN_S = 5.0  # one republication per version per this long, however many ask
 
 
@@ -35,14 +40,36 @@ class BrokerUnavailable(ConnectionError):
 
 @dataclass(frozen=True)
 class _Retained:
+    """What is retained on the broker, kept for republication in a temporary file: in
+    memory it would cost the controller two model copies for the whole session."""
+
     transfer: str
-    blob: bytes
+    file: IO[bytes]
+    size: int
+    digest: bytes
     chunk_size: int
     meta_key: str  # "version" for models, "package" for packages
 
+    @classmethod
+    def keep(cls, transfer: str, blob: bytes, chunk_size: int, meta_key: str) -> _Retained:
+        f = tempfile.TemporaryFile(prefix="edgefl-retained-")  # noqa: SIM115 - closed in close()
+        f.write(blob)
+        f.flush()
+        digest = hashlib.sha256(blob).digest()
+        return cls(transfer, f, len(blob), digest, chunk_size, meta_key)
+
     @property
     def chunk_count(self) -> int:
-        return max(1, -(-len(self.blob) // self.chunk_size))
+        return max(1, -(-self.size // self.chunk_size))
+
+    def view(self) -> memoryview:
+        """The blob, mapped from its file (pages come and go with use)."""
+        if self.size == 0:
+            return memoryview(b"")
+        return memoryview(mmap.mmap(self.file.fileno(), self.size, access=mmap.ACCESS_READ))
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class ModelDistributor:
@@ -73,13 +100,14 @@ class ModelDistributor:
         """Publish a model as retained chunks, and clear versions older than the previous one."""
         if self._published and self._published[-1].transfer == version:
             return
-        item = _Retained(version, blob, chunk_size, "version")
+        item = _Retained.keep(version, blob, chunk_size, "version")
         with self._lock:
-            self._send(item)
+            self._send(item, blob)
             self._published.append(item)
             while len(self._published) > RETAINED_VERSIONS:
                 old = self._published.pop(0)
                 self._clear(old.transfer, old.chunk_count)
+                old.close()
 
     def publish_package(self, package_id: str, blob: bytes, chunk_size: int) -> None:
         """Publish a model package as retained chunks under its id (``pkg-...``).
@@ -87,9 +115,11 @@ class ModelDistributor:
         Packages stay retained for the session: a device that joins late needs the package
         as much as the model. They are not part of the version rotation.
         """
-        item = _Retained(package_id, blob, chunk_size, "package")
+        item = _Retained.keep(package_id, blob, chunk_size, "package")
         with self._lock:
-            self._send(item)
+            self._send(item, blob)
+            if self._package is not None:
+                self._package.close()
             self._package = item
 
     def forget_stale(self, store: Store, session_id: str, current: str, chunk_size: int) -> None:
@@ -146,48 +176,55 @@ class ModelDistributor:
                         try:
                             self._send(item)
                             self.republished += 1
-                            log.info("republished %s (%d bytes)", item.transfer, len(item.blob))
+                            log.info("republished %s (%d bytes)", item.transfer, item.size)
                         except BrokerUnavailable as exc:
                             log.error("could not republish %s: %s", item.transfer, exc)
 
     # the wire -----------------------------------------------------------------------------
-    def _send(self, item: _Retained) -> None:
-        """Publish every chunk and wait for its PUBACK, resending what a disconnect cut off."""
-        chunks = split_payload(
-            item.blob, item.chunk_size, transfer=item.transfer, meta={item.meta_key: item.transfer}
+    def _send(self, item: _Retained, blob: bytes | None = None) -> None:
+        """Publish every chunk and wait for its PUBACK, resending what a disconnect cut off.
+
+        Chunks are cut from ``blob`` (or the kept file) as the broker acknowledges earlier
+        ones, a window at a time: the controller never holds the chunk messages of a model.
+        """
+        view = memoryview(blob) if blob is not None else item.view()
+        writer = ChunkWriter(
+            Payload([view]),
+            item.chunk_size,
+            transfer=item.transfer,
+            meta={item.meta_key: item.transfer},
+            digest=item.digest,
         )
-        pending: list[Chunk] = list(chunks)
 
-        def topic(index: int) -> str:
-            return self.topics.model_chunk(item.transfer, index)
+        def message(index: int) -> tuple[str, bytes]:
+            return self.topics.model_chunk(item.transfer, index), writer.message(index)
 
+        pending: list[int] = list(range(writer.count))
+        window = stream_window(item.chunk_size, self.conn.max_inflight)
         give_up = time.monotonic() + PUBLISH_TIMEOUT_S
-        while pending:
-            if not self.conn.connected.wait(timeout=max(0.0, give_up - time.monotonic())):
-                raise BrokerUnavailable(
-                    f"broker unreachable for {PUBLISH_TIMEOUT_S:.0f}s while publishing "
-                    f"{item.transfer}"
-                )
-            infos = [
-                (c, self.conn.publish(topic(c.index), c.to_bytes(), qos=1, retain=True))
-                for c in pending
-            ]
-            failed = []
-            for chunk, info in infos:
-                # paho raises at once for a chunk queued while the connection was down
-                with contextlib.suppress(RuntimeError, ValueError):
-                    info.wait_for_publish(timeout=30)
-                if not info.is_published():
-                    failed.append(chunk)
-            if failed:
+        try:
+            while pending:
+                if not self.conn.connected.wait(timeout=max(0.0, give_up - time.monotonic())):
+                    raise BrokerUnavailable(
+                        f"broker unreachable for {PUBLISH_TIMEOUT_S:.0f}s while publishing "
+                        f"{item.transfer}"
+                    )
+                stream = self.conn.publish_stream(pending, message, retain=True, window=window)
+                if stream.wait(STALL_S):
+                    return
+                self.conn.cancel_stream(stream)
+                failed = stream.unacked()
                 log.warning(
                     "%d of %d chunks of %s unacknowledged (broker disconnect?); resending",
                     len(failed),
                     len(pending),
                     item.transfer,
                 )
-                time.sleep(0.2)
-            pending = failed
+                pending = failed
+        finally:
+            if blob is None:
+                release_pages(view)
+            trim_heap()  # the chunk messages are freed: give their memory back
 
     def _clear(self, transfer: str, n_chunks: int) -> None:
         for i in range(n_chunks):

@@ -56,7 +56,9 @@ class CombinerInbox:
     def __init__(self, topics: Topics, ttl_s: float = 600) -> None:
         self.topics = topics
         self._events: queue.Queue[Event] = queue.Queue()
-        self._partials = Reassembler(ttl_s=ttl_s)
+        # partials are float64 sums (2x the model): reassembled in temporary files and
+        # decoded as views of them, merged one tensor at a time (RoundRunner)
+        self._partials = Reassembler(ttl_s=ttl_s, zero_copy=True, spill_above=16 * 1024 * 1024)
         self.refused: dict[Literal["partial", "progress"], int] = {"partial": 0, "progress": 0}
 
     def on_partial_chunk(self, topic: str, payload: bytes) -> None:

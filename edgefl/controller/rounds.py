@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from edgefl.aggregation import ServerAggregator, WeightedSum
 from edgefl.controller.config import SessionConfig
 from edgefl.controller.inbox import CombinerInbox, Partial, Progress
@@ -21,8 +23,9 @@ from edgefl.controller.model_versions import ModelRepository
 from edgefl.controller.presence import Presence
 from edgefl.controller.records import RoundAttempt
 from edgefl.protocol import CodecError, Topics, encode
+from edgefl.protocol.chunking import release_array, trim_heap, tune_allocator
 from edgefl.protocol.tensors import decode_tensors
-from edgefl.protocol.types import Participant, Rejection, Weights, spec_of, spec_to_wire
+from edgefl.protocol.types import Participant, Rejection, Spec, Weights, spec_of, spec_to_wire
 from edgefl.store.base import Store
 from edgefl.transport import MqttConnection
 
@@ -33,12 +36,50 @@ Evaluator = Callable[[Weights], dict[str, float]]
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    """A completed round: the new global model and its stored version."""
+    """A completed round: the new global model and its stored version.
+
+    ``blob`` (the stored model's bytes) is read from the model store when asked for: kept
+    in memory, it would sit beside the weights through the whole next round.
+    """
 
     task_id: str
     weights: Weights
     version: str
-    blob: bytes
+    load_blob: Callable[[], bytes]
+
+    @property
+    def blob(self) -> bytes:
+        return self.load_blob()
+
+
+def _merge_streaming(merged: WeightedSum, sums: Weights, partial: Partial) -> None:
+    """``merged.merge`` one tensor at a time, letting the partial's mapped pages go as each
+    is added: an 80 MB partial read from its spill file never sits whole in memory."""
+    missing = set(merged.sums) - set(sums)
+    if missing:
+        raise KeyError(f"partial lacks {sorted(missing)}")
+    for name, acc in merged.sums.items():
+        if sums[name].shape != acc.shape:
+            raise ValueError(f"partial tensor {name!r} has shape {sums[name].shape}")
+    for name, acc in merged.sums.items():
+        acc += sums[name]
+        release_array(sums[name])
+    merged.weight += float(partial.weight)
+    merged.count += int(partial.count)
+
+
+def _mean_in_place(merged: WeightedSum, spec: Spec) -> Weights:
+    """``merged.mean`` with the model's dtypes, dividing each sum in place and dropping it
+    once converted: the same values, without a float64 copy of the model."""
+    if merged.weight <= 0:
+        raise ValueError("no updates were aggregated")
+    out: Weights = {}
+    for name in list(merged.sums):
+        acc = merged.sums.pop(name)
+        np.divide(acc, merged.weight, out=acc)
+        out[name] = acc.astype(spec[name][0])
+        del acc
+    return out
 
 
 def select_devices(
@@ -80,6 +121,7 @@ class RoundRunner:
         inbox: CombinerInbox,
         evaluator: Evaluator | None = None,
     ) -> None:
+        tune_allocator()  # large blocks go back to the OS when freed (memory ~ model size)
         self.conn = conn
         self.topics = topics
         self.store = store
@@ -184,11 +226,13 @@ class RoundRunner:
                 self._refuse(attempt.task_id, partial, wrong, rejected)
                 continue
             try:
-                merged.merge(decode_tensors(partial.sums), partial.weight, partial.count)
+                _merge_streaming(merged, decode_tensors(partial.sums), partial)
             except (CodecError, KeyError, ValueError) as exc:
                 log.error("round %s: partial from %s unusable: %s", attempt.task_id, region, exc)
                 continue
             participants.extend(partial.participants)
+        partials.clear()  # their mapped sums are merged
+        trim_heap()
         if merged.count < config.min_devices or merged.weight <= 0:
             attempt.fail(
                 self.store,
@@ -200,7 +244,7 @@ class RoundRunner:
             )
             return None
 
-        new_weights = aggregator.step(weights, merged.mean({k: d for k, (d, _) in spec.items()}))
+        new_weights = aggregator.step(weights, _mean_in_place(merged, spec))
         metrics = round_metrics(participants)
         if self.evaluator is not None:
             metrics.update(self.evaluator(new_weights))
@@ -208,7 +252,7 @@ class RoundRunner:
         if refused:
             metrics["partials_refused"] = float(refused)
         metrics.update(self._presence_increase())
-        record, blob = self.models.save(
+        record, _blob = self.models.save(
             new_weights,
             parent=attempt.model_in,
             session_id=attempt.session_id,
@@ -229,7 +273,10 @@ class RoundRunner:
             merged.count,
             {k: round(v, 4) for k, v in metrics.items()},
         )
-        return RoundOutcome(attempt.task_id, new_weights, record.version, blob)
+        del _blob  # read again when the distributor publishes it (RoundOutcome.blob)
+        trim_heap()
+        blobs, version = self.models.blobs, record.version
+        return RoundOutcome(attempt.task_id, new_weights, version, lambda: blobs.get(version))
 
     def _dispatch(
         self,
