@@ -1,0 +1,513 @@
+"""A 10M-parameter (40 MB) float32 model, 10 devices, 1 region, Mosquitto: round time and RSS.
+
+Layout (issue 10), over a private Mosquitto:
+- **server** (a child process): one combiner and the controller (SQLite store, file blob
+  store), wired by ``edgefl.deploy.Deployment``; plain FedAvg, 1 MiB chunks;
+- **devices** (another child process): 10 real ``DeviceAgent``s, each with its own MQTT
+  connection and threads, whose trainer adds 0.001 to every weight (a trivial trainer: this
+  measures the system, not learning). After the session the global model must equal the
+  initial one plus 0.001 once per round, in float32, bit for bit: the benchmark proves the
+  rounds were exact, not only fast.
+
+Headline: ``round_s_median``, the median wall time of a round as the controller runs it: from
+the publication of the round's input model (retained chunks) to the stored new model, i.e.
+publish, dispatch, 10 downloads, training, 10 uploads, folding, partial, merge and storage.
+(``record_round_s_median``, the round records' ``finished - started``, leaves the model's
+publication out.)
+
+Baseline, same run, same broker, same two-process layout: ``raw_transport_s``, raw paho
+moving the same bytes. One process publishes the model's bytes as 1 MiB QoS 1 messages and
+receives the uploads; the devices' process holds 10 paho clients that each upload the same
+number of bytes as an edgefl update (1 MiB QoS 1 messages) as soon as they have the whole
+model. Both sides use MQTT 3.1.1, TCP_NODELAY and 64 messages in flight. Raw trials run
+before and after the session; the baseline is their median.
+Target: ``round_s_median <= 1.5 x raw_transport_s`` (and a bar of 2x that must hold).
+
+Memory: peak RSS above the process's idle RSS (connected, before any model exists), from
+``VmHWM`` inside each process, cross-checked by sampling from outside every 5 ms. To tell
+the tiers apart, a second pass of 2 rounds runs the controller, the combiner, one agent and
+the other nine agents each in a process of its own. Targets: agent <= 3x, combiner <= 3x and
+controller <= 4x the model's bytes. The timed layout's two processes are reported too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import MIB, RssSampler, broker, emit, log, mb, median, setup_logging
+
+PROJECT = "benchlarge"
+REGION = "region-0"
+N_DEVICES = 10
+TENSORS = 4  # 4 x (2500 x 1000) float32 = 10,000,000 parameters, 40,000,000 bytes
+SHAPE = (2500, 1000)
+CHUNK = MIB
+DELTA = np.float32(0.001)
+EXAMPLES = 100
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+MEMORY_ROUNDS = 2
+RAW_TRIALS = int(
+    os.environ.get("BENCH_RAW_TRIALS", "3")
+)  # before the session, and as many after it
+INFLIGHT = 64
+TARGET_RATIO = 1.5
+BAR_RATIO = 2.0
+TARGETS = {"agent": 3.0, "combiner": 3.0, "controller": 4.0}
+TIMEOUT_S = 300.0
+
+
+def _own_rss() -> int:
+    """RSS of this process from /proc (no psutil import in the measured processes)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _profile_start() -> Any:
+    """With BENCH_PROFILE=DIR, profile this process's CPU (every thread) with yappi."""
+    if not os.environ.get("BENCH_PROFILE"):
+        return None
+    import yappi  # a diagnostic tool only, installed by hand
+
+    yappi.set_clock_type("cpu")
+    yappi.start()
+    return yappi
+
+
+def _profile_stop(yappi: Any, name: str) -> None:
+    if yappi is None:
+        return
+    yappi.stop()
+    out = Path(os.environ["BENCH_PROFILE"]) / f"{name}-{os.getpid()}.txt"
+    with open(out, "w") as f:
+        stats = yappi.get_func_stats()
+        stats.sort("tsub")
+        stats.print_all(
+            out=f, columns={0: ("name", 90), 1: ("ncall", 10), 2: ("tsub", 8), 3: ("ttot", 8)}
+        )
+        stats.sort("ttot")
+        stats.print_all(
+            out=f, columns={0: ("name", 90), 1: ("ncall", 10), 2: ("tsub", 8), 3: ("ttot", 8)}
+        )
+
+
+def maxrss_bytes() -> int:
+    """This process's peak RSS: ``VmHWM``, which starts afresh at exec. (``ru_maxrss`` does
+    not: a spawned child inherits its parent's RSS at fork as its starting peak.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _idle_rss() -> int:
+    gc.collect()
+    time.sleep(0.5)  # SUBACKs, retained status messages
+    gc.collect()
+    return _own_rss()
+
+
+def initial_weights() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {f"w{i}": rng.standard_normal(SHAPE).astype(np.float32) for i in range(TENSORS)}
+
+
+def model_bytes() -> int:
+    return TENSORS * SHAPE[0] * SHAPE[1] * 4
+
+
+def _expect(pipe: Connection, what: str, timeout: float = TIMEOUT_S) -> Any:
+    if not pipe.poll(timeout):
+        raise TimeoutError(f"no {what!r} from a child process")
+    tag, value = pipe.recv()
+    if tag == "error":
+        raise RuntimeError(f"child process failed: {value}")
+    if tag != what:
+        raise RuntimeError(f"expected {what!r}, got {tag!r}")
+    return value
+
+
+# edgefl: the server process ------------------------------------------------------------------
+def server(url: str, workdir: str, roles: list[str], rounds: int, pipe: Connection) -> None:
+    """Combiner and/or controller; the controller runs a session of ``rounds`` on 'go'."""
+    setup_logging()
+    try:
+        from edgefl.controller import SessionConfig
+        from edgefl.deploy import Deployment
+
+        with Deployment(Path(workdir), project=PROJECT, broker_url=url) as dep:
+            if "combiner" in roles:
+                dep.start_combiners([REGION])
+            ctl = dep.start_controller() if "controller" in roles else None
+            pipe.send(("ready", _idle_rss()))
+            if ctl is None:
+                pipe.recv()  # until the session is over
+                pipe.send(("done", {"maxrss": maxrss_bytes()}))
+                pipe.recv()
+                return
+            pipe.recv()  # go: the devices are online
+            prof = _profile_start()
+            config = SessionConfig(
+                session_id=f"large-{rounds}",
+                rounds=rounds,
+                min_devices=N_DEVICES,
+                round_timeout_s=120,
+                chunk_size=CHUNK,
+                wait_for_devices_s=60,
+            )
+            ctl.create_session(config, initial_weights())
+            stamps = [time.monotonic()]
+            ctl.run(config.session_id, on_round=lambda _r, _s: stamps.append(time.monotonic()))
+            peak = maxrss_bytes()
+            _profile_stop(prof, "server")
+            sess = ctl.store.get_session(config.session_id)
+            records = ctl.store.list_rounds(config.session_id)
+            final, _ = ctl.models.load(sess.model_version)
+            expected = initial_weights()
+            for _ in range(rounds):
+                expected = {k: v + DELTA for k, v in expected.items()}
+            exact = all(np.array_equal(final[k], expected[k]) for k in expected)
+            pipe.send(
+                (
+                    "done",
+                    {
+                        "maxrss": peak,
+                        "round_s": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
+                        "record_round_s": [
+                            r.finished - r.started
+                            for r in records
+                            if r.status == "completed" and r.finished
+                        ],
+                        "failed_attempts": sum(r.status != "completed" for r in records),
+                        "exact": exact,
+                        "updates": [len(r.participants) for r in records],
+                    },
+                )
+            )
+            pipe.recv()
+    except Exception as exc:
+        pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+# edgefl: the devices' process ----------------------------------------------------------------
+def devices(url: str, first: int, count: int, pipe: Connection) -> None:
+    """``count`` real agents whose trainer adds 0.001 to every weight."""
+    setup_logging()
+    try:
+        from device_agent.agent import DeviceAgent
+        from device_agent.config import AgentConfig
+        from device_agent.trainers.base import CallableTrainer, TrainResult
+
+        def add_delta(weights: dict, _task: object) -> TrainResult:
+            return TrainResult({k: v + DELTA for k, v in weights.items()}, EXAMPLES, {})
+
+        agents = [
+            DeviceAgent(
+                AgentConfig(
+                    broker_url=url,
+                    project=PROJECT,
+                    region=REGION,
+                    device_id=f"dev-{k:04d}",
+                    download_timeout_s=120,
+                ),
+                CallableTrainer(add_delta),
+            ).start()
+            for k in range(first, first + count)
+        ]
+        pipe.send(("ready", _idle_rss()))
+        prof = _profile_start()
+        pipe.recv()  # the session is over
+        _profile_stop(prof, f"devices{first}")
+        pipe.send(("done", {"maxrss": maxrss_bytes(), "completed": [a.completed for a in agents]}))
+        pipe.recv()
+        for a in agents:
+            a.stop()
+    except Exception as exc:
+        pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+# raw paho ------------------------------------------------------------------------------------
+def _raw_client(url: str, client_id: str) -> Any:
+    import socket
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edgefl.transport import parse_broker_url
+
+    addr = parse_broker_url(url)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+    client.max_inflight_messages_set(INFLIGHT)
+    client.max_queued_messages_set(0)
+    connected = threading.Event()
+
+    def on_connect(c: Any, _u: Any, _f: Any, _rc: Any, _p: Any = None) -> None:
+        c.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connected.set()
+
+    client.on_connect = on_connect
+    client.connect(addr.host, addr.port)
+    client.loop_start()
+    if not connected.wait(10):
+        raise ConnectionError(f"{client_id}: no CONNACK from {url}")
+    return client
+
+
+def _messages(size: int, seed: int) -> list[bytes]:
+    data = np.random.default_rng(seed).bytes(size)
+    return [data[s : s + CHUNK] for s in range(0, size, CHUNK)]
+
+
+def raw_server(url: str, model_len: int, update_len: int, pipe: Connection) -> None:
+    """Publishes the model as 1 MiB QoS 1 messages on 'go'; times until every upload is in."""
+    model = _messages(model_len, 1)
+    expected = N_DEVICES * update_len
+    got = {"bytes": 0}
+    done = threading.Event()
+    client = _raw_client(url, "raw-server")
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        got["bytes"] += len(msg.payload)
+        if got["bytes"] >= expected:
+            done.set()
+
+    client.on_message = on_message
+    client.subscribe("rawbench/up/+", qos=1)
+    time.sleep(0.3)
+    pipe.send(("ready", None))
+    while True:
+        cmd = pipe.recv()
+        if cmd == "stop":
+            break
+        got["bytes"] = 0
+        done.clear()
+        t0 = time.perf_counter()
+        for m in model:
+            client.publish("rawbench/model", m, qos=1)
+        if not done.wait(TIMEOUT_S):
+            pipe.send(("error", f"raw uploads: {got['bytes']} of {expected} bytes"))
+            return
+        pipe.send(("done", time.perf_counter() - t0))
+    client.disconnect()
+    client.loop_stop()
+
+
+def raw_devices(url: str, model_len: int, update_len: int, pipe: Connection) -> None:
+    """10 paho clients; each uploads its update's bytes once it has the whole model."""
+    upload = _messages(update_len, 2)
+    clients = []
+    for k in range(N_DEVICES):
+        state = {"bytes": 0}
+
+        def on_message(c: Any, _u: Any, msg: Any, state: dict = state, k: int = k) -> None:
+            state["bytes"] += len(msg.payload)
+            if state["bytes"] >= model_len:
+                state["bytes"] = 0
+                for m in upload:
+                    c.publish(f"rawbench/up/{k}", m, qos=1)
+
+        client = _raw_client(url, f"raw-dev-{k}")
+        client.on_message = on_message
+        client.subscribe("rawbench/model", qos=1)
+        clients.append(client)
+    time.sleep(0.3)
+    pipe.send(("ready", None))
+    pipe.recv()
+    for c in clients:
+        c.disconnect()
+        c.loop_stop()
+
+
+def update_length() -> int:
+    """The bytes of one device's update message (what an agent uploads)."""
+    from edgefl.protocol import encode
+    from edgefl.protocol.tensors import encode_tensors
+
+    w = initial_weights()
+    return len(
+        encode(
+            "update",
+            task_id="large-5:1:0",
+            device="dev-0000",
+            model_version="x" * 64,
+            num_examples=EXAMPLES,
+            metrics={},
+            tensors=encode_tensors(w),
+        )
+    )
+
+
+def model_length() -> int:
+    from edgefl.protocol.tensors import dumps_tensors
+
+    return len(dumps_tensors(initial_weights()))
+
+
+class Children:
+    """Child processes with a pipe each, terminated on exit whatever happened."""
+
+    def __init__(self) -> None:
+        self.ctx = mp.get_context("spawn")
+        self.procs: dict[str, tuple[Any, Connection]] = {}
+
+    def spawn(self, name: str, target: Any, *args: Any) -> Connection:
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=target, args=(*args, child), daemon=True, name=name)
+        proc.start()
+        self.procs[name] = (proc, parent)
+        return parent
+
+    def pid(self, name: str) -> int:
+        return int(self.procs[name][0].pid)
+
+    def close(self) -> None:
+        for _proc, pipe in self.procs.values():
+            with contextlib.suppress(OSError):
+                pipe.send("stop")
+        for proc, _ in self.procs.values():
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        self.procs.clear()
+
+
+def raw_trials(url: str, n: int) -> list[float]:
+    ml, ul = model_length(), update_length()
+    kids = Children()
+    try:
+        srv = kids.spawn("raw-server", raw_server, url, ml, ul)
+        devs = kids.spawn("raw-devices", raw_devices, url, ml, ul)
+        _expect(srv, "ready")
+        _expect(devs, "ready")
+        out = []
+        for _ in range(n):
+            srv.send("go")
+            out.append(_expect(srv, "done"))
+            log(f"raw transport: {out[-1]:.2f} s")
+        return out
+    finally:
+        kids.close()
+
+
+def edgefl_run(url: str, layout: dict[str, tuple[str, tuple]], rounds: int) -> dict[str, Any]:
+    """Start the children of a layout, run a session, return each one's figures."""
+    kids = Children()
+    samplers: dict[str, RssSampler] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-large-") as workdir:
+            pipes = {}
+            for name, (kind, args) in layout.items():
+                if kind == "server":
+                    pipes[name] = kids.spawn(name, server, url, workdir, *args)
+                else:
+                    pipes[name] = kids.spawn(name, devices, url, *args)
+            idle = {name: _expect(p, "ready") for name, p in pipes.items()}
+            samplers = {name: RssSampler(kids.pid(name)).start() for name in layout}
+            ctl = next(n for n, (k, a) in layout.items() if k == "server" and "controller" in a[0])
+            pipes[ctl].send("go")
+            result = {ctl: _expect(pipes[ctl], "done", TIMEOUT_S * 2)}
+            for name, p in pipes.items():
+                if name != ctl:
+                    p.send("report")
+                    result[name] = _expect(p, "done")
+            for name, s in samplers.items():
+                result[name]["sampled_peak"] = s.stop()
+                result[name]["idle"] = idle[name]
+            return result
+    finally:
+        for s in samplers.values():
+            s.stop()
+        kids.close()
+
+
+def main() -> None:
+    setup_logging()
+    load = os.getloadavg()[0]
+    size = model_bytes()
+    log(f"load {load:.2f}; model {size} B in {TENSORS} tensors, {N_DEVICES} devices")
+    with broker() as b:
+        raw = raw_trials(b.url, RAW_TRIALS)
+        timed = edgefl_run(
+            b.url,
+            {
+                "server": ("server", (["combiner", "controller"], ROUNDS)),
+                "devices": ("devices", (0, N_DEVICES)),
+            },
+            ROUNDS,
+        )
+        srv = timed["server"]
+        log(f"edgefl rounds (wall): {[round(x, 2) for x in srv['round_s']]}")
+        raw += raw_trials(b.url, RAW_TRIALS)
+        mem = edgefl_run(
+            b.url,
+            {
+                "controller": ("server", (["controller"], MEMORY_ROUNDS)),
+                "combiner": ("server", (["combiner"], MEMORY_ROUNDS)),
+                "agent": ("devices", (0, 1)),
+                "agents9": ("devices", (1, N_DEVICES - 1)),
+            },
+            MEMORY_ROUNDS,
+        )
+    round_s = median(srv["round_s"])
+    raw_s = median(raw)
+    ratio = round_s / raw_s
+
+    def above(r: dict) -> int:
+        return int(r["maxrss"] - r["idle"])
+
+    peaks = {tier: above(mem[tier]) for tier in TARGETS}
+    sampled = {tier: int(mem[tier]["sampled_peak"] - mem[tier]["idle"]) for tier in TARGETS}
+    per_model = {tier: round(v / size, 2) for tier, v in peaks.items()}
+    mem_met = {tier: per_model[tier] <= TARGETS[tier] for tier in TARGETS}
+    exact = srv["exact"] and mem["controller"]["exact"]
+    emit(
+        {
+            "benchmark": "large_model",
+            "load_1min": round(load, 2),
+            "params": TENSORS * SHAPE[0] * SHAPE[1],
+            "model_bytes": size,
+            "devices": N_DEVICES,
+            "chunk_bytes": CHUNK,
+            "rounds": ROUNDS,
+            "round_s_median": round(round_s, 3),
+            "round_s": [round(x, 3) for x in srv["round_s"]],
+            "record_round_s_median": round(median(srv["record_round_s"]), 3),
+            "raw_transport_s": round(raw_s, 3),
+            "raw_trials_s": [round(x, 3) for x in raw],
+            "ratio": round(ratio, 3),
+            "exact": exact,
+            "failed_attempts": srv["failed_attempts"] + mem["controller"]["failed_attempts"],
+            "peak_rss_above_idle_mb": {t: mb(v) for t, v in peaks.items()},
+            "peak_rss_over_model": per_model,
+            "sampled_peak_above_idle_mb": {t: mb(v) for t, v in sampled.items()},
+            "memory_targets_over_model": TARGETS,
+            "memory_targets_met": mem_met,
+            "timed_layout_peak_above_idle_mb": {
+                "server": mb(above(srv)),
+                "devices_10": mb(above(timed["devices"])),
+            },
+            "target": f"round_s_median <= {TARGET_RATIO} x raw_transport_s (bar {BAR_RATIO}x)",
+            "target_met": ratio <= TARGET_RATIO and exact,
+            "bar_met": ratio <= BAR_RATIO and exact,
+        }
+    )
+    if not exact:
+        raise SystemExit("the global model is not initial + 0.001 per round: rounds were not exact")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
