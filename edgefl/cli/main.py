@@ -436,7 +436,9 @@ def dashboard(
         Path("edgefl-state/models"), help="model blob folder, for model downloads (optional)"
     ),
     project: str = typer.Option(
-        "default", help="the project served: its sessions only, its tokens only"
+        None,
+        help="serve only this project (its sessions, its tokens); by default every project, "
+        "each caller seeing only the projects they belong to (docs/security.md 4a)",
     ),
     host: str = typer.Option("127.0.0.1", help="bind address (loopback by default)"),
     port: int = typer.Option(8080),
