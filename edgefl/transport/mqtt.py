@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -58,6 +59,40 @@ class _Client(paho.Client):
         if len(packet) >= 65536:
             packet = memoryview(packet)
         return super()._packet_queue(command, packet, mid, qos, info)
+
+    def _handle_publish(self) -> Any:
+        """A large QoS 0/1 PUBLISH (MQTT 3.1.1) decoded with one copy of its payload.
+
+        paho's decoder cuts the packet with three ``struct.unpack`` calls, each copying the
+        rest of it: three extra copies of every 1 MiB chunk. This does what paho does
+        (message, callbacks, PUBACK; not the debug log line) from a view; anything else
+        (MQTT 5, QoS 2, small packets) is paho's own.
+        """
+        packet = self._in_packet["packet"]
+        header = self._in_packet["command"]
+        qos = (header & 0x06) >> 1
+        if self._protocol == paho.MQTTv5 or qos > 1 or len(packet) < 65536:
+            return super()._handle_publish()
+        view = memoryview(packet)
+        slen = int.from_bytes(view[:2], "big")
+        pos = 2 + slen + (2 if qos else 0)
+        if slen == 0 or pos > len(view):
+            view.release()
+            raise MalformedPacket("PUBLISH with an empty or truncated topic")
+        message = paho.MQTTMessage(
+            mid=int.from_bytes(view[2 + slen : pos], "big") if qos else 0,
+            topic=bytes(view[2 : 2 + slen]),
+        )
+        message.dup = bool(header & 0x08)
+        message.qos = qos
+        message.retain = bool(header & 0x01)
+        message.payload = bytes(view[pos:])
+        view.release()
+        message.timestamp = paho.time_func()
+        self._handle_on_message(message)
+        if qos == 0 or self._manual_ack:
+            return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+        return self._send_puback(message.mid)
 
 
 class PublishStream:
