@@ -352,14 +352,20 @@ class ChunkWriter:
 class _Buffer:
     """Where one transfer's bytes are placed: memory, or a temporary file past the budget."""
 
-    def __init__(self, size: int, spill: bool, recycled: bytearray | None = None) -> None:
+    def __init__(
+        self, size: int, spill: bool, recycled: bytearray | None = None, mapped: bool = False
+    ) -> None:
         self.size = size
         self.spilled = spill
         self._file: IO[bytes] | None = None
-        self._mem: bytearray | None = None
+        self._mem: bytearray | mmap.mmap | None = None
         if spill:
             self._file = tempfile.TemporaryFile(prefix="edgefl-xfer-")  # noqa: SIM115 - closed in close()
             self._file.truncate(size)
+        elif mapped and size:
+            # anonymous memory: zero pages appear as chunks land (no memset of the whole
+            # payload first) and go back to the OS when its last view is dropped
+            self._mem = mmap.mmap(-1, size)
         else:
             # every byte is overwritten by chunks, so a recycled buffer needs no clearing
             self._mem = recycled if recycled is not None else bytearray(size)
@@ -410,7 +416,7 @@ class _Buffer:
         if self._file is not None:
             self._file.close()
         mem, self._mem = self._mem, None
-        return mem
+        return mem if isinstance(mem, bytearray) else None
 
 
 class _Hash(Protocol):
@@ -647,7 +653,10 @@ class Reassembler:
                 dict(chunk.meta),
             )
         pooled = self._pool.get(size)
-        buf = _Buffer(size, spill, pooled.pop() if pooled and not spill else None)
+        if self.zero_copy:  # delivered as views: nothing is recycled, so map fresh memory
+            buf = _Buffer(size, spill, mapped=size >= 1024 * 1024)
+        else:
+            buf = _Buffer(size, spill, pooled.pop() if pooled and not spill else None)
         if spill:
             self._spilled += 1
         else:
