@@ -443,7 +443,11 @@ class Combiner:
             finally:
                 self._count_evictions(device, self.reassembler.evictions - evictions)
             if done is not None:
-                self._accept(device, done.payload, done.meta, chunk.digest)
+                body, done.payload = done.payload, b""
+                self._accept(device, body, done.meta, chunk.digest)
+                del body
+                if done.release is not None:
+                    done.release()  # nothing reads the update now: its spill file is reused
 
     def _is_replay(self, device: str, digest: bytes) -> bool:
         """A chunk of an update already accepted for another round: refuse it, count it once.

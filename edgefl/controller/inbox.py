@@ -31,6 +31,7 @@ class Partial:
     participants: list[Participant]
     rejected: list[Rejection]
     sums: dict[str, Any]  # still wire-encoded tensors: decoded on the session loop
+    release: Any = None  # call once merged: the partial's spill file is reused
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class CombinerInbox:
                 participants=participants_from_wire(msg["devices"]),
                 rejected=rejections_from_wire(msg["rejected"]),
                 sums=msg["sums"],
+                release=done.release,
             )
         except (ChunkError, MessageError, ValueError) as exc:
             self.refused["partial"] += 1

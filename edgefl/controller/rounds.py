@@ -231,7 +231,10 @@ class RoundRunner:
                 log.error("round %s: partial from %s unusable: %s", attempt.task_id, region, exc)
                 continue
             participants.extend(partial.participants)
-        partials.clear()  # their mapped sums are merged
+        for partial in partials.values():  # merged (or refused): their spill files are free
+            if partial.release is not None:
+                partial.release()
+        partials.clear()
         trim_heap()
         if merged.count < config.min_devices or merged.weight <= 0:
             attempt.fail(
