@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import mmap
+import os
 import tempfile
 import threading
 import time
@@ -51,10 +52,22 @@ class _Retained:
     meta_key: str  # "version" for models, "package" for packages
 
     @classmethod
-    def keep(cls, transfer: str, blob: bytes, chunk_size: int, meta_key: str) -> _Retained:
-        f = tempfile.TemporaryFile(prefix="edgefl-retained-")  # noqa: SIM115 - closed in close()
-        f.write(blob)
-        f.flush()
+    def keep(
+        cls,
+        transfer: str,
+        blob: bytes,
+        chunk_size: int,
+        meta_key: str,
+        reuse: IO[bytes] | None = None,
+    ) -> _Retained:
+        """Write ``blob`` to a temporary file: ``reuse`` (a dropped version's, whose pages
+        are still cached, so rewriting them is a plain copy) or a new one."""
+        f = reuse or tempfile.TemporaryFile(prefix="edgefl-retained-")  # noqa: SIM115 - closed in close()
+        os.ftruncate(f.fileno(), len(blob))
+        view = memoryview(blob)
+        at = 0
+        while at < len(view):
+            at += os.pwrite(f.fileno(), view[at:], at)
         digest = hashlib.sha256(blob).digest()
         return cls(transfer, f, len(blob), digest, chunk_size, meta_key)
 
@@ -86,6 +99,7 @@ class ModelDistributor:
         self.topics = topics
         self._published: list[_Retained] = []  # model versions on the broker, oldest first
         self._package: _Retained | None = None
+        self._spare: IO[bytes] | None = None  # a dropped version's file, for the next one
         self._lock = threading.Lock()  # one publication at a time
         self._wanted: set[str] = set()  # transfers to republish ("*": everything retained)
         self._wake = threading.Condition()
@@ -100,14 +114,18 @@ class ModelDistributor:
         """Publish a model as retained chunks, and clear versions older than the previous one."""
         if self._published and self._published[-1].transfer == version:
             return
-        item = _Retained.keep(version, blob, chunk_size, "version")
         with self._lock:
+            spare, self._spare = self._spare, None
+            item = _Retained.keep(version, blob, chunk_size, "version", reuse=spare)
             self._send(item, blob)
             self._published.append(item)
             while len(self._published) > RETAINED_VERSIONS:
                 old = self._published.pop(0)
                 self._clear(old.transfer, old.chunk_count)
-                old.close()
+                if self._spare is None:
+                    self._spare = old.file  # the next version's file
+                else:
+                    old.close()
 
     def publish_package(self, package_id: str, blob: bytes, chunk_size: int) -> None:
         """Publish a model package as retained chunks under its id (``pkg-...``).
