@@ -33,7 +33,6 @@ from edgefl.protocol.chunking import (
     parse_chunk,
     split_payload,
     trim_heap,
-    tune_allocator,
 )
 from edgefl.protocol.messages import clean_metrics, encode_payload
 from edgefl.protocol.tensors import loads_tensors
@@ -81,7 +80,6 @@ class DeviceAgent:
         executor: TaskExecutor | None = None,
         system_metrics: SystemMetrics | None = None,
     ) -> None:
-        tune_allocator()  # large blocks go back to the OS when freed (memory ~ model size)
         self.config = config
         self.trainer = trainer
         self._executor = executor
