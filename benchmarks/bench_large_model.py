@@ -19,8 +19,10 @@ Baseline, same run, same broker, same two-process layout: ``raw_transport_s``, r
 moving the same bytes. One process publishes the model's bytes as 1 MiB QoS 1 messages and
 receives the uploads; the devices' process holds 10 paho clients that each upload the same
 number of bytes as an edgefl update (1 MiB QoS 1 messages) as soon as they have the whole
-model. Both sides use MQTT 3.1.1, TCP_NODELAY and 64 messages in flight. Raw trials run
-before and after the session; the baseline is their median.
+model. Both sides use MQTT 3.1.1, TCP_NODELAY and 64 messages in flight. A raw trial runs
+before each round (the session pauses between rounds for it, and the pause is not timed), so
+each round has its baseline measured next to it, under the same background load: ``ratio``
+is the median of the per-round ratios, ``raw_transport_s`` the median raw trial.
 Target: ``round_s_median <= 1.5 x raw_transport_s`` (and a bar of 2x that must hold).
 
 Memory: peak RSS above the process's idle RSS (connected, before any model exists), from
@@ -55,11 +57,8 @@ SHAPE = (2500, 1000)
 CHUNK = MIB
 DELTA = np.float32(0.001)
 EXAMPLES = 100
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "7"))
 MEMORY_ROUNDS = 2
-RAW_TRIALS = int(
-    os.environ.get("BENCH_RAW_TRIALS", "3")
-)  # before the session, and as many after it
 INFLIGHT = 64
 TARGET_RATIO = 1.5
 BAR_RATIO = 2.0
@@ -139,8 +138,11 @@ def _expect(pipe: Connection, what: str, timeout: float = TIMEOUT_S) -> Any:
 
 
 # edgefl: the server process ------------------------------------------------------------------
-def server(url: str, workdir: str, roles: list[str], rounds: int, pipe: Connection) -> None:
-    """Combiner and/or controller; the controller runs a session of ``rounds`` on 'go'."""
+def server(
+    url: str, workdir: str, roles: list[str], rounds: int, paced: bool, pipe: Connection
+) -> None:
+    """Combiner and/or controller; the controller runs a session of ``rounds`` on 'go'
+    (``paced``: pausing after each round until the orchestrator says 'continue')."""
     setup_logging()
     try:
         from edgefl.controller import SessionConfig
@@ -167,8 +169,20 @@ def server(url: str, workdir: str, roles: list[str], rounds: int, pipe: Connecti
                 wait_for_devices_s=60,
             )
             ctl.create_session(config, initial_weights())
-            stamps = [time.monotonic()]
-            ctl.run(config.session_id, on_round=lambda _r, _s: stamps.append(time.monotonic()))
+            # Between rounds the orchestrator may run a raw trial (paced): each round is timed
+            # from the end of that pause to the next round's end, the new model published.
+            stamps: list[tuple[float, float]] = []
+            resumed = [time.monotonic()]
+
+            def between(_rec: object, _sess: object) -> None:
+                stamps.append((resumed[0], time.monotonic()))
+                if paced:
+                    pipe.send(("round", len(stamps)))
+                    if pipe.recv() != "continue":
+                        raise RuntimeError("the orchestrator stopped the session")
+                resumed[0] = time.monotonic()
+
+            ctl.run(config.session_id, on_round=between)
             peak = maxrss_bytes()
             _profile_stop(prof, "server")
             sess = ctl.store.get_session(config.session_id)
@@ -183,7 +197,7 @@ def server(url: str, workdir: str, roles: list[str], rounds: int, pipe: Connecti
                     "done",
                     {
                         "maxrss": peak,
-                        "round_s": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
+                        "round_s": [end - start for start, end in stamps],
                         "record_round_s": [
                             r.finished - r.started
                             for r in records
@@ -385,26 +399,72 @@ class Children:
         self.procs.clear()
 
 
-def raw_trials(url: str, n: int) -> list[float]:
-    ml, ul = model_length(), update_length()
-    kids = Children()
-    try:
-        srv = kids.spawn("raw-server", raw_server, url, ml, ul)
-        devs = kids.spawn("raw-devices", raw_devices, url, ml, ul)
-        _expect(srv, "ready")
+def _cpu_s(pid: int) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system + t.children_user + t.children_system)
+
+
+class CpuMeter:
+    """CPU seconds spent by named processes between ``start`` and ``stop`` (summed)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.total = dict.fromkeys(pids, 0.0)
+        self._t0: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._t0 = {k: _cpu_s(p) for k, p in self.pids.items()}
+
+    def stop(self) -> None:
+        for k, p in self.pids.items():
+            self.total[k] += _cpu_s(p) - self._t0[k]
+
+
+class RawTransport:
+    """The raw paho layout, started once and kept idle between trials."""
+
+    def __init__(self, url: str, broker_pid: int) -> None:
+        ml, ul = model_length(), update_length()
+        self.kids = Children()
+        self.srv = self.kids.spawn("raw-server", raw_server, url, ml, ul)
+        devs = self.kids.spawn("raw-devices", raw_devices, url, ml, ul)
+        _expect(self.srv, "ready")
         _expect(devs, "ready")
-        out = []
-        for _ in range(n):
-            srv.send("go")
-            out.append(_expect(srv, "done"))
-            log(f"raw transport: {out[-1]:.2f} s")
-        return out
-    finally:
-        kids.close()
+        self.trials: list[float] = []
+        self.cpu = CpuMeter(
+            {
+                "server": self.kids.pid("raw-server"),
+                "devices": self.kids.pid("raw-devices"),
+                "broker": broker_pid,
+            }
+        )
+
+    def trial(self) -> float:
+        self.cpu.start()
+        self.srv.send("go")
+        self.trials.append(_expect(self.srv, "done"))
+        self.cpu.stop()
+        log(f"raw transport: {self.trials[-1]:.2f} s")
+        return self.trials[-1]
+
+    def close(self) -> None:
+        self.kids.close()
 
 
-def edgefl_run(url: str, layout: dict[str, tuple[str, tuple]], rounds: int) -> dict[str, Any]:
-    """Start the children of a layout, run a session, return each one's figures."""
+def edgefl_run(
+    url: str,
+    layout: dict[str, tuple[str, tuple]],
+    rounds: int,
+    raw: RawTransport | None = None,
+    broker_pid: int | None = None,
+) -> dict[str, Any]:
+    """Start the children of a layout, run a session, return each one's figures.
+
+    With ``raw``, a raw trial runs before the session and between every two rounds, so
+    each round has a baseline measured next to it.
+    """
     kids = Children()
     samplers: dict[str, RssSampler] = {}
     try:
@@ -412,14 +472,33 @@ def edgefl_run(url: str, layout: dict[str, tuple[str, tuple]], rounds: int) -> d
             pipes = {}
             for name, (kind, args) in layout.items():
                 if kind == "server":
-                    pipes[name] = kids.spawn(name, server, url, workdir, *args)
+                    pipes[name] = kids.spawn(name, server, url, workdir, *args, raw is not None)
                 else:
                     pipes[name] = kids.spawn(name, devices, url, *args)
             idle = {name: _expect(p, "ready") for name, p in pipes.items()}
             samplers = {name: RssSampler(kids.pid(name)).start() for name in layout}
             ctl = next(n for n, (k, a) in layout.items() if k == "server" and "controller" in a[0])
+            pids = {n: kids.pid(n) for n in layout}
+            cpu = CpuMeter({**pids, **({"broker": broker_pid} if broker_pid else {})})
+            if raw is not None:
+                raw.trial()
+            cpu.start()
             pipes[ctl].send("go")
-            result = {ctl: _expect(pipes[ctl], "done", TIMEOUT_S * 2)}
+            while True:
+                if not pipes[ctl].poll(TIMEOUT_S * 2):
+                    raise TimeoutError("the session did not finish")
+                tag, value = pipes[ctl].recv()
+                if tag == "error":
+                    raise RuntimeError(f"controller failed: {value}")
+                if tag == "done":
+                    cpu.stop()
+                    result = {ctl: value}
+                    break
+                cpu.stop()
+                if value < rounds and raw is not None:  # a raw trial before the next round
+                    raw.trial()
+                cpu.start()
+                pipes[ctl].send("continue")
             for name, p in pipes.items():
                 if name != ctl:
                     p.send("report")
@@ -427,6 +506,7 @@ def edgefl_run(url: str, layout: dict[str, tuple[str, tuple]], rounds: int) -> d
             for name, s in samplers.items():
                 result[name]["sampled_peak"] = s.stop()
                 result[name]["idle"] = idle[name]
+            result["cpu_s"] = {k: v / rounds for k, v in cpu.total.items()}
             return result
     finally:
         for s in samplers.values():
@@ -440,18 +520,25 @@ def main() -> None:
     size = model_bytes()
     log(f"load {load:.2f}; model {size} B in {TENSORS} tensors, {N_DEVICES} devices")
     with broker() as b:
-        raw = raw_trials(b.url, RAW_TRIALS)
-        timed = edgefl_run(
-            b.url,
-            {
-                "server": ("server", (["combiner", "controller"], ROUNDS)),
-                "devices": ("devices", (0, N_DEVICES)),
-            },
-            ROUNDS,
-        )
+        raw_layout = RawTransport(b.url, b.proc.pid)
+        try:
+            raw_layout.trial()  # a warm-up: the first trial on a fresh broker is slower
+            raw_layout.trials.clear()
+            timed = edgefl_run(
+                b.url,
+                {
+                    "server": ("server", (["combiner", "controller"], ROUNDS)),
+                    "devices": ("devices", (0, N_DEVICES)),
+                },
+                ROUNDS,
+                raw_layout,
+                b.proc.pid,
+            )
+        finally:
+            raw_layout.close()
+        raw = raw_layout.trials
         srv = timed["server"]
         log(f"edgefl rounds (wall): {[round(x, 2) for x in srv['round_s']]}")
-        raw += raw_trials(b.url, RAW_TRIALS)
         mem = edgefl_run(
             b.url,
             {
@@ -464,7 +551,8 @@ def main() -> None:
         )
     round_s = median(srv["round_s"])
     raw_s = median(raw)
-    ratio = round_s / raw_s
+    # each round against the raw trial just before it (the same background load)
+    ratio = median([e / r for e, r in zip(srv["round_s"], raw, strict=True)])
 
     def above(r: dict) -> int:
         return int(r["maxrss"] - r["idle"])
@@ -489,6 +577,12 @@ def main() -> None:
             "raw_transport_s": round(raw_s, 3),
             "raw_trials_s": [round(x, 3) for x in raw],
             "ratio": round(ratio, 3),
+            "ratio_of_medians": round(round_s / raw_s, 3),
+            # CPU seconds per round (edgefl) and per trial (raw), by process
+            "cpu_s_per_round": {k: round(v, 3) for k, v in timed["cpu_s"].items()},
+            "raw_cpu_s_per_trial": {
+                k: round(v / len(raw), 3) for k, v in raw_layout.cpu.total.items()
+            },
             "exact": exact,
             "failed_attempts": srv["failed_attempts"] + mem["controller"]["failed_attempts"],
             "peak_rss_above_idle_mb": {t: mb(v) for t, v in peaks.items()},

@@ -305,3 +305,17 @@ def test_publish_stream_is_lazy_and_reports_errors(broker_url: str) -> None:
         assert empty.wait(1)
     finally:
         conn.stop()
+
+
+def test_released_spill_files_are_reused_and_stay_correct() -> None:
+    """A released spill file takes the next large transfer; its bytes are the new ones."""
+    reasm = Reassembler(zero_copy=True, spill_above=1024)
+    payloads = [bytes([k]) * 300_000 + bytes(range(256)) for k in range(3)]
+    for k, data in enumerate(payloads):
+        got = None
+        for m in ChunkWriter(Payload([data]), 64 * 1024, meta={"k": k}):
+            got = reasm.feed("dev", m) or got
+        assert got is not None and got.release is not None
+        assert bytes(got.payload) == data
+        got.release()
+        assert len(reasm._spill_pool) == 1  # the same file, each time
