@@ -372,8 +372,8 @@ class _Buffer:
             if os.fstat(self._file.fileno()).st_size < size:
                 os.ftruncate(self._file.fileno(), size)
         elif mapped and size:
-            # anonymous memory: zero pages appear as chunks land (no memset of the whole
-            # payload first) and go back to the OS when its last view is dropped
+            # anonymous memory: zero pages appear as chunks land (no memset first); slower
+            # than a bytearray to fill from Python (29 ms against 21 ms for 40 MB, measured)
             self._mem = mmap.mmap(-1, size)
         else:
             # every byte is overwritten by chunks, so a recycled buffer needs no clearing
@@ -679,9 +679,9 @@ class Reassembler:
                 dict(chunk.meta),
             )
         pooled = self._pool.get(size)
-        if self.zero_copy:  # delivered as views: memory is mapped fresh, spill files reused
+        if self.zero_copy:  # delivered as views: memory is never recycled, spill files are
             reuse = self._spill_pool.pop() if spill and self._spill_pool else None
-            buf = _Buffer(size, spill, mapped=size >= 1024 * 1024, spill_file=reuse)
+            buf = _Buffer(size, spill, spill_file=reuse)
         else:
             buf = _Buffer(size, spill, pooled.pop() if pooled and not spill else None)
         if spill:
