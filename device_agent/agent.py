@@ -32,7 +32,6 @@ from edgefl.protocol.chunking import (
     Reassembler,
     parse_chunk,
     split_payload,
-    trim_heap,
 )
 from edgefl.protocol.messages import clean_metrics, encode_payload
 from edgefl.protocol.tensors import loads_tensors
@@ -222,7 +221,6 @@ class DeviceAgent:
     def _handle(self, task: dict[str, Any]) -> None:
         try:
             self._run_task(task)
-            trim_heap()  # the update's memory is freed: give it back
         except NoLocalData as exc:  # not a failure: nothing to train on
             log.info("%s: declining task %s: %s", self.config.device_id, task.get("task_id"), exc)
             self._decline(task, str(exc))

@@ -558,7 +558,6 @@ class Combiner:
         _fold_streaming(rnd.acc, tensors, float(n))
         metrics = clean_metrics(msg["metrics"])
         del tensors, msg, payload
-        trim_heap()  # the update's chunk messages are freed: return their memory
         self._accepted_digests[digest] = rnd.task_id
         while len(self._accepted_digests) > ACCEPTED_DIGESTS:
             self._accepted_digests.pop(next(iter(self._accepted_digests)))
