@@ -59,6 +59,7 @@ class _Retained:
         chunk_size: int,
         meta_key: str,
         reuse: IO[bytes] | None = None,
+        digest: bytes | None = None,
     ) -> _Retained:
         """Write ``blob`` to a temporary file: ``reuse`` (a dropped version's, whose pages
         are still cached, so rewriting them is a plain copy) or a new one."""
@@ -68,7 +69,8 @@ class _Retained:
         at = 0
         while at < len(view):
             at += os.pwrite(f.fileno(), view[at:], at)
-        digest = hashlib.sha256(blob).digest()
+        if digest is None:
+            digest = hashlib.sha256(blob).digest()
         return cls(transfer, f, len(blob), digest, chunk_size, meta_key)
 
     @property
@@ -100,6 +102,7 @@ class ModelDistributor:
         self._published: list[_Retained] = []  # model versions on the broker, oldest first
         self._package: _Retained | None = None
         self._spare: IO[bytes] | None = None  # a dropped version's file, for the next one
+        self._store: Store | None = None
         self._lock = threading.Lock()  # one publication at a time
         self._wanted: set[str] = set()  # transfers to republish ("*": everything retained)
         self._wake = threading.Condition()
@@ -116,7 +119,9 @@ class ModelDistributor:
             return
         with self._lock:
             spare, self._spare = self._spare, None
-            item = _Retained.keep(version, blob, chunk_size, "version", reuse=spare)
+            item = _Retained.keep(
+                version, blob, chunk_size, "version", reuse=spare, digest=self._digest(version)
+            )
             self._send(item, blob)
             self._published.append(item)
             while len(self._published) > RETAINED_VERSIONS:
@@ -126,6 +131,16 @@ class ModelDistributor:
                     self._spare = old.file  # the next version's file
                 else:
                     old.close()
+
+    def _digest(self, version: str) -> bytes | None:
+        """The SHA-256 the model store recorded for ``version`` (saves hashing it again: a
+        blob that no longer matches it fails at every receiver's digest check anyway)."""
+        if self._store is None:
+            return None
+        record = self._store.get_model(version)
+        if record is None or len(record.digest) != 64:
+            return None
+        return bytes.fromhex(record.digest)
 
     def publish_package(self, package_id: str, blob: bytes, chunk_size: int) -> None:
         """Publish a model package as retained chunks under its id (``pkg-...``).
@@ -146,6 +161,7 @@ class ModelDistributor:
         A resumed controller does not know what was published before it started, so it
         clears the session's recent versions other than the current one.
         """
+        self._store = store  # its records know the digests of the versions to publish
         recent = [m for m in store.list_models(session_id) if m.version != current][-3:]
         for m in recent:
             self._clear(m.version, max(1, -(-m.size // chunk_size)))

@@ -11,7 +11,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,18 +38,20 @@ Evaluator = Callable[[Weights], dict[str, float]]
 class RoundOutcome:
     """A completed round: the new global model and its stored version.
 
-    ``blob`` (the stored model's bytes) is read from the model store when asked for: kept
-    in memory, it would sit beside the weights through the whole next round.
+    ``blob`` (the stored model's bytes) is handed over once, to be published: kept here, it
+    would sit beside the weights through the whole next round. Later reads come from the
+    model store.
     """
 
     task_id: str
     weights: Weights
     version: str
     load_blob: Callable[[], bytes]
+    _held: list[bytes] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def blob(self) -> bytes:
-        return self.load_blob()
+        return self._held.pop() if self._held else self.load_blob()
 
 
 def _merge_streaming(merged: WeightedSum, sums: Weights, partial: Partial) -> None:
@@ -276,10 +278,11 @@ class RoundRunner:
             merged.count,
             {k: round(v, 4) for k, v in metrics.items()},
         )
-        del _blob  # read again when the distributor publishes it (RoundOutcome.blob)
         trim_heap()
         blobs, version = self.models.blobs, record.version
-        return RoundOutcome(attempt.task_id, new_weights, version, lambda: blobs.get(version))
+        return RoundOutcome(
+            attempt.task_id, new_weights, version, lambda: blobs.get(version), [_blob]
+        )
 
     def _dispatch(
         self,
