@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -20,70 +19,25 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from edgefl.api.server import DashboardServer
-from edgefl.auth.tokens import AuthConfig, Role, generate_secret
+from edgefl.auth.tokens import Role
 from edgefl.cli.main import app as cli
-from edgefl.controller.service import ControllerService
 from edgefl.protocol import encode
 from edgefl.protocol.chunking import split_payload
 from edgefl.protocol.tensors import encode_tensors
 from edgefl.store.blobs import FileBlobStore
 from edgefl.tasks import digits
-from tests.harness import Deployment, RogueDevice
+from tests.harness import RogueDevice
+from tests.serving import Fleet, serving_fleet, wait_for
 
 PROBLEM = "application/problem+json"
 DEVICES = 4
 
 
-@dataclass
-class Fleet:
-    url: str
-    auth: AuthConfig
-    dep: Deployment
-    service: ControllerService
-
-    def token(self, role: Role) -> str:
-        return self.auth.issuer().issue("ops", role, self.dep.project)
-
-    def http(self, role: Role = Role.viewer) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.token(role)}"}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=10)
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what``."""
-    end = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def fleet(embedded_broker, tmp_path_factory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("fleet")
-    auth = AuthConfig(secret=generate_secret())
-    dep = Deployment(embedded_broker.url, root)
-    try:
-        dep.start_combiners(2)
-        dep.start_fleet(DEVICES)
-        ctl = dep.controller()
-        wait_for("the fleet online", lambda: len(ctl.presence.eligible()) >= DEVICES, 20)
-        service = ControllerService(
-            ctl,
-            poll_s=0.2,
-            evaluator_for=lambda cfg: None if cfg.package else digits.evaluator,
-        ).start()
-        dep.own(service)
-        server = DashboardServer(
-            dep.store, port=0, auth=auth, project=dep.project, blobs=FileBlobStore(dep.models_dir)
-        ).start()
-        dep.own(server)
-        yield Fleet(server.url.rstrip("/"), auth, dep, service)
-    finally:
-        dep.close()
+    with serving_fleet(embedded_broker.url, root, DEVICES, regions=2) as f:
+        yield f
 
 
 def _session(http: httpx.Client, sid: str) -> dict[str, Any]:

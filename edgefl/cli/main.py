@@ -140,6 +140,16 @@ def demo(
             _wait_for_signal()
 
 
+LoginsOption: Path = typer.Option(
+    None,
+    "--logins",
+    exists=True,
+    file_okay=False,
+    help="use provisioned server logins (edgefl fleet provision's DIR): Mosquitto compares "
+    "passwords, so it needs these rather than fresh tokens",
+)
+
+
 def _provisioned(folder: Path) -> Logins:
     from edgefl.auth.credentials import ProvisionedLogins
 
@@ -183,14 +193,7 @@ def combiner(
     broker: str = typer.Option("mqtt://127.0.0.1:1883", help="broker URL"),
     project: str = typer.Option("default", help="project name"),
     insecure: bool = typer.Option(False, help="connect without a token (development only)"),
-    logins: Path = typer.Option(
-        None,
-        "--logins",
-        exists=True,
-        file_okay=False,
-        help="use provisioned server logins (edgefl fleet provision's DIR): Mosquitto compares "
-        "passwords, so it needs these rather than fresh tokens",
-    ),
+    logins: Path = LoginsOption,
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Run a regional combiner until interrupted."""
@@ -290,14 +293,7 @@ def controller(
         "(2.x/3.x; token from EDGEFL_INFLUX_TOKEN); see docs/telemetry.md",
     ),
     insecure: bool = typer.Option(False, help="connect without a token (development only)"),
-    logins: Path = typer.Option(
-        None,
-        "--logins",
-        exists=True,
-        file_okay=False,
-        help="use provisioned server logins (edgefl fleet provision's DIR): Mosquitto compares "
-        "passwords, so it needs these rather than fresh tokens",
-    ),
+    logins: Path = LoginsOption,
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Create (or resume) a session and run it to the end; or, with --serve, run queued ones.
