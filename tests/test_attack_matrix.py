@@ -6,8 +6,8 @@ Each broker gets one world (a module-scoped fixture) and one digits session in p
   revocation list, every component logging in with a freshly signed token;
 - **mosquitto:** a real Mosquitto started from its binary on the files ``edgefl fleet
   provision`` wrote (tokens as passwords, one ACL block per device), with a server listener and
-  a device listener with ``use_username_as_clientid true``. Server components log in with
-  ``ProvisionedLogins``, devices with their bundles.
+  a device listener with ``use_username_as_clientid true``. Every component logs in with
+  ``ProvisionedLogins``: servers with their login files, devices with their bundles.
 
 Every attack is a named case. Each one asserts that the attack was denied or dropped (the
 message never reached a legitimate subscriber, the CONNECT was refused or the connection cut),
@@ -118,23 +118,6 @@ def telemetry() -> bytes:
 
 def online() -> bytes:
     return encode("status", state="online", ts=time.time())
-
-
-class FleetLogins:
-    """Every login ``edgefl fleet provision`` wrote: servers' files and devices' bundles."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.servers = ProvisionedLogins(out)
-
-    def token(self, subject: str, role: Role | str, region: str | None = None) -> str | None:
-        return self.login(subject, role, region)["password"]
-
-    def login(self, subject: str, role: Role | str, region: str | None = None) -> dict[str, str]:
-        if Role(role) is Role.device:
-            b = bundle(self.out, subject)
-            return {"username": b["username"], "password": b["password"]}
-        return self.servers.login(subject, role, region)
 
 
 class Watched(Probe):
@@ -402,7 +385,7 @@ def world(
         dep = Deployment(root / "dep", project=P, broker_url=server_url, auth=auth)
         stack.callback(dep.close)
         if mosquitto is not None:
-            dep.credentials = FleetLogins(out)
+            dep.credentials = ProvisionedLogins(out)
         combiners = dep.start_combiners(REGIONS)
         fleet = dep.start_fleet(N, device_urls=dict.fromkeys(REGIONS, device_url))
         ctl = dep.start_controller(evaluator=digits.evaluator, registry=FleetRegistry(out))

@@ -76,17 +76,19 @@ class Logins(Protocol):
 
 
 class ProvisionedLogins:
-    """The server logins ``edgefl fleet provision`` wrote (``DIR/servers/<name>.json``).
+    """The logins ``edgefl fleet provision`` wrote: ``DIR/servers/<name>.json`` for servers,
+    ``DIR/devices/<id>/agent.json`` (the bundle) for devices.
 
-    Mosquitto compares passwords against its password file, so on Mosquitto every server
-    component must present exactly the password provisioning hashed; it cannot mint a fresh
-    token. Accepts the provisioning output folder or its ``servers/`` folder. A missing login
-    raises ``FileNotFoundError`` naming the file and the command that writes it.
+    Mosquitto compares passwords against its password file, so on Mosquitto every component
+    must present exactly the password provisioning hashed; it cannot mint a fresh token.
+    Accepts the provisioning output folder or its ``servers/`` folder (servers only). A
+    missing login raises ``FileNotFoundError`` naming the file and the command that writes it.
     """
 
     def __init__(self, folder: Path | str) -> None:
         folder = Path(folder)
-        self.folder = folder / "servers" if (folder / "servers").is_dir() else folder
+        self.root = folder if (folder / "servers").is_dir() else folder.parent
+        self.folder = self.root / "servers"
         if not self.folder.is_dir():
             raise FileNotFoundError(f"no server logins in {folder} (run edgefl fleet provision)")
 
@@ -94,12 +96,15 @@ class ProvisionedLogins:
         return self.login(subject, role, region)["password"]
 
     def login(self, subject: str, role: Role | str, region: str | None = None) -> dict[str, str]:
-        path = self.folder / f"{subject}.json"
+        if Role(role) is Role.device:
+            path = self.root / "devices" / subject / "agent.json"
+        else:
+            path = self.folder / f"{subject}.json"
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise FileNotFoundError(
-                f"no login for {subject!r}: {path} is missing (provision the region with "
+                f"no login for {subject!r}: {path} is missing (provision it with "
                 "edgefl fleet provision)"
             ) from exc
         return {"username": str(data["username"]), "password": str(data["password"])}

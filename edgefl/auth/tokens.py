@@ -16,7 +16,7 @@ import os
 import secrets
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -295,7 +295,6 @@ class AuthConfig:
     secret: str | None = None
     keys: str | None = None
     revocations: str | None = None
-    _cache: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if (self.secret is None) == (self.keys is None):

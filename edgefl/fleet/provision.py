@@ -35,7 +35,7 @@ import secrets
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -197,18 +197,8 @@ def bundle_path(out: Path, device_id: str) -> Path:
     return out / "devices" / device_id / "agent.json"
 
 
-def _token_expiry(password: str) -> float | None:
-    """A token password's ``exp`` (Mosquitto never reads it, so provisioning records it)."""
-    if password.count(".") != 2:
-        return None  # a random broker password: valid until revoked
-    try:
-        exp = jwt.decode(password, options={"verify_signature": False}).get("exp")
-    except jwt.PyJWTError:
-        return None
-    return float(exp) if isinstance(exp, (int, float)) else None
-
-
-def _usable(record: dict[str, Any], now: float, revoked: set[str], name: str) -> bool:
+def _usable(record: dict[str, Any], now: float, revoked: Collection[str], name: str) -> bool:
+    """Neither revoked nor past its token's ``exp`` (random passwords record none)."""
     expires = record.get("expires")
     return name not in revoked and (expires is None or expires > now)
 
@@ -227,18 +217,19 @@ def write_broker_files(
     ``(expired, revoked)`` account names left out.
     """
     now = time.time() if now is None else now
+    revoked = frozenset(revoked)
     expired: list[str] = []
     dropped: list[str] = []
     lines = []
     for name, rec in sorted(registry.servers.items()):
-        if _usable(rec, now, set(revoked), name):
+        if _usable(rec, now, revoked, name):
             lines.append(f"{name}:{rec['hash']}")
         else:
             (dropped if name in revoked else expired).append(name)
     devices = []
     for region, dev in registry.active_devices():
         rec = registry.devices[dev]
-        if _usable(rec, now, set(revoked), dev):
+        if _usable(rec, now, revoked, dev):
             lines.append(f"{dev}:{rec['hash']}")
             devices.append((region, dev))
         else:
@@ -410,18 +401,23 @@ def provision(
 
 
 def _password_record(password: str) -> dict[str, Any]:
-    """The registry's view of a password: its hash and, for a token, its id, iat and exp."""
+    """The registry's view of a password: its hash and, for a token, its id, iat and exp.
+
+    Mosquitto never reads a token's claims, so provisioning records them for ``sync``.
+    """
     rec: dict[str, Any] = {"hash": hash_password(password)}
-    if password.count(".") == 2:
-        try:
-            claims = jwt.decode(password, options={"verify_signature": False})
-        except jwt.PyJWTError:
-            return rec
-        rec.update(
-            expires=_token_expiry(password),
-            issued=claims.get("iat"),
-            token_id=claims.get("jti"),
-        )
+    if password.count(".") != 2:
+        return rec  # a random broker password: valid until revoked
+    try:
+        claims = jwt.decode(password, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return rec
+    exp = claims.get("exp")
+    rec.update(
+        expires=float(exp) if isinstance(exp, (int, float)) else None,
+        issued=claims.get("iat"),
+        token_id=claims.get("jti"),
+    )
     return rec
 
 
