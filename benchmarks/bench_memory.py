@@ -111,7 +111,10 @@ def publisher(idx: int, url: str, pipe) -> None:
                     )
                 # each device's update names its sender, as the combiner checks
                 update = encode_update(weights, task_id, MODEL_VERSION, 100 + idx, dev)
-                msgs = [c.to_bytes() for c in split_payload(update, DEFAULT_CHUNK_SIZE)]
+                msgs = [
+                    c.to_bytes()
+                    for c in split_payload(update, DEFAULT_CHUNK_SIZE, meta={"task_id": task_id})
+                ]
                 topic = topics.device(REGION, dev, "update")
                 infos += [conn.publish(topic, m, qos=1) for m in msgs]
                 infos = [i for i in infos if not i.is_published()]

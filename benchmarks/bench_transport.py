@@ -110,7 +110,10 @@ def publisher(idx: int, url: str, pipe) -> None:
                     t0 = time.perf_counter()
                     update = encode_update(weights, arg, MODEL_VERSION, 100 + idx, d)
                     t1 = time.perf_counter()
-                    msgs = [c.to_bytes() for c in split_payload(update, DEFAULT_CHUNK_SIZE)]
+                    msgs = [
+                        c.to_bytes()
+                        for c in split_payload(update, DEFAULT_CHUNK_SIZE, meta={"task_id": arg})
+                    ]
                     enc_s, split_s = enc_s + t1 - t0, split_s + time.perf_counter() - t1
                     jobs.append((topics.device(REGION, d, "update"), msgs))
                 n = max(1, len(devices))
