@@ -113,6 +113,20 @@ class ServerSide:
             self.topics.device(region, device, "task"), task, qos=1
         ).wait_for_publish(5)
 
+    def wait_online(self, device: str, timeout: float = 10.0) -> None:
+        """Block until ``device`` announced itself, as a controller does before planning it.
+
+        The agent announces after subscribing to its task topic, and the broker handles one
+        client's packets in order: from here on a task reaches the device (a task sent
+        earlier, to a fresh session with no subscription yet, could be lost).
+        """
+        deadline = time.time() + timeout
+        while not any(
+            s.get("device") == device and s["state"] == "online" for s in list(self.statuses)
+        ):
+            assert time.time() < deadline, f"{device} never announced itself online"
+            time.sleep(0.02)
+
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
@@ -187,10 +201,11 @@ def test_model_digest_mismatch_is_refused(broker_url, server) -> None:
     agent = _agent(broker_url, device).start()
     try:
         server.publish_model("v-dig", _initial_weights())
+        server.wait_online(device)
         server.send_task("r1", device, "v-dig", b"\x00" * 32, rnd=1)
         deadline = time.time() + 10
         while agent.last_error is None:
-            assert time.time() < deadline
+            assert time.time() < deadline, f"no error after 10 s ({agent.completed} tasks done)"
             time.sleep(0.05)
         assert "digest" in agent.last_error
         assert not server.completed
@@ -205,6 +220,7 @@ def test_stale_and_replayed_tasks_are_dropped(broker_url, server) -> None:
     agent = _agent(broker_url, device).start()
     try:
         digest = server.publish_model("v-fence", _initial_weights())
+        server.wait_online(device)
         server.send_task("r1", device, "v-fence", digest, rnd=3, fence=2)
         assert server.got.wait(15), "the current task was not trained"
         server.got.clear()
@@ -235,6 +251,7 @@ def test_a_task_for_a_model_that_never_comes_yields_to_the_next(broker_url, serv
     server.client.subscribe(server.topics.device("r1", device, "request"), qos=1)
     try:
         digest = server.publish_model("v-real", _initial_weights())
+        server.wait_online(device)
         server.send_task("r1", device, "v-gone", digest, rnd=1)
         time.sleep(agent.config.fetch_after_s + 1.0)  # long enough to ask for v-gone once
         t0 = time.time()
