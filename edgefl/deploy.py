@@ -108,20 +108,36 @@ class Deployment:
             self._stack.callback(self._store.close)
         return self._store
 
-    def start_combiners(self, regions: int | list[str], **config: Any) -> list[Combiner]:
-        """One combiner per region (``regions`` may be a count or explicit names)."""
+    def start_combiners(
+        self,
+        regions: int | list[str],
+        pool: int = 0,
+        members: list[str] | None = None,
+        **config: Any,
+    ) -> list[Combiner]:
+        """One combiner per region (``regions`` may be a count or explicit names), or with
+        ``pool`` a pool of that many members per region (``members``: their names, default
+        ``combiner-{region}-{i}``)."""
         names = region_names(regions) if isinstance(regions, int) else list(regions)
+        if members is not None and pool and len(members) != pool:
+            raise ValueError(f"{len(members)} member names for a pool of {pool}")
         started = []
         for region in names:
             options: dict[str, Any] = {
                 **self.credentials.login(f"combiner-{region}", Role.combiner, region),
                 **config,
             }
-            cfg = CombinerConfig(
-                self.region_url(region), project=self.project, region=region, **options
-            )
-            comb = self._own(Combiner(cfg).start())
-            started.append(comb)
+            ids = (members or [f"combiner-{region}-{i}" for i in range(pool)]) if pool else [None]
+            for member in ids:
+                extra: dict[str, Any] = {"combiner_id": member, "pool": True} if member else {}
+                cfg = CombinerConfig(
+                    self.region_url(region),
+                    project=self.project,
+                    region=region,
+                    **options,
+                    **extra,
+                )
+                started.append(self._own(Combiner(cfg).start()))
         self.regions.extend(names)
         self.combiners.extend(started)
         return started

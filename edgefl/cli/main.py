@@ -195,8 +195,13 @@ def combiner(
     insecure: bool = typer.Option(False, help="connect without a token (development only)"),
     logins: Path = LoginsOption,
     log_level: str = typer.Option("info", "--log-level"),
+    pool_member: str = typer.Option(
+        None,
+        help="join the region's combiner pool under this name (unique per region); without "
+        "it, this is the region's only combiner",
+    ),
 ) -> None:
-    """Run a regional combiner until interrupted."""
+    """Run a regional combiner (or one member of its pool) until interrupted."""
     from edgefl.deploy import Deployment
 
     setup_logging(log_level)
@@ -204,7 +209,10 @@ def combiner(
     with Deployment(Path("."), project=project, broker_url=broker, auth=auth) as dep:
         if logins:
             dep.credentials = _provisioned(logins)
-        dep.start_combiners([region])
+        if pool_member:
+            dep.start_combiners([region], pool=1, members=[pool_member])
+        else:
+            dep.start_combiners([region])
         _wait_for_signal()
 
 

@@ -96,6 +96,10 @@ class CombinerConfig:
     # this process's memory, and read through a mapping one tensor at a time
     spill_above_bytes: int = 16 * 1024 * 1024
     warn_interval_s: float = 10.0  # one warning per device and kind of rejection per interval
+    # a member of the region's combiner pool: it announces itself on its own status topic,
+    # serves the devices the controller assigns it in each plan, and receives only their
+    # updates (docs/scaling.md, Combiner pools); every member needs its own combiner_id
+    pool: bool = False
 
     @property
     def name(self) -> str:
@@ -188,7 +192,13 @@ class Combiner:
             rejected_wrong_sender=0,
             rejected_unbound=0,
         )
-        status = self.topics.combiner(config.region, "status")
+        self._status_topic = (
+            self.topics.pool_member_status(config.region, config.name)
+            if config.pool
+            else self.topics.combiner(config.region, "status")
+        )
+        self._update_topics: list[str] = []  # a pool member's exact update subscriptions
+        status = self._status_topic
         self.conn = MqttConnection(
             config.broker_url,
             client_id=f"edgefl-{config.project}-{config.name}",
@@ -210,13 +220,19 @@ class Combiner:
         self._worker = threading.Thread(target=self._work, name=f"combiner-{c.region}", daemon=True)
         self._worker.start()
         self.conn.subscribe(t.combiner(c.region, "round"), self._enqueue(self._on_round))
-        self.conn.subscribe(
-            t.device_wildcard(c.region, "update"), self._enqueue(self._on_update_chunk)
-        )
+        self._on_update = self._enqueue(self._on_update_chunk)
+        if not c.pool:  # a pool member subscribes to its assigned devices' topics per round
+            self.conn.subscribe(t.device_wildcard(c.region, "update"), self._on_update)
         # brokers without retained delivery to wildcards: announce again on a controller's hello
         announce_on_hello(self.conn, t.controller_status(), self._announce)
         self.conn.start(timeout)
-        log.info("combiner %s serving region %s on %s", c.name, c.region, self.conn.address.url)
+        log.info(
+            "combiner %s serving region %s%s on %s",
+            c.name,
+            c.region,
+            " as a pool member" if c.pool else "",
+            self.conn.address.url,
+        )
         return self
 
     def stop(self) -> None:
@@ -224,9 +240,8 @@ class Combiner:
         with self._lock:
             if self._round and self._round.timer:
                 self._round.timer.cancel()
-        status = self.topics.combiner(self.config.region, "status")
         offline = encode("status", state="offline", ts=time.time(), combiner=self.config.name)
-        self.conn.stop(publish_first=(status, offline, 1, True))
+        self.conn.stop(publish_first=(self._status_topic, offline, 1, True))
         self._put(None)
         if self._worker is not None:
             self._worker.join(timeout=10)
@@ -308,9 +323,8 @@ class Combiner:
             self._warnings.flush()
 
     def _announce(self) -> None:
-        status = self.topics.combiner(self.config.region, "status")
         online = encode("status", state="online", ts=time.time(), combiner=self.config.name)
-        self.conn.publish(status, online, qos=1, retain=True)
+        self.conn.publish(self._status_topic, online, qos=1, retain=True)
 
     # round control ---------------------------------------------------------------------
     def _on_round(self, _topic: str, payload: bytes) -> None:
@@ -338,6 +352,18 @@ class Combiner:
             if newest is not None and key <= newest:
                 self._drop_stale_plan(plan, key, newest)
                 return
+            try:
+                assigned = _assigned_devices(plan, self.config.name)
+            except ValueError as exc:
+                log.error("combiner %s: round %s: %s", self.config.name, plan["task_id"], exc)
+                return
+            if assigned is None:  # a pool round without this member (it joined late)
+                log.info(
+                    "combiner %s: round %s assigns this member no devices",
+                    self.config.name,
+                    plan["task_id"],
+                )
+                return
             if self._round and not self._round.flushed:
                 log.warning(
                     "combiner %s: round %s superseded by %s",
@@ -364,7 +390,7 @@ class Combiner:
             self._plan_keys[session] = key  # the most recently used session goes last
             while len(self._plan_keys) > REMEMBERED_SESSIONS:
                 self._plan_keys.pop(next(iter(self._plan_keys)))
-            devices = {str(d) for d in plan["devices"]}
+            devices = assigned
             trim_heap()  # the last round's messages are freed: give their memory back first
             rnd = _Round(plan["task_id"], plan, devices, spec, WeightedSum(spec))
             delay = max(0.0, float(plan["deadline"]) - time.time())
@@ -377,6 +403,8 @@ class Combiner:
         fields = {k: plan[k] for k in TASK_FIELDS}
         fields.update({k: plan[k] for k in TASK_OPTIONAL_FIELDS if k in plan})
         task = encode("task", **fields)
+        if self.config.pool:
+            self._follow_updates(devices)
         for dev in sorted(devices):
             self.conn.publish(self.topics.device(self.config.region, dev, "task"), task, qos=1)
         log.debug(
@@ -388,6 +416,22 @@ class Combiner:
         if not devices:
             with self._lock:
                 self._flush("no devices assigned")
+
+    def _follow_updates(self, devices: set[str]) -> None:
+        """Receive the updates of exactly ``devices``: a pool member subscribes to their
+        update topics (before their tasks go out, so none is missed) and drops the last
+        round's. Each update then reaches one member, whole: a shared subscription would
+        hand out each chunk of a transfer to any member (docs/scaling.md)."""
+        region = self.config.region
+        wanted = [self.topics.device(region, d, "update") for d in sorted(devices)]
+        keep = set(wanted)
+        gone = [t for t in self._update_topics if t not in keep]
+        new = [t for t in wanted if t not in set(self._update_topics)]
+        if gone:
+            self.conn.unsubscribe_many(gone)
+        if new:
+            self.conn.subscribe_many(new, self._on_update)
+        self._update_topics = wanted
 
     def _drop_stale_plan(
         self, plan: dict, key: tuple[int, int, int], newest: tuple[int, int, int]
@@ -668,6 +712,7 @@ class Combiner:
                 region=self.config.region,
                 accepted=len(rnd.participants),
                 rejected=len(rnd.rejected) + len(rnd.provenance),
+                **({"combiner": self.config.name} if self.config.pool else {}),
             )
         self.conn.publish(self.topics.combiner(self.config.region, "progress"), msg, qos=1)
 
@@ -746,6 +791,25 @@ def _fold_streaming(acc: WeightedSum, tensors: dict[str, Any], weight: float) ->
         release_array(arr)
     acc.weight += weight
     acc.count += 1
+
+
+def _assigned_devices(plan: dict[str, Any], member: str) -> set[str] | None:
+    """The devices this combiner serves in ``plan``: all of them, or in a pool round the
+    member's share (None: no share). ValueError for an assignment that names devices not
+    in the plan or is not a map of lists of names."""
+    devices = {str(d) for d in plan["devices"]}
+    assign = plan.get("assign")
+    if assign is None:
+        return devices
+    share = assign.get(member)
+    if share is None:
+        return None
+    if not isinstance(share, list) or not all(isinstance(d, str) for d in share):
+        raise ValueError(f"assignment for {member} is not a list of device names")
+    mine = set(share)
+    if not mine <= devices:
+        raise ValueError(f"assignment names devices not in the plan: {sorted(mine - devices)[:5]}")
+    return mine
 
 
 def _for_task(task_id: str) -> Callable[[dict[str, Any]], bool]:

@@ -120,6 +120,7 @@ class Controller:
         t = self.topics
         self.conn.subscribe(t.device_wildcard(None, "status"), self.presence.on_device_status)
         self.conn.subscribe(t.combiner_wildcard("status"), self.presence.on_combiner_status)
+        self.conn.subscribe(t.pool_status_wildcard(), self.presence.on_pool_member_status)
         self.conn.subscribe(t.combiner_wildcard("partial"), self.inbox.on_partial_chunk)
         self.conn.subscribe(t.combiner_wildcard("progress"), self._on_progress)
         self.conn.subscribe(t.device_wildcard(None, "telemetry"), self.telemetry.on_telemetry)
@@ -335,9 +336,7 @@ class Controller:
             raise KeyError(f"unknown session {session_id!r}")
         return sess
 
-    def _fail_orphaned_rounds(
-        self, session_id: str, reason: str = "controller restarted"
-    ) -> None:
+    def _fail_orphaned_rounds(self, session_id: str, reason: str = "controller restarted") -> None:
         """Mark rounds left 'running' (by a dead predecessor, or a failed write) as failed."""
         for rec in self.store.list_rounds(session_id):
             if rec.status == "running":

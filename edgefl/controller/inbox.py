@@ -18,6 +18,8 @@ from edgefl.protocol.types import (
 
 log = logging.getLogger(__name__)
 
+MAX_POOL_MEMBERS = 16  # partials one region's combiners may send at once
+
 
 @dataclass(frozen=True)
 class Partial:
@@ -42,6 +44,7 @@ class Progress:
     region: str
     accepted: int
     rejected: int
+    combiner: str | None = None  # the pool member reporting; None for a region's only one
 
 
 Event = Partial | Progress
@@ -58,8 +61,15 @@ class CombinerInbox:
         self.topics = topics
         self._events: queue.Queue[Event] = queue.Queue()
         # partials are float64 sums (2x the model): reassembled in temporary files and
-        # decoded as views of them, merged one tensor at a time (RoundRunner)
-        self._partials = Reassembler(ttl_s=ttl_s, zero_copy=True, spill_above=16 * 1024 * 1024)
+        # decoded as views of them, merged one tensor at a time (RoundRunner). The members of
+        # a region's combiner pool all send on the region's topic: room for each one's
+        self._partials = Reassembler(
+            ttl_s=ttl_s,
+            zero_copy=True,
+            spill_above=16 * 1024 * 1024,
+            max_transfers_per_source=MAX_POOL_MEMBERS,
+            max_bytes_per_source=MAX_POOL_MEMBERS * 256 * 1024 * 1024,
+        )
         self.refused: dict[Literal["partial", "progress"], int] = {"partial": 0, "progress": 0}
 
     def on_partial_chunk(self, topic: str, payload: bytes) -> None:
@@ -94,7 +104,9 @@ class CombinerInbox:
             self.refused["progress"] += 1
             log.warning("controller: bad progress on %s: %s", topic, exc)
             return
-        self._events.put(Progress(msg["task_id"], region, msg["accepted"], msg["rejected"]))
+        self._events.put(
+            Progress(msg["task_id"], region, msg["accepted"], msg["rejected"], msg.get("combiner"))
+        )
 
     def get(self, timeout: float) -> Event | None:
         """The next event, or None when ``timeout`` seconds pass without one."""

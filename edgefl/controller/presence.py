@@ -53,6 +53,7 @@ class Presence:
         self._lock = threading.Lock()
         self._devices: dict[tuple[str, str], str] = {}  # (region, device) -> state
         self._combiners: dict[str, str] = {}  # region -> state
+        self._members: dict[str, dict[str, str]] = {}  # region -> pool member -> state
         self._pinned: dict[str, str] = {}  # device -> region (without a registry)
         self._dropped: set[str] = set()  # online devices left out at a check (revoked, moved)
         self._online_in: Counter[str] = Counter()  # region -> devices online there
@@ -149,6 +150,43 @@ class Presence:
             if self.on_change is not None:
                 self.on_change("combiner", region, str(msg.get("combiner", "")), msg)
 
+    def on_pool_member_status(self, topic: str, payload: bytes) -> None:
+        """A combiner pool member's status: the region is served while any member is up."""
+        if not payload:
+            return
+        try:
+            region, member = self.topics.parse_pool_member_status(topic)
+            msg = decode(payload, "status")
+            _check_state(msg["state"])
+        except (TopicError, MessageError) as exc:
+            self.refused += 1
+            log.warning("ignoring bad pool member status on %s: %s", topic, exc)
+            return
+        with self._lock:
+            members = self._members.setdefault(region, {})
+            if members.get(member) != msg["state"]:
+                log.info("combiner pool of %s: %s is %s", region, member, msg["state"])
+            members[member] = msg["state"]
+            self.changed.notify_all()
+            if self.on_change is not None:
+                self.on_change("combiner", region, member, msg)
+
+    def pool_members(self, region: str) -> list[str]:
+        """The online members of ``region``'s combiner pool, sorted (empty: no pool there)."""
+        with self._lock:
+            members = self._members.get(region, {})
+            return sorted(m for m, s in members.items() if s == "online")
+
+    def member_online(self, region: str, member: str) -> bool:
+        with self._lock:
+            return self._members.get(region, {}).get(member) == "online"
+
+    def _served_regions_locked(self) -> set[str]:
+        """Regions with an online combiner, or at least one online pool member."""
+        served = {r for r, s in self._combiners.items() if s == "online"}
+        served.update(r for r, m in self._members.items() if "online" in m.values())
+        return served
+
     def eligible(self) -> dict[str, str]:
         """Online devices in regions that have an online combiner: device -> region."""
         with self._lock:
@@ -168,10 +206,10 @@ class Presence:
             return self._online_count_locked()
 
     def _online_count_locked(self) -> int:
-        return sum(self._online_in[r] for r, s in self._combiners.items() if s == "online")
+        return sum(self._online_in[r] for r in self._served_regions_locked())
 
     def _eligible_locked(self) -> dict[str, str]:
-        regions = {r for r, s in self._combiners.items() if s == "online"}
+        regions = self._served_regions_locked()
         out = {d: r for (r, d), s in self._devices.items() if s == "online" and r in regions}
         if self.registry is None:
             return out
@@ -198,6 +236,7 @@ class Presence:
             return {
                 "devices": devices,
                 "combiners": dict(self._combiners),
+                "pools": {r: dict(m) for r, m in self._members.items()},
                 "refused": self.refused,
                 "ignored": dict(self.ignored),
                 "revoked_dropped": self.revoked_dropped,

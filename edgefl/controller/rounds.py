@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -32,6 +32,10 @@ from edgefl.transport import MqttConnection
 log = logging.getLogger(__name__)
 
 Evaluator = Callable[[Weights], dict[str, float]]
+
+Slot = tuple[str, Optional[str]]
+"""Who owes the controller a partial: (region, pool member), or (region, None) where one
+combiner serves the region."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,21 @@ def _mean_in_place(merged: WeightedSum, spec: Spec) -> Weights:
         out[name] = acc.astype(spec[name][0])
         del acc
     return out
+
+
+def _slot_of(ev: Partial | Progress, slots: dict[Slot, list[str]]) -> Slot | None:
+    """The slot a combiner's message belongs to (None: nobody this round asked)."""
+    member = ev.combiner
+    if member is not None and (ev.region, member) in slots:
+        return (ev.region, member)
+    if (ev.region, None) in slots:
+        return (ev.region, None)
+    return None
+
+
+def _slot_name(slot: Slot) -> str:
+    region, member = slot
+    return region if member is None else f"{region}/{member}"
 
 
 def select_devices(
@@ -211,18 +230,18 @@ class RoundRunner:
             extra["package"] = package
         if fence is not None:
             extra["fence"] = fence
-        self._dispatch(config, attempt, by_region, deadline, spec_to_wire(spec), extra)
+        slots = self._dispatch(config, attempt, by_region, deadline, spec_to_wire(spec), extra)
         refusals: list[Rejection] = []
-        partials = self._collect(attempt.task_id, by_region, config, deadline, refusals)
+        partials = self._collect(attempt.task_id, slots, config, deadline, refusals)
 
         merged = WeightedSum(spec)
         participants: list[Participant] = []
         rejected: list[Rejection] = list(refusals)
         refused = len(refusals)
-        for region, partial in sorted(partials.items()):
+        for slot, partial in sorted(partials.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
             rejected.extend(partial.rejected)
             # checked again: a device may have been revoked while the partial waited
-            wrong = self._unplanned(partial, by_region[region])
+            wrong = self._unplanned(partial, slots[slot])
             if wrong:
                 refused += 1
                 self._refuse(attempt.task_id, partial, wrong, rejected)
@@ -230,7 +249,9 @@ class RoundRunner:
             try:
                 _merge_streaming(merged, decode_tensors(partial.sums), partial)
             except (CodecError, KeyError, ValueError) as exc:
-                log.error("round %s: partial from %s unusable: %s", attempt.task_id, region, exc)
+                log.error(
+                    "round %s: partial from %s unusable: %s", attempt.task_id, partial.combiner, exc
+                )
                 continue
             participants.extend(partial.participants)
         for partial in partials.values():  # merged (or refused): their spill files are free
@@ -292,14 +313,32 @@ class RoundRunner:
         deadline: float,
         wire_spec: list[list[Any]],
         extra: dict[str, Any],
-    ) -> None:
+    ) -> dict[Slot, list[str]]:
+        """Send each region its plan; return who owes a partial for which devices.
+
+        In a region served by a combiner pool, the devices are dealt out round-robin over
+        the online members (sorted, so a retry with the same members deals the same way)
+        and the plan says who serves whom (``assign``): each update reaches exactly one
+        member, and every member's partial is checked against its own share.
+        """
         model = self.store.get_model(attempt.model_in)
         if model is None:
             raise KeyError(f"model version {attempt.model_in!r} is not in the store")
+        slots: dict[Slot, list[str]] = {}
         for region, devs in sorted(by_region.items()):
+            members = self.presence.pool_members(region)
+            assign: dict[str, list[str]] = {}
+            if members:
+                for i, dev in enumerate(sorted(devs)):
+                    assign.setdefault(members[i % len(members)], []).append(dev)
+                for member, share in assign.items():
+                    slots[(region, member)] = share
+            else:
+                slots[(region, None)] = sorted(devs)
             plan = encode(
                 "round",
                 **extra,
+                **({"assign": assign} if assign else {}),
                 task_id=attempt.task_id,
                 session=attempt.session_id,
                 round=attempt.round,
@@ -312,6 +351,7 @@ class RoundRunner:
                 spec=wire_spec,
             )
             self.conn.publish(self.topics.combiner(region, "round"), plan, qos=1)
+        return slots
 
     def _refuse(
         self, task_id: str, partial: Partial, wrong: list[Rejection], into: list[Rejection]
@@ -319,9 +359,10 @@ class RoundRunner:
         """Log and record a refused partial (its offending entries join the rejections)."""
         self.refused_partials += 1
         log.error(
-            "round %s: partial from %s refused: %s",
+            "round %s: partial from %s (%s) refused: %s",
             task_id,
             partial.region,
+            partial.combiner,
             "; ".join(f"{r['device']}: {r['reason']}" for r in wrong),
         )
         into.extend(wrong)
@@ -329,55 +370,86 @@ class RoundRunner:
     def _collect(
         self,
         task_id: str,
-        by_region: dict[str, list[str]],
+        slots: dict[Slot, list[str]],
         config: SessionConfig,
         deadline: float,
         refusals: list[Rejection],
-    ) -> dict[str, Partial]:
-        """Wait for every region's partial; close the round at the deadline or a full buffer.
+    ) -> dict[Slot, Partial]:
+        """Wait for every slot's partial; close the round at the deadline or a full buffer.
 
-        A partial crediting a device not planned in its region is refused (into ``refusals``)
-        and the region's genuine partial is still awaited: a forged or replayed one arriving
-        first must not cost the region its round.
+        A partial crediting a device not planned for its sender is refused (into
+        ``refusals``) and the genuine partial is still awaited: a forged or replayed one
+        arriving first must not cost the region its round. A pool member that goes offline
+        before its partial owes nothing more: its devices' updates are lost with it (never
+        counted twice), and the quorum decides whether the round stands.
         """
-        partials: dict[str, Partial] = {}
-        accepted: dict[str, int] = {}
+        partials: dict[Slot, Partial] = {}
+        accepted: dict[Slot, int] = {}
+        waiting = set(slots)
         closed_at: float | None = None
-        while len(partials) < len(by_region):
+        while waiting:
             limit = deadline if closed_at is None else closed_at + config.close_grace_s
-            ev = self.inbox.get(limit - time.time())
+            pooled = any(member is not None for _, member in waiting)
+            # with a pool, look at its members' presence at least twice a second
+            ev = self.inbox.get(min(limit - time.time(), 0.5) if pooled else limit - time.time())
             if ev is None:
+                if pooled and time.time() < limit:
+                    self._forget_dead_members(task_id, waiting, slots)
+                    continue
                 if closed_at is not None:
-                    missing = sorted(set(by_region) - set(partials))
+                    missing = sorted(_slot_name(s) for s in waiting)
                     log.warning("round %s: no partial from %s; going on without", task_id, missing)
                     break
-                closed_at = self._close(task_id, by_region, partials, "deadline")
+                closed_at = self._close(task_id, slots, waiting, "deadline")
                 continue
-            if ev.task_id != task_id or ev.region not in by_region:
+            if pooled:
+                self._forget_dead_members(task_id, waiting, slots)
+            if ev.task_id != task_id:
+                continue
+            slot = _slot_of(ev, slots)
+            if slot is None:
                 continue
             if isinstance(ev, Partial):
-                # revocations are checked at the merge: this region sends no other partial
-                wrong = self._unplanned(ev, by_region[ev.region], revocations=False)
+                if slot not in waiting:
+                    continue  # a second partial for a slot already merged, or written off
+                # revocations are checked at the merge: this sender sends no other partial
+                wrong = self._unplanned(ev, slots[slot], revocations=False)
                 if wrong:
                     self._refuse(task_id, ev, wrong, refusals)
                     continue
-                partials[ev.region] = ev
+                partials[slot] = ev
+                waiting.discard(slot)
             elif isinstance(ev, Progress):
-                accepted[ev.region] = max(accepted.get(ev.region, 0), ev.accepted)
+                accepted[slot] = max(accepted.get(slot, 0), ev.accepted)
                 if (
                     closed_at is None
                     and config.buffer_size is not None
                     and sum(accepted.values()) >= config.buffer_size
                 ):
-                    closed_at = self._close(task_id, by_region, partials, "buffer full")
+                    closed_at = self._close(task_id, slots, waiting, "buffer full")
         return partials
 
+    def _forget_dead_members(
+        self, task_id: str, waiting: set[Slot], slots: dict[Slot, list[str]]
+    ) -> None:
+        for region, member in sorted(waiting, key=lambda s: (s[0], s[1] or "")):
+            if member is None or self.presence.member_online(region, member):
+                continue
+            waiting.discard((region, member))
+            log.warning(
+                "round %s: pool member %s of %s went offline before its partial; the updates "
+                "of its %d devices are lost",
+                task_id,
+                member,
+                region,
+                len(slots[(region, member)]),
+            )
+
     def _close(
-        self, task_id: str, by_region: dict[str, list[str]], partials: dict[str, Partial], why: str
+        self, task_id: str, slots: dict[Slot, list[str]], waiting: set[Slot], why: str
     ) -> float:
         log.info("round %s: closing (%s)", task_id, why)
         msg = encode("close", task_id=task_id)
-        for region in by_region:
-            if region not in partials:
-                self.conn.publish(self.topics.combiner(region, "round"), msg, qos=1)
+        for region in sorted({region for region, _ in waiting}):
+            self.conn.publish(self.topics.combiner(region, "round"), msg, qos=1)
         return time.time()

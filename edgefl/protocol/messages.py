@@ -87,8 +87,11 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
 OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
     # fence: the controller's lease token for the session; a plan or task with a lower fence
     # than one already seen for its session comes from a stale controller and is dropped
-    "round": {"package": dict, "fence": int},
+    # assign: in a region served by a combiner pool, pool member -> the devices it serves
+    "round": {"package": dict, "fence": int, "assign": dict},
     "task": {"package": dict, "fence": int},
+    # combiner: the pool member reporting (a pool's members report on one region topic)
+    "progress": {"combiner": str},
 }
 
 PACKAGE_REF: dict[str, type] = {"id": str, "digest": bytes, "size": int}

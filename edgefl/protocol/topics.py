@@ -5,6 +5,7 @@ Every topic the system uses is built here, so the tree is defined in one place a
 
     edgefl/v1/{project}/{region}/dev/{device}/{task|update|status|telemetry}
     edgefl/v1/{project}/{region}/comb/{round|partial|progress|status}
+    edgefl/v1/{project}/{region}/comb/pool/{member}/status
     edgefl/v1/{project}/model/{version}/{chunk_index}
     edgefl/v1/{project}/ctl/status
 """
@@ -87,6 +88,20 @@ class Topics:
             raise TopicError(f"unknown combiner channel {channel!r}")
         return f"{self.base}/+/comb/{channel}"
 
+    def pool_member_status(self, region: str, member: str) -> str:
+        """The retained status (and last will) of one member of a region's combiner pool.
+
+        A pool has several members per region, each alive or dead on its own: they cannot
+        share the region's one retained ``comb/status``.
+        """
+        check_segment("region", region)
+        check_segment("combiner", member)
+        return f"{self.base}/{region}/comb/pool/{member}/status"
+
+    def pool_status_wildcard(self) -> str:
+        """Filter for the status of every pool member of every region (the controller's)."""
+        return f"{self.base}/+/comb/pool/+/status"
+
     # models ---------------------------------------------------------------------------
     def model_chunk(self, version: str, index: int) -> str:
         """Where chunk ``index`` of a model version is published (retained)."""
@@ -134,6 +149,20 @@ class Topics:
         ):
             raise TopicError(f"not a combiner topic of project {self.project!r}: {topic!r}")
         return check_segment("region", parts[len(prefix)]), parts[-1]
+
+    def parse_pool_member_status(self, topic: str) -> tuple[str, str]:
+        """Return (region, member) for a pool member's status topic; ``TopicError`` otherwise."""
+        parts = topic.split("/")
+        prefix = self.base.split("/")
+        n = len(prefix)
+        if (
+            len(parts) != n + 5
+            or parts[:n] != prefix
+            or parts[n + 1 : n + 3] != ["comb", "pool"]
+            or parts[-1] != "status"
+        ):
+            raise TopicError(f"not a pool member status of project {self.project!r}: {topic!r}")
+        return check_segment("region", parts[n]), check_segment("combiner", parts[n + 3])
 
     def parse_model_chunk(self, topic: str) -> tuple[str, int]:
         """Return (version, chunk index) for a model topic; ``TopicError`` for anything else."""

@@ -39,6 +39,9 @@ Handler = Callable[[str, bytes], None]
 WINDOW_BYTES = 8 * 1024 * 1024
 """Bytes a ``publish_stream`` keeps unacknowledged: enough to keep loopback and LAN links
 busy, small enough that a 40 MB upload never sits whole in paho's queue."""
+# topic filters per SUBSCRIBE/UNSUBSCRIBE packet: a pool member's hundreds of exact update
+# topics go in a few packets, each well under any broker's packet size limit
+_FILTERS_PER_PACKET = 256
 
 
 def stream_window(message_bytes: int, max_inflight: int = 64) -> int:
@@ -399,6 +402,43 @@ class MqttConnection:
         if self.connected.is_set():
             self.client.subscribe(topic_filter, qos=qos)
 
+    def subscribe_many(self, topic_filters: Sequence[str], handler: Handler, qos: int = 1) -> None:
+        """``subscribe`` to many filters with one handler, in a few SUBSCRIBE packets.
+
+        A combiner pool member subscribes to the exact update topics of the devices it
+        serves each round: one packet per filter would cost a round trip each.
+        """
+        for f in topic_filters:
+            check_topic(self.quirks, f)
+
+        def _cb(_client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
+            payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
+            try:
+                handler(msg.topic, payload)
+            except Exception:  # a bad message must never kill the network thread
+                log.exception("%s: handler for %s failed", self.client_id, msg.topic)
+
+        for f in topic_filters:
+            self.client.message_callback_add(f, _cb)
+        with self._lock:
+            for f in topic_filters:
+                self._subs[f] = qos
+        if self.connected.is_set():
+            for i in range(0, len(topic_filters), _FILTERS_PER_PACKET):
+                batch = topic_filters[i : i + _FILTERS_PER_PACKET]
+                self.client.subscribe([(f, qos) for f in batch])
+
+    def unsubscribe_many(self, topic_filters: Sequence[str]) -> None:
+        """``unsubscribe`` from many filters, in a few UNSUBSCRIBE packets."""
+        with self._lock:
+            for f in topic_filters:
+                self._subs.pop(f, None)
+        for f in topic_filters:
+            self.client.message_callback_remove(f)
+        if self.connected.is_set():
+            for i in range(0, len(topic_filters), _FILTERS_PER_PACKET):
+                self.client.unsubscribe(list(topic_filters[i : i + _FILTERS_PER_PACKET]))
+
     def unsubscribe(self, topic_filter: str) -> None:
         """Stop routing ``topic_filter`` and forget it, so a reconnect does not renew it."""
         with self._lock:
@@ -547,8 +587,8 @@ class MqttConnection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             subs = list(self._subs.items())
-        if subs:
-            client.subscribe(subs)
+        for i in range(0, len(subs), _FILTERS_PER_PACKET):
+            client.subscribe(subs[i : i + _FILTERS_PER_PACKET])
         self.connected.set()
         if self.connect_count > 1:
             log.info("%s: reconnected to %s", self.client_id, self.address.url)
