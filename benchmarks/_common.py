@@ -10,13 +10,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing as mp
 import os
 import statistics
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -225,3 +228,67 @@ class RoundOpener:
 
     def stop(self) -> None:
         self.conn.stop()
+
+
+# child processes -----------------------------------------------------------------------------
+def expect(pipe: Connection, what: str, timeout: float = 600.0) -> Any:
+    if not pipe.poll(timeout):
+        raise TimeoutError(f"no {what!r} from a child process")
+    tag, value = pipe.recv()
+    if tag == "error":
+        raise RuntimeError(f"child process failed: {value}")
+    if tag != what:
+        raise RuntimeError(f"expected {what!r}, got {tag!r}")
+    return value
+
+
+class Children:
+    """Child processes with a pipe each, terminated on exit whatever happened."""
+
+    def __init__(self) -> None:
+        self.ctx = mp.get_context("spawn")
+        self.procs: dict[str, tuple[Any, Connection]] = {}
+
+    def spawn(self, name: str, target: Any, *args: Any) -> Connection:
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=target, args=(*args, child), daemon=True, name=name)
+        proc.start()
+        self.procs[name] = (proc, parent)
+        return parent
+
+    def pid(self, name: str) -> int:
+        return int(self.procs[name][0].pid)
+
+    def close(self) -> None:
+        for _proc, pipe in self.procs.values():
+            with contextlib.suppress(OSError):
+                pipe.send("stop")
+        for proc, _ in self.procs.values():
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        self.procs.clear()
+
+
+def _cpu_s(pid: int) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system + t.children_user + t.children_system)
+
+
+class CpuMeter:
+    """CPU seconds spent by named processes between ``start`` and ``stop`` (summed)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.total = dict.fromkeys(pids, 0.0)
+        self._t0: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._t0 = {k: _cpu_s(p) for k, p in self.pids.items()}
+
+    def stop(self) -> None:
+        for k, p in self.pids.items():
+            self.total[k] += _cpu_s(p) - self._t0[k]

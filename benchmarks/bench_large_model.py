@@ -34,9 +34,7 @@ controller <= 4x the model's bytes. The timed layout's two processes are reporte
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -47,7 +45,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import MIB, RssSampler, broker, emit, log, mb, median, setup_logging
+from _common import (
+    MIB,
+    Children,
+    CpuMeter,
+    RssSampler,
+    broker,
+    emit,
+    expect,
+    log,
+    mb,
+    median,
+    setup_logging,
+)
 
 PROJECT = "benchlarge"
 REGION = "region-0"
@@ -124,17 +134,6 @@ def initial_weights() -> dict[str, np.ndarray]:
 
 def model_bytes() -> int:
     return TENSORS * SHAPE[0] * SHAPE[1] * 4
-
-
-def _expect(pipe: Connection, what: str, timeout: float = TIMEOUT_S) -> Any:
-    if not pipe.poll(timeout):
-        raise TimeoutError(f"no {what!r} from a child process")
-    tag, value = pipe.recv()
-    if tag == "error":
-        raise RuntimeError(f"child process failed: {value}")
-    if tag != what:
-        raise RuntimeError(f"expected {what!r}, got {tag!r}")
-    return value
 
 
 # edgefl: the server process ------------------------------------------------------------------
@@ -370,58 +369,6 @@ def model_length() -> int:
     return len(dumps_tensors(initial_weights()))
 
 
-class Children:
-    """Child processes with a pipe each, terminated on exit whatever happened."""
-
-    def __init__(self) -> None:
-        self.ctx = mp.get_context("spawn")
-        self.procs: dict[str, tuple[Any, Connection]] = {}
-
-    def spawn(self, name: str, target: Any, *args: Any) -> Connection:
-        parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=target, args=(*args, child), daemon=True, name=name)
-        proc.start()
-        self.procs[name] = (proc, parent)
-        return parent
-
-    def pid(self, name: str) -> int:
-        return int(self.procs[name][0].pid)
-
-    def close(self) -> None:
-        for _proc, pipe in self.procs.values():
-            with contextlib.suppress(OSError):
-                pipe.send("stop")
-        for proc, _ in self.procs.values():
-            proc.join(10)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
-        self.procs.clear()
-
-
-def _cpu_s(pid: int) -> float:
-    import psutil
-
-    t = psutil.Process(pid).cpu_times()
-    return float(t.user + t.system + t.children_user + t.children_system)
-
-
-class CpuMeter:
-    """CPU seconds spent by named processes between ``start`` and ``stop`` (summed)."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = pids
-        self.total = dict.fromkeys(pids, 0.0)
-        self._t0: dict[str, float] = {}
-
-    def start(self) -> None:
-        self._t0 = {k: _cpu_s(p) for k, p in self.pids.items()}
-
-    def stop(self) -> None:
-        for k, p in self.pids.items():
-            self.total[k] += _cpu_s(p) - self._t0[k]
-
-
 class RawTransport:
     """The raw paho layout, started once and kept idle between trials."""
 
@@ -430,8 +377,8 @@ class RawTransport:
         self.kids = Children()
         self.srv = self.kids.spawn("raw-server", raw_server, url, ml, ul)
         devs = self.kids.spawn("raw-devices", raw_devices, url, ml, ul)
-        _expect(self.srv, "ready")
-        _expect(devs, "ready")
+        expect(self.srv, "ready")
+        expect(devs, "ready")
         self.trials: list[float] = []
         self.cpu = CpuMeter(
             {
@@ -444,7 +391,7 @@ class RawTransport:
     def trial(self) -> float:
         self.cpu.start()
         self.srv.send("go")
-        self.trials.append(_expect(self.srv, "done"))
+        self.trials.append(expect(self.srv, "done"))
         self.cpu.stop()
         log(f"raw transport: {self.trials[-1]:.2f} s")
         return self.trials[-1]
@@ -475,7 +422,7 @@ def edgefl_run(
                     pipes[name] = kids.spawn(name, server, url, workdir, *args, raw is not None)
                 else:
                     pipes[name] = kids.spawn(name, devices, url, *args)
-            idle = {name: _expect(p, "ready") for name, p in pipes.items()}
+            idle = {name: expect(p, "ready") for name, p in pipes.items()}
             samplers = {name: RssSampler(kids.pid(name)).start() for name in layout}
             ctl = next(n for n, (k, a) in layout.items() if k == "server" and "controller" in a[0])
             pids = {n: kids.pid(n) for n in layout}
@@ -502,7 +449,7 @@ def edgefl_run(
             for name, p in pipes.items():
                 if name != ctl:
                     p.send("report")
-                    result[name] = _expect(p, "done")
+                    result[name] = expect(p, "done")
             for name, s in samplers.items():
                 result[name]["sampled_peak"] = s.stop()
                 result[name]["idle"] = idle[name]
