@@ -43,6 +43,13 @@ def test_pool_of_two_reproduces_the_reference(deployment) -> None:
     assert [m.stats["accepted"] for m in members] == [100, 100]
     assert sum(m.stats["partials"] for m in members) == 40
     assert all(m.stats["rejected"] == 0 for m in members)
+    # the fleet state lists each member with its own counts
+    ctl.fleet.flush()
+    rows = ctl.store.list_combiners(deployment.project)
+    assert [(c.combiner, c.state, c.accepted) for c in rows] == [
+        ("combiner-region-0-0", "online", 100),
+        ("combiner-region-0-1", "online", 100),
+    ]
 
 
 class CrashingCombiner(Combiner):

@@ -749,7 +749,11 @@ def test_fleet_changes_create_rows_and_add_up_counts_across_stores(url) -> None:
         other.record_fleet([DeviceChange("p", "d1", accepted=1, declined=2, rejected=3)])
         other.record_fleet(
             [DeviceChange("p", "d1", last_seen=5.0, telemetry={"cpu": 0.5}, telemetry_at=9.0)],
-            [CombinerChange("p", "r0", current_task="s:2:0", current_round=2, accepted=4)],
+            [
+                CombinerChange(
+                    "p", "r0", "comb-0", current_task="s:2:0", current_round=2, accepted=4
+                )
+            ],
         )
         d1 = store.get_device("p", "d1")
         assert d1 is not None and (d1.region, d1.state, d1.attributes) == (
@@ -781,6 +785,53 @@ def test_fleet_changes_create_rows_and_add_up_counts_across_stores(url) -> None:
     finally:
         store.close()
         other.close()
+
+
+def test_schema_8_keeps_one_row_per_pool_member_and_migrates_schema_7_rows(url) -> None:
+    """Schema 7 keyed combiners by region, so a pool's members overwrote each other's row;
+    schema 8 keys them by name too. Downgraded to 0004 and upgraded again, a region's row
+    survives under its name, and both members of a pool keep their own counts."""
+    from alembic import command
+
+    from edgefl.store.base import CombinerChange
+    from edgefl.store.schema import alembic_config
+
+    store = make_store(url)
+    store.record_fleet([], [CombinerChange("p", "r0", "comb-r0", "online", 5.0, accepted=0)])
+    store.record_fleet([], [CombinerChange("p", "r0", "comb-r0", accepted=3)])
+    store.close()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0004")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT value FROM edgefl_meta")).scalar() == "7"
+        pk = inspect(conn).get_pk_constraint("combiners")["constrained_columns"]
+        assert sorted(pk) == ["project", "region"]
+    engine.dispose()
+    store = make_store(url)  # upgrades to the head again
+    try:
+        [old] = store.list_combiners("p")
+        assert (old.combiner, old.state, old.accepted) == ("comb-r0", "online", 3)
+        store.record_fleet(
+            [],
+            [
+                CombinerChange("p", "r1", "r1-a", "online", 6.0),
+                CombinerChange("p", "r1", "r1-b", "online", 6.0),
+            ],
+        )
+        store.record_fleet(
+            [],
+            [
+                CombinerChange("p", "r1", "r1-a", accepted=2),
+                CombinerChange("p", "r1", "r1-b", accepted=5),
+            ],
+        )
+        rows = [(c.region, c.combiner, c.accepted) for c in store.list_combiners("p")]
+        assert rows == [("r0", "comb-r0", 3), ("r1", "r1-a", 2), ("r1", "r1-b", 5)]
+    finally:
+        store.close()
+    assert _meta_version(url) == str(SCHEMA_VERSION)
+    assert _schema_differences(url) == []
 
 
 def test_lists_are_paginated_in_the_store_with_counts(url) -> None:

@@ -436,7 +436,7 @@ def test_migration_0003_to_0004_keeps_the_data(url: str) -> None:
     engine.dispose()
     store = SqlStore(url)
     try:
-        assert store.schema.current and store.schema.schema_version == SCHEMA_VERSION == 7
+        assert store.schema.current and store.schema.schema_version == SCHEMA_VERSION >= 7
         sess = store.get_session("old")
         assert sess is not None and (sess.status, sess.config) == ("completed", {"rounds": 2})
         project = store.get_project("p")
@@ -448,6 +448,6 @@ def test_migration_0003_to_0004_keeps_the_data(url: str) -> None:
         store.close()
     engine = create_engine(url)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT value FROM edgefl_meta")).scalar() == "7"
+        assert conn.execute(text("SELECT value FROM edgefl_meta")).scalar() == str(SCHEMA_VERSION)
         assert "memberships" in inspect(conn).get_table_names()
     engine.dispose()

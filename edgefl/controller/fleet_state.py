@@ -90,8 +90,10 @@ class FleetRecorder:
         self._clock = clock
         self._lock = threading.Lock()
         self._devices: dict[str, DeviceChange] = {}
-        self._combiners: dict[str, CombinerChange] = {}
-        self._progress: dict[str, tuple[str, int, int]] = {}  # region -> (task, acc, rej)
+        # keyed by (region, combiner name): a region's pool has several
+        self._combiners: dict[tuple[str, str], CombinerChange] = {}
+        self._progress: dict[tuple[str, str], tuple[str, int, int]] = {}  # -> (task, acc, rej)
+        self._named: dict[str, str] = {}  # region -> the name its combiner announced
         self._rounds: dict[str, bool] = {}  # task id -> ended (read from the store at flush)
         self._tasked: set[str] = set()  # task ids whose devices were marked as given it
         self._done = threading.Event()
@@ -113,14 +115,12 @@ class FleetRecorder:
                 self._devices[name] = _merge(self._devices.get(name), change)
             else:
                 named = msg.get("combiner")
-                comb = CombinerChange(
-                    self.project,
-                    region,
-                    named[:128] if isinstance(named, str) else None,
-                    state,
-                    seen,
-                )
-                self._combiners[region] = _merge(self._combiners.get(region), comb)
+                comb_name = named[:128] if isinstance(named, str) and named else name
+                comb_name = comb_name or f"combiner-{region}"
+                self._named[region] = comb_name  # whose progress names no combiner
+                comb = CombinerChange(self.project, region, comb_name, state, seen)
+                key = (region, comb_name)
+                self._combiners[key] = _merge(self._combiners.get(key), comb)
 
     def on_progress(self, topic: str, payload: bytes) -> None:
         """A combiner's running counts for a round: the increments since its last report."""
@@ -131,19 +131,23 @@ class FleetRecorder:
             return  # the inbox counts and logs it
         task, acc, rej = msg["task_id"], max(0, msg["accepted"]), max(0, msg["rejected"])
         with self._lock:
-            last = self._progress.get(region)
+            member = msg.get("combiner")  # a pool member names itself
+            name = member[:128] if member else self._named.get(region, f"combiner-{region}")
+            key = (region, name)
+            last = self._progress.get(key)
             base = (last[1], last[2]) if last is not None and last[0] == task else (0, 0)
-            self._progress[region] = (task, max(acc, base[0]), max(rej, base[1]))
+            self._progress[key] = (task, max(acc, base[0]), max(rej, base[1]))
             change = CombinerChange(
                 self.project,
                 region,
+                name,
                 last_seen=self._clock(),
                 current_task=task,
                 current_round=round_of(task),
                 accepted=max(0, acc - base[0]),
                 rejected=max(0, rej - base[1]),
             )
-            self._combiners[region] = _merge(self._combiners.get(region), change)
+            self._combiners[key] = _merge(self._combiners.get(key), change)
 
     def on_telemetry(self, point: Point) -> None:
         """An accepted telemetry point: the device's last metrics."""
@@ -211,9 +215,9 @@ class FleetRecorder:
                 for name, dev in devices.items():
                     newer = self._devices.get(name)
                     self._devices[name] = dev if newer is None else _merge(dev, newer)
-                for region, comb in combiners.items():
-                    later = self._combiners.get(region)
-                    self._combiners[region] = comb if later is None else _merge(comb, later)
+                for key, comb in combiners.items():
+                    later = self._combiners.get(key)
+                    self._combiners[key] = comb if later is None else _merge(comb, later)
 
     def _read_rounds(self, rounds: dict[str, bool]) -> None:
         """Tasks and answers from the round records (selected, participants, rejections)."""

@@ -4,9 +4,9 @@ Two markers live in every database, and both are kept by the migrations themselv
 
 - the Alembic revision, in ``edgefl_alembic_version``: which migration ran last;
 - ``edgefl_meta.schema_version``: the on-disk schema version (4 for revision ``0001``, 5 for
-  ``0002``, 6 for ``0003``, 7 for ``0004``). Every edgefl since the first reads it, so even a
-  release from before Alembic refuses a database that a newer edgefl has changed, instead
-  of writing rows it cannot describe.
+  ``0002``, 6 for ``0003``, 7 for ``0004``, 8 for ``0005``). Every edgefl since the first
+  reads it, so even a release from before Alembic refuses a database that a newer edgefl
+  has changed, instead of writing rows it cannot describe.
 
 A database from before Alembic has the second marker and not the first; revision ``0001``
 brings it from its schema version (1 to 4) to the current schema, so the same upgrade serves
@@ -27,7 +27,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
-SCHEMA_VERSION = 7  # edgefl_meta's schema_version at the head revision
+SCHEMA_VERSION = 8  # edgefl_meta's schema_version at the head revision
 VERSION_TABLE = "edgefl_alembic_version"  # not "alembic_version": a shared database stays ours
 META_TABLE = "edgefl_meta"
 MIGRATIONS = Path(__file__).with_name("migrations")

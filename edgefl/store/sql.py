@@ -180,7 +180,7 @@ class _Combiner(_Base):  # v5
     __tablename__ = "combiners"
     project: Mapped[str] = mapped_column(String(64), primary_key=True)
     region: Mapped[str] = mapped_column(String(64), primary_key=True)
-    combiner: Mapped[str] = mapped_column(String(128))
+    combiner: Mapped[str] = mapped_column(String(128), primary_key=True)  # v8: pools
     state: Mapped[str] = mapped_column(String(16))
     last_seen: Mapped[float] = mapped_column(Float)
     current_task: Mapped[str] = mapped_column(String(160))
@@ -739,14 +739,15 @@ class SqlStore:
                         s.add(row)
                     _apply_device(row, change)
             for comb in combiners:
-                crow = s.get(_Combiner, (comb.project, comb.region), with_for_update=True)
+                name = comb.combiner or f"combiner-{comb.region}"
+                crow = s.get(_Combiner, (comb.project, comb.region, name), with_for_update=True)
                 if crow is None:
                     if comb.state is None:
                         continue
                     crow = _Combiner(
                         project=comb.project,
                         region=comb.region,
-                        combiner=comb.combiner or f"combiner-{comb.region}",
+                        combiner=name,
                         state=comb.state,
                         last_seen=comb.last_seen or time.time(),
                         current_task="",
@@ -803,7 +804,7 @@ class SqlStore:
         return self._count(self._devices_where(q, project, region, state))
 
     def list_combiners(self, project: str | Collection[str] | None = None) -> list[CombinerRecord]:
-        q = select(_Combiner).order_by(_Combiner.project, _Combiner.region)
+        q = select(_Combiner).order_by(_Combiner.project, _Combiner.region, _Combiner.combiner)
         q = _in_projects(q, _Combiner.project, project)
         with self._read_lock, self._read() as s:
             return [_record(CombinerRecord, r) for r in s.scalars(q).all()]
