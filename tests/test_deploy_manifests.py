@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
+from edgefl.protocol.topics import TopicError, check_segment
+
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,8 +125,13 @@ def test_overlay_validates_against_the_kubernetes_schemas(rendered, overlay) -> 
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     names = {o["metadata"]["name"] for o in objs if o["kind"] in WORKLOADS}
     assert names == {
-        "edgefl-controller", "edgefl-api", "edgefl-combiner-region-0",
-        "edgefl-combiner-region-1", "edgefl-broker", "edgefl-postgres", "edgefl-influxdb",
+        "edgefl-controller",
+        "edgefl-api",
+        "edgefl-combiner-region-0",
+        "edgefl-combiner-region-1",
+        "edgefl-broker",
+        "edgefl-postgres",
+        "edgefl-influxdb",
     }
     namespaces = {o["metadata"].get("namespace") for o in objs if o["kind"] != "Namespace"}
     assert namespaces == {"edgefl" if overlay == "production" else "edgefl-lab"}
@@ -177,8 +184,14 @@ def test_the_policy_check_catches_each_violation(rendered) -> None:
         pod_spec(o)["containers"][0]["image"] = "edgefl/server"
 
     def secret(_, objs):
-        objs.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "x"},
-                     "data": {"password": "aHVudGVyMg=="}})
+        objs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "x"},
+                "data": {"password": "aHVudGVyMg=="},
+            }
+        )
 
     expected = {
         no_limit: "db-upgrade: no cpu limit",
@@ -245,8 +258,11 @@ def test_production_network_policies(rendered) -> None:
     assert "ingress" not in deny
 
     def components(rule: dict[str, Any]) -> set[str]:
-        return {p["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
-                for p in rule.get("from", []) if "podSelector" in p}
+        return {
+            p["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+            for p in rule.get("from", [])
+            if "podSelector" in p
+        }
 
     broker = _policy(objs, "edgefl-broker")["ingress"]
     by_port = {r["ports"][0]["port"]: r for r in broker}
@@ -254,8 +270,9 @@ def test_production_network_policies(rendered) -> None:
     assert "from" not in by_port[8883]  # devices: from anywhere, TLS only
     assert components(by_port[1883]) == {"controller", "combiner"}
     (api,) = _policy(objs, "edgefl-api")["ingress"]
-    assert api["from"] == [{"namespaceSelector": {"matchLabels": {
-        "kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    assert api["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    ]
     (pg,) = _policy(objs, "edgefl-postgres")["ingress"]
     assert components(pg) == {"controller", "api"} and pg["ports"][0]["port"] == 5432
     (influx,) = _policy(objs, "edgefl-influxdb")["ingress"]
@@ -277,41 +294,223 @@ def test_production_exposes_devices_only_to_tls(rendered) -> None:
     assert svc["spec"]["type"] == "LoadBalancer"
     assert [p["port"] for p in svc["spec"]["ports"]] == [8883]
     assert find(objs, "Service", "edgefl-broker")["spec"].get("type", "ClusterIP") == "ClusterIP"
-    conf = next(o for o in objs if o["kind"] == "ConfigMap"
-                and o["metadata"]["name"].startswith("edgefl-mosquitto"))["data"]["mosquitto.conf"]
-    assert listeners(conf) == {"1883": [], "8883": [
-        "cafile", "certfile", "keyfile", "tls_version", "use_username_as_clientid"]}
+    conf = next(
+        o
+        for o in objs
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("edgefl-mosquitto")
+    )["data"]["mosquitto.conf"]
+    assert listeners(conf) == {
+        "1883": [],
+        "8883": ["cafile", "certfile", "keyfile", "tls_version", "use_username_as_clientid"],
+    }
     ingress = find(objs, "Ingress", "edgefl-api")
     assert ingress["spec"]["tls"][0]["secretName"] == "edgefl-api-tls"
 
 
 def test_lab_is_single_replica_without_tls(rendered) -> None:
+    """One of everything on the lab's node, except the combiner pools: they keep the base's
+    members, so a lab shows a pool at work (and a member's death) as production has it."""
     objs = rendered["lab"]
     for obj in objs:
-        if obj["kind"] in WORKLOADS:
+        if obj["kind"] in WORKLOADS and not is_combiner(obj):
             assert obj["spec"]["replicas"] == 1, obj["metadata"]["name"]
-    conf = next(o for o in objs if o["kind"] == "ConfigMap"
-                and o["metadata"]["name"].startswith("edgefl-mosquitto"))["data"]["mosquitto.conf"]
+    assert pool_violations(objs) == []
+    conf = next(
+        o
+        for o in objs
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("edgefl-mosquitto")
+    )["data"]["mosquitto.conf"]
     assert listeners(conf) == {"1883": [], "1884": ["use_username_as_clientid"]}
 
 
-def test_combiners_are_one_per_region_and_never_two_at_once(rendered) -> None:
-    for objs in rendered.values():
-        combiners = [o for o in objs if o["kind"] == "Deployment"
-                     and o["metadata"]["name"].startswith("edgefl-combiner-")]
-        for c in combiners:
-            region = c["metadata"]["name"].removeprefix("edgefl-combiner-")
-            assert c["spec"]["replicas"] == 1 and c["spec"]["strategy"]["type"] == "Recreate"
-            args = pod_spec(c)["containers"][0]["args"]
-            assert args[args.index("--region") + 1] == region
+# -- combiner pools -----------------------------------------------------------------------
+
+REGIONS = {"region-0", "region-1"}
+
+
+def is_combiner(obj: dict[str, Any]) -> bool:
+    return (
+        obj["kind"] in WORKLOADS
+        and pod_spec_labels(obj).get("app.kubernetes.io/component") == "combiner"
+    )
+
+
+def arg(args: list[str], flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def pool_violations(objs: list[dict[str, Any]]) -> list[str]:
+    """How the combiners stray from one pool per region; empty when they do not.
+
+    A pool member's name is its MQTT client id suffix and its persistent session: it must be
+    unique in the region and survive restarts, hence a StatefulSet's pod name. A single
+    combiner (no --pool-member) never serves a region next to a pool.
+    """
+    bad: list[str] = []
+    services = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Service"}
+    regions: list[str] = []
+    for obj in (o for o in objs if is_combiner(o)):
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        spec = obj["spec"]
+        labels = pod_spec_labels(obj)
+        region = labels.get("edgefl.io/region", "")
+        regions.append(region)
+        if obj["kind"] != "StatefulSet":
+            bad.append(f"{where}: not a StatefulSet (member names would not be stable)")
+            continue
+        if obj["metadata"]["name"] != f"edgefl-combiner-{region}":
+            bad.append(f"{where}: not named after its region {region!r}")
+        if spec.get("replicas", 1) < 2:
+            bad.append(f"{where}: fewer than 2 members")
+        if spec.get("podManagementPolicy") != "Parallel":
+            bad.append(f"{where}: members not managed in parallel")
+        selector = spec["selector"]["matchLabels"]
+        if selector.get("edgefl.io/region") != region or not selector.items() <= labels.items():
+            bad.append(f"{where}: selector does not pick exactly its region's pods")
+        svc = services.get(spec.get("serviceName", ""))
+        if svc is None or svc["spec"].get("clusterIP") != "None":
+            bad.append(f"{where}: serviceName is not a headless Service")
+        elif not svc["spec"].get("selector", {}).items() <= labels.items():
+            bad.append(f"{where}: its Service selects other pods")
+        (c,) = pod_spec(obj)["containers"]
+        args = c["args"]
+        if args[0] != "combiner" or arg(args, "--region") != region:
+            bad.append(f"{where}: --region is not {region!r}")
+        env = {e["name"]: e for e in c.get("env", [])}
+        member = arg(args, "--pool-member") or ""
+        ref = re.fullmatch(r"\$\((\w+)\)", member)
+        field = env.get(ref.group(1), {}) if ref else {}
+        if field.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "metadata.name":
+            bad.append(f"{where}: --pool-member {member!r} is not the pod name (downward API)")
+        # pod names are NAME-0, NAME-1, ...: each must be a valid topic level, the member's
+        # status topic is edgefl/v1/{project}/{region}/comb/pool/{member}/status
+        try:
+            check_segment("combiner", f"{obj['metadata']['name']}-{spec.get('replicas', 1) - 1}")
+        except TopicError as exc:
+            bad.append(f"{where}: {exc}")
+        # the shared region login comes from the mounted Secret, never from the manifest
+        if "--insecure" in args or "--token" in args or any("value" in e for e in env.values()):
+            bad.append(f"{where}: credentials or insecure mode in the manifest")
+        logins = arg(args, "--logins")
+        mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+        vols = {v["name"]: v for v in pod_spec(obj).get("volumes", [])}
+        secret = vols.get(mounts.get(logins or "", ""), {}).get("secret", {}).get("secretName")
+        if secret != "edgefl-logins":
+            bad.append(f"{where}: --logins is not the edgefl-logins Secret")
+    if sorted(regions) != sorted(REGIONS):
+        bad.append(
+            f"combiners for regions {sorted(regions)}, expected one for each of {sorted(REGIONS)}"
+        )
+    return bad
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_combiners_are_one_pool_per_region(rendered, overlay) -> None:
+    objs = rendered[overlay]
+    assert pool_violations(objs) == []
+    pools = [o for o in objs if is_combiner(o)]
+    assert {o["metadata"]["name"] for o in pools} == {f"edgefl-combiner-{r}" for r in REGIONS}
+    assert all(o["spec"]["replicas"] == 2 for o in pools)
+
+
+def test_the_pool_check_catches_each_violation(rendered) -> None:
+    base = rendered["production"]
+
+    def mutated(change) -> list[str]:
+        objs = copy.deepcopy(base)
+        change(find(objs, "StatefulSet", "edgefl-combiner-region-0"), objs)
+        return pool_violations(objs)
+
+    def deployment(o, _):
+        o["kind"] = "Deployment"
+
+    def one(o, _):
+        o["spec"]["replicas"] = 1
+
+    def ordered(o, _):
+        del o["spec"]["podManagementPolicy"]
+
+    def fixed_name(o, _):
+        args = pod_spec(o)["containers"][0]["args"]
+        args[args.index("--pool-member") + 1] = "member-a"
+
+    def node_name(o, _):
+        env = pod_spec(o)["containers"][0]["env"]
+        env[0]["valueFrom"]["fieldRef"]["fieldPath"] = "spec.nodeName"
+
+    def single(o, _):
+        args = pod_spec(o)["containers"][0]["args"]
+        del args[args.index("--pool-member") : args.index("--pool-member") + 2]
+
+    def other_region(o, _):
+        args = pod_spec(o)["containers"][0]["args"]
+        args[args.index("--region") + 1] = "region-1"
+
+    def wide_selector(o, _):
+        del o["spec"]["selector"]["matchLabels"]["edgefl.io/region"]
+
+    def no_service(o, objs):
+        objs.remove(find(objs, "Service", o["spec"]["serviceName"]))
+
+    def baked_token(o, _):
+        pod_spec(o)["containers"][0]["env"].append({"name": "EDGEFL_TOKEN", "value": "eyJ..."})
+
+    def long_region(o, _):
+        o["metadata"]["name"] = "edgefl-combiner-" + "r" * 60
+        pod_spec_labels(o)["edgefl.io/region"] = "r" * 60
+
+    def extra(_, objs):
+        objs.append(copy.deepcopy(find(objs, "StatefulSet", "edgefl-combiner-region-1")))
+
+    expected = {
+        deployment: "not a StatefulSet",
+        one: "fewer than 2 members",
+        ordered: "not managed in parallel",
+        fixed_name: "is not the pod name",
+        node_name: "is not the pod name",
+        single: "is not the pod name",
+        other_region: "--region is not 'region-0'",
+        wide_selector: "selector does not pick exactly",
+        no_service: "not a headless Service",
+        baked_token: "credentials or insecure mode",
+        long_region: "invalid combiner",
+        extra: "expected one for each",
+    }
+    for change, message in expected.items():
+        found = mutated(change)
+        assert any(message in v for v in found), (change.__name__, found)
+
+
+def test_production_evicts_one_member_of_a_pool_at_a_time(rendered) -> None:
+    objs = rendered["production"]
+    budgets = [o for o in objs if o["kind"] == "PodDisruptionBudget"]
+    for pool in (o for o in objs if is_combiner(o)):
+        labels = pod_spec_labels(pool)
+        (pdb,) = [
+            b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        ]
+        assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+        sel = pdb["spec"]["selector"]["matchLabels"]
+        assert sel["edgefl.io/region"] == labels["edgefl.io/region"]
+        assert sel["app.kubernetes.io/component"] == "combiner"
+    assert len(budgets) == len(REGIONS)
 
 
 # -- the broker configs stay the shipped ones ---------------------------------------------
 
 # The lines a pod's config may differ in from broker_config/: listeners, the TLS block (paths
 # of the pod) and file locations. Everything else must be the shipped directive, same value.
-POD_SPECIFIC = {"listener", "cafile", "certfile", "keyfile", "tls_version",
-                "use_username_as_clientid", "password_file", "acl_file", "persistence_location"}
+POD_SPECIFIC = {
+    "listener",
+    "cafile",
+    "certfile",
+    "keyfile",
+    "tls_version",
+    "use_username_as_clientid",
+    "password_file",
+    "acl_file",
+    "persistence_location",
+}
 
 
 def directives(conf: str) -> list[tuple[str, str]]:
@@ -338,15 +537,21 @@ def listeners(conf: str) -> dict[str, list[str]]:
     return found
 
 
-@pytest.mark.parametrize(("ours", "shipped"), [
-    ("base/mosquitto.conf", "mosquitto.conf"),
-    ("overlays/lab/mosquitto.conf", "mosquitto.conf"),
-    ("overlays/production/mosquitto.conf", "mosquitto-tls.conf"),
-])
+@pytest.mark.parametrize(
+    ("ours", "shipped"),
+    [
+        ("base/mosquitto.conf", "mosquitto.conf"),
+        ("overlays/lab/mosquitto.conf", "mosquitto.conf"),
+        ("overlays/production/mosquitto.conf", "mosquitto-tls.conf"),
+    ],
+)
 def test_broker_config_matches_the_shipped_one(ours, shipped) -> None:
     mine = [d for d in directives((K8S / ours).read_text()) if d[0] not in POD_SPECIFIC]
-    theirs = [d for d in directives((ROOT / "broker_config" / shipped).read_text())
-              if d[0] not in POD_SPECIFIC]
+    theirs = [
+        d
+        for d in directives((ROOT / "broker_config" / shipped).read_text())
+        if d[0] not in POD_SPECIFIC
+    ]
     assert mine == theirs
     paths = dict(directives((K8S / ours).read_text()))
     assert paths["password_file"] == "/mosquitto/auth/passwd"
