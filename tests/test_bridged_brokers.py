@@ -64,6 +64,7 @@ def test_bridge_acl_covers_only_its_region() -> None:
         "topic write edgefl/v1/p/region-0/comb/partial",
         "topic write edgefl/v1/p/region-0/comb/progress",
         "topic write edgefl/v1/p/region-0/comb/status",
+        "topic write edgefl/v1/p/region-0/comb/pool/+/status",
         "topic write edgefl/v1/p/region-0/dev/+/status",
         "topic write edgefl/v1/p/region-0/dev/+/telemetry",
         "topic write edgefl/v1/p/region-0/dev/+/request",
@@ -390,3 +391,59 @@ def test_bridge_config_cli_writes_a_complete_rendering(tmp_path) -> None:
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 1 and "--force" in res.output
     assert (region / "mosquitto.conf").read_text() == conf
+
+
+def test_combiner_pools_behind_regional_brokers(bridged: Bridged, tmp_path) -> None:
+    """Each region served by a pool of 2 on its own broker: the members' presence crosses the
+    bridge, so the controller deals every region's devices out over them, and the session
+    still gives the reference's accuracies."""
+    b = bridged
+    t = Topics(b.project)
+    dep = deploy.Deployment(
+        tmp_path,
+        project=b.project,
+        broker_url=b.central.url,
+        region_urls={r: broker.url for r, broker in b.regional.items()},
+    )
+    dep.credentials = ProvisionedLogins(b.passwords)
+    rounds_n = 3
+    try:
+        members = dep.start_combiners(list(REGIONS), pool=2)
+        dep.start_fleet(
+            N_DEVICES, device_urls=b.device_urls, agent_options={"ca_file": str(b.ca / "ca.crt")}
+        )
+        ctl = dep.start_controller(evaluator=digits.evaluator)
+        assert len(ctl.presence.wait_for(N_DEVICES, 20)) == N_DEVICES
+        for region in REGIONS:
+            assert ctl.presence.pool_members(region) == [
+                f"combiner-{region}-0",
+                f"combiner-{region}-1",
+            ]
+        config = SessionConfig(
+            rounds=rounds_n,
+            min_devices=N_DEVICES,
+            round_timeout_s=30,
+            train={"lr": 0.1, "batch_size": 32},
+        )
+        ctl.create_session(config, digits.initial_weights("softmax"))
+        ctl.run(config.session_id)
+        rounds = ctl.store.list_rounds(config.session_id)
+        accepted = [m.stats["accepted"] for m in members]
+    finally:
+        dep.close()
+
+    accs = completed_accuracies(rounds)
+    assert accs == pytest.approx(digits.reference_run(N_DEVICES, rounds_n), abs=1e-9)
+    for rec in rounds:
+        assert len(rec.participants) == N_DEVICES
+    # every member served its share: 5 devices per region, dealt 3 and 2, each round
+    assert sorted(accepted) == [2 * rounds_n] * 2 + [3 * rounds_n] * 2, accepted
+
+    settle(0.5)
+    central_late = _recorder(b.central.url, b.passwords["controller"], t.pool_status_wildcard())
+    settle(0.5)
+    central_late.close()
+    retained = {m.topic for m in central_late.messages if m.retain and m.payload}
+    assert retained == {
+        t.pool_member_status(r, f"combiner-{r}-{i}") for r in REGIONS for i in range(2)
+    }

@@ -14,6 +14,7 @@ prefix or the shared ``model/`` tree, so nothing of another region can match)::
     region -> central   {region}/comb/partial      the combiner's chunked sums, QoS 1
                         {region}/comb/progress     QoS 1
                         {region}/comb/status       retained presence (and last will), QoS 1
+                        {region}/comb/pool/+/status  each pool member's, the same, QoS 1
                         {region}/dev/+/status      retained device presence (and wills), QoS 1
                         {region}/dev/+/telemetry   QoS 0, like the devices send it
                         {region}/dev/+/request     a device's fetch of a missing model, QoS 1
@@ -50,6 +51,7 @@ BRIDGE_TOPICS: tuple[tuple[str, str, int, str], ...] = (
     ("comb/partial", "out", 1, "region"),
     ("comb/progress", "out", 1, "region"),
     ("comb/status", "out", 1, "region"),
+    ("comb/pool/+/status", "out", 1, "region"),
     ("dev/+/status", "out", 1, "region"),
     ("dev/+/telemetry", "out", 0, "region"),
     ("dev/+/request", "out", 1, "region"),
