@@ -414,11 +414,13 @@ def test_combiner_pools_behind_regional_brokers(bridged: Bridged, tmp_path) -> N
         )
         ctl = dep.start_controller(evaluator=digits.evaluator)
         assert len(ctl.presence.wait_for(N_DEVICES, 20)) == N_DEVICES
-        for region in REGIONS:
-            assert ctl.presence.pool_members(region) == [
-                f"combiner-{region}-0",
-                f"combiner-{region}-1",
-            ]
+        for region in REGIONS:  # both members, not only the first to cross the bridge
+            expected = [f"combiner-{region}-0", f"combiner-{region}-1"]
+            _wait_for(
+                lambda r=region, e=expected: ctl.presence.pool_members(r) == e,
+                15,
+                f"both pool members of {region} on the central broker",
+            )
         config = SessionConfig(
             rounds=rounds_n,
             min_devices=N_DEVICES,
