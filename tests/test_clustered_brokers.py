@@ -22,6 +22,8 @@ from device_agent.agent import DeviceAgent
 from device_agent.config import AgentConfig
 from device_agent.trainers.numpy_trainer import NumpyTrainer
 from edgefl import deploy
+from edgefl.auth.tokens import Role
+from edgefl.combiner import Combiner, CombinerConfig
 from edgefl.controller import SessionConfig
 from edgefl.fleet.simulate import device_name
 from edgefl.protocol import Topics
@@ -60,10 +62,17 @@ def _start_devices(dep: deploy.Deployment, urls: Sequence[str]) -> list[DeviceAg
 
 
 def _run_canonical_session(
-    tmp_path, controller_url: str, combiner_urls: Sequence[str], device_urls: Sequence[str]
+    tmp_path,
+    controller_url: str,
+    combiner_urls: Sequence[str],
+    device_urls: Sequence[str],
+    pool_urls: Sequence[str] = (),
 ) -> None:
     """Combiners, then devices, then the controller; a 20-round FedAvg session that must equal
-    the reference run, with no device ever having to ask for a model (retained chunks found)."""
+    the reference run, with no device ever having to ask for a model (retained chunks found).
+
+    With ``pool_urls``, the first region is served by a combiner pool, one member on each of
+    those URLs (its first combiner URL is then unused)."""
     project = deploy.random_project()
     dep = deploy.Deployment(
         tmp_path,
@@ -77,7 +86,19 @@ def _run_canonical_session(
     requests.subscribe(t.device_wildcard(None, "request"))
     t0 = time.monotonic()
     try:
-        dep.start_combiners(REGIONS)
+        members = []
+        for i, url in enumerate(pool_urls):
+            login = dep.credentials.login(f"combiner-{REGIONS[0]}", Role.combiner, REGIONS[0])
+            cfg = CombinerConfig(
+                url,
+                project=project,
+                region=REGIONS[0],
+                combiner_id=f"member-{i}",
+                pool=True,
+                **login,
+            )
+            members.append(dep.own(Combiner(cfg).start()))
+        dep.start_combiners(REGIONS[1:] if pool_urls else REGIONS)
         agents = _start_devices(dep, device_urls)
         ctl = dep.start_controller(evaluator=digits.evaluator)
         # a controller that starts last still sees every device and combiner
@@ -105,6 +126,10 @@ def _run_canonical_session(
         assert {p["region"] for p in rec.participants} == set(REGIONS)
         assert len(rec.participants) == N_DEVICES
     assert completed == N_DEVICES * ROUNDS
+    if pool_urls:  # the pool shared its region's updates, none twice
+        accepted = [m.stats["accepted"] for m in members]
+        in_region = sum(1 for rec in rounds for p in rec.participants if p["region"] == REGIONS[0])
+        assert all(accepted) and sum(accepted) == in_region
     assert requests.topics() == [], "devices had to ask for models the broker should have kept"
     assert elapsed < 120, f"session took {elapsed:.1f} s"
 
@@ -325,3 +350,14 @@ def test_session_on_nats_cluster_reproduces_reference(
     urls = [f"{u}?broker=nats" for u in nats_cluster.urls]
     # controller on node 0, a combiner on each of nodes 1 and 2, devices round-robin on all
     _run_canonical_session(tmp_path, urls[0], urls[1:], urls)
+
+
+@pytest.mark.slow
+def test_combiner_pool_across_nats_nodes_reproduces_reference(
+    nats_cluster: NatsCluster,  # noqa: F811
+    tmp_path,
+) -> None:
+    """A pool needs no shared subscriptions, which NATS's MQTT gateway lacks: region-0's two
+    members sit on nodes 1 and 2, its devices are spread over all three nodes."""
+    urls = [f"{u}?broker=nats" for u in nats_cluster.urls]
+    _run_canonical_session(tmp_path, urls[0], urls[1:], urls, pool_urls=urls[1:])
