@@ -204,7 +204,11 @@ class Combiner:
             client_id=f"edgefl-{config.project}-{config.name}",
             username=config.username,
             password=config.password,
-            clean_session=False,
+            # a region's only combiner keeps its session: the updates that arrive while it
+            # restarts wait for it. A pool member is written off when it goes, so a session
+            # kept for it would only queue updates nobody folds (and keep its last round's
+            # subscriptions into the next life)
+            clean_session=not config.pool,
             will=(
                 status,
                 encode("status", state="offline", ts=time.time(), combiner=config.name),
