@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -124,8 +125,8 @@ def _bad_update(mode: str, task: dict, device: str) -> bytes | list[bytes]:
         tensors = dict(good, b=np.full(10, np.nan))
     elif mode == "wrong-dtype":
         tensors = {"W": np.zeros((64, 10), np.float32), "b": np.zeros(10, np.float32)}
-    elif mode == "missing-tensor":
-        tensors = {"W": good["W"]}
+    elif mode in ("missing-tensor", "corrupted"):
+        tensors = {"W": good["W"]} if mode == "missing-tensor" else good
     else:
         raise ValueError(mode)
     msg = encode(
@@ -137,6 +138,12 @@ def _bad_update(mode: str, task: dict, device: str) -> bytes | list[bytes]:
         metrics={},
         tensors=encode_tensors(tensors),
     )
+    if mode == "corrupted":  # every chunk well formed, the whole not what the digest says
+        chunks = split_payload(msg, 4096, meta={"task_id": task["task_id"]})
+        last = chunks[-1]
+        flipped = bytes([last.data[0] ^ 0xFF]) + last.data[1:]
+        chunks[-1] = dataclasses.replace(last, data=flipped)
+        return [c.to_bytes() for c in chunks]
     return chunks_of(msg)
 
 
@@ -148,6 +155,7 @@ REJECTION_REASONS = {
     "nan": "tensor 'b' holds NaN",
     "wrong-dtype": "dtype float32, expected float64",
     "missing-tensor": "missing ['b']",
+    "corrupted": "digest mismatch",  # final: the round does not wait for a resend
 }
 
 

@@ -42,6 +42,7 @@ from edgefl.protocol import ChunkError, CodecError, MessageError, Topics, decode
 from edgefl.protocol.chunking import (
     DEFAULT_CHUNK_SIZE,
     ChunkWriter,
+    DigestMismatch,
     Reassembler,
     ReceiverFull,
     TransferRefused,
@@ -479,6 +480,11 @@ class Combiner:
                 self.stats["refused_transfers"] += 1
                 self._reject(
                     device, f"transfer refused: {exc}", "transfer_refused", final_for=exc.meta
+                )
+                return
+            except DigestMismatch as exc:  # a complete answer that is junk: final, like one
+                self._reject(  # that does not decode (no resend is coming: none is asked)
+                    device, f"update refused: {exc}", "digest_mismatch", final_for=exc.meta
                 )
                 return
             except ReceiverFull as exc:  # the combiner's fault, not the device's: not final

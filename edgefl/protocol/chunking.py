@@ -63,6 +63,18 @@ class TransferRefused(ChunkError):
         self.meta = meta
 
 
+class DigestMismatch(ChunkError):
+    """A complete transfer whose bytes do not hash to its digest: the sender's answer is
+    junk (QoS 1 over TCP does not garble bytes), so a receiver need not wait for another.
+
+    ``meta`` is the transfer's metadata, so the receiver can tell which round it was for.
+    """
+
+    def __init__(self, message: str, meta: Meta) -> None:
+        super().__init__(message)
+        self.meta = meta
+
+
 class ReceiverFull(ChunkError):
     """A new transfer refused because the receiver has no room left for it right now.
 
@@ -585,11 +597,12 @@ class Reassembler:
             part = self._start(source, chunk, now)
         else:
             f = part.first
-            if (f.count, f.size, f.chunk_size, f.digest) != (
+            if (f.count, f.size, f.chunk_size, f.digest, f.meta) != (
                 chunk.count,
                 chunk.size,
                 chunk.chunk_size,
                 chunk.digest,
+                chunk.meta,
             ):
                 raise ChunkError(
                     f"chunk {chunk.index} disagrees with earlier chunks of its transfer"
@@ -616,7 +629,10 @@ class Reassembler:
         if digest != chunk.digest:
             if spill_file is not None:
                 spill_file.close()
-            raise ChunkError(f"transfer {chunk.transfer} from {source}: digest mismatch, rejected")
+            raise DigestMismatch(
+                f"transfer {chunk.transfer} from {source}: digest mismatch, rejected",
+                dict(part.first.meta),
+            )
         self._remember(source, chunk.transfer, now)
         release = None if spill_file is None else (lambda: self._recycle(spill_file))
         return Completed(chunk.transfer, data, dict(part.first.meta), source, release)

@@ -496,7 +496,11 @@ VALID_MESSAGES = st.one_of(
                 "type": st.just(kind),
                 **{key: FIELD_VALUES.get(typ, NUMBERS) for key, typ in SCHEMAS[kind].items()},
             },
-            optional={key: OPTIONAL_VALUES[key] for key in OPTIONAL.get(kind, {})},
+            optional={
+                # a field without values of its own gets any value of its declared type
+                key: OPTIONAL_VALUES.get(key, FIELD_VALUES.get(typ, NUMBERS))
+                for key, typ in OPTIONAL.get(kind, {}).items()
+            },
         )
         for kind in MESSAGE_TYPES
     ]

@@ -24,6 +24,7 @@ from edgefl.protocol.chunking import (
     MIN_CHUNK_SIZE,
     Chunk,
     ChunkError,
+    DigestMismatch,
     Reassembler,
     ReceiverFull,
     TransferRefused,
@@ -211,6 +212,25 @@ def test_chunk_disagreeing_with_its_transfer_is_rejected(
     # the genuine transfer is unharmed
     done = feed_all(r, "dev-1", ca[1:])
     assert [d.payload for d in done] == [pa]
+
+
+def test_chunk_with_other_meta_is_rejected_and_a_mismatch_names_the_transfer() -> None:
+    """The first chunk fixes ``meta`` too (rule 6.3.2): a chunk claiming another round for
+    the same transfer is refused. A transfer that completes with the wrong digest raises
+    ``DigestMismatch`` carrying its meta, so the combiner knows whose answer was junk."""
+    payload = bytes(range(256)) * 20
+    chunks = split_payload(payload, 1024, transfer="x", meta={"task_id": "s:1:0"})
+    r = Reassembler()
+    assert r.feed("dev-1", chunks[0].to_bytes()) is None
+    moved = dataclasses.replace(chunks[1], meta={"task_id": "s:2:0"})
+    with pytest.raises(ChunkError, match="disagrees"):
+        r.feed("dev-1", moved.to_bytes())
+    assert [d.payload for d in feed_all(r, "dev-1", chunks[1:])] == [payload]
+    bad = [*chunks[:-1], dataclasses.replace(chunks[-1], data=bytes(len(chunks[-1].data)))]
+    r2 = Reassembler()
+    with pytest.raises(DigestMismatch) as caught:
+        feed_all(r2, "dev-1", bad)
+    assert caught.value.meta == {"task_id": "s:1:0"}
 
 
 # header validation -------------------------------------------------------------------------
