@@ -16,6 +16,8 @@ from edgefl.protocol.chunking import Payload
 from edgefl.protocol.compression import ENCODINGS, ErrorFeedback, encode_delta
 from edgefl.protocol.messages import encode
 
+__all__ = ["compressed_update"]
+
 
 def compressed_update(
     task: Mapping[str, Any],

@@ -29,6 +29,19 @@ import numpy as np
 
 from edgefl.protocol.tensors import CodecError, tensor_from_cbor, tensor_to_cbor
 
+__all__ = [
+    "ENCODINGS",
+    "Dense",
+    "Encoded",
+    "ErrorFeedback",
+    "Sparse",
+    "decode_delta",
+    "encode_delta",
+    "squared_norm",
+    "tensor_bytes",
+    "topk_count",
+]
+
 ENCODINGS = ("float32", "float16", "int8", "topk")
 """Delta encodings a device may send (the session's ``compression``, minus ``none``)."""
 
