@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import cbor2
 import numpy as np
@@ -21,7 +22,8 @@ from device_agent.compressed_update import compressed_update
 from edgefl.aggregation import WeightedSum
 from edgefl.aggregation.compressed import add_global, check_update, fold_delta
 from edgefl.aggregation.spec import UpdateRejected
-from edgefl.protocol import decode
+from edgefl.protocol import decode, encode
+from edgefl.protocol.chunking import split_payload
 from edgefl.protocol.compression import (
     Dense,
     ErrorFeedback,
@@ -32,10 +34,10 @@ from edgefl.protocol.compression import (
     tensor_bytes,
     topk_count,
 )
-from edgefl.protocol.tensors import CodecError, tensor_to_cbor
+from edgefl.protocol.tensors import CodecError, encode_tensors, tensor_to_cbor
 from edgefl.tasks import digits
 from edgefl.telemetry import JsonLinesSink
-from tests.harness import Deployment
+from tests.harness import Deployment, RogueDevice
 
 SPEC = {"W": ("float64", (6, 5)), "b": ("float64", (5,))}
 
@@ -276,3 +278,47 @@ def test_digits_sessions_per_codec(broker_url, tmp_path) -> None:
     points = [json.loads(line) for line in sink.path.read_text().splitlines()]
     ups = [p["fields"]["bytes_up"] for p in points if p["m"] == "round"]
     assert len(ups) == 20 * len(CODECS) and all(u > 0 for u in ups)
+
+
+def _old_agent(rogue: RogueDevice, task: dict) -> None:
+    """A device that predates compression: it ignores the task's field and sends weights."""
+
+    def send() -> None:
+        payload = encode(
+            "update",
+            task_id=task["task_id"],
+            device=rogue.device,
+            model_version=task["model_version"],
+            num_examples=50,
+            metrics={},
+            tensors=encode_tensors({"W": np.zeros((64, 10)), "b": np.zeros(10)}),
+        )
+        for chunk in split_payload(payload, 1 << 20, meta={"task_id": task["task_id"]}):
+            rogue.publish_update(chunk.to_bytes())
+
+    threading.Thread(target=send, daemon=True).start()
+
+
+def test_weights_in_a_round_of_deltas_are_refused_with_the_reason(broker_url, tmp_path) -> None:
+    dep = Deployment(broker_url, tmp_path)
+    try:
+        dep.start_combiners(1)
+        dep.start_fleet(4)
+        dep.own(RogueDevice(dep.url, dep.project, "region-0", "old-agent", "x", _old_agent))
+        ctl = dep.controller()
+        _sid, rounds = dep.run_session(
+            ctl, session_id="mixed", rounds=2, min_devices=4, round_timeout_s=10, compression="int8"
+        )
+    finally:
+        dep.close()
+    done = [r for r in rounds if r.status == "completed"]
+    assert len(done) == 2
+    for rec in done:
+        assert "old-agent" not in {p["device"] for p in rec.participants}
+        assert len(rec.participants) == 4
+        reasons = [r["reason"] for r in rec.rejected if r["device"] == "old-agent"]
+        assert reasons and "folds compressed deltas (int8)" in reasons[0]
+        assert "plain weights" in reasons[0]
+    # the four genuine int8 updates still make the model FedAvg would (to int8 precision)
+    reference = digits.reference_run(4, 2)
+    assert [r.metrics["accuracy"] for r in done] == pytest.approx(reference, abs=0.02)
