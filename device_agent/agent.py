@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
+from device_agent.compressed_update import compressed_update
 from device_agent.config import AgentConfig
 from device_agent.system_metrics import SystemMetrics, telemetry_name_ok
 from device_agent.trainers.base import Trainer, TrainTask
@@ -33,6 +34,7 @@ from edgefl.protocol.chunking import (
     parse_chunk,
     split_payload,
 )
+from edgefl.protocol.compression import ErrorFeedback
 from edgefl.protocol.messages import clean_metrics, encode_payload
 from edgefl.protocol.tensors import loads_tensors
 from edgefl.transport import MqttConnection
@@ -95,6 +97,7 @@ class DeviceAgent:
         self._download_result_ready = False
         self._worker: threading.Thread | None = None
         self.completed = 0
+        self._feedback = ErrorFeedback()  # top-k residual of the current session
         self.last_error: str | None = None
         # telemetry: system readings from /proc and /sys, and bytes moved over MQTT
         self.system_metrics = system_metrics or SystemMetrics()
@@ -255,18 +258,19 @@ class DeviceAgent:
             ),
         )
         train_s = time.perf_counter() - t0
-        # streamed: the update is cut into chunks straight from the trained tensors, and at
-        # most a window of chunk messages exists at once (no whole-update copies)
-        update = encode_payload(
-            "update",
-            "tensors",
-            result.weights,
-            task_id=task["task_id"],
-            device=c.device_id,
-            model_version=task["model_version"],
-            num_examples=int(result.num_examples),
-            metrics=clean_metrics(result.metrics),
-        )
+        fields = {
+            "task_id": task["task_id"],
+            "device": c.device_id,
+            "model_version": task["model_version"],
+            "num_examples": int(result.num_examples),
+            "metrics": clean_metrics(result.metrics),
+        }
+        if "compression" in task:  # the delta to the round's model, encoded
+            update = compressed_update(task, weights, result.weights, self._feedback, **fields)
+        else:
+            # streamed: the update is cut into chunks straight from the trained tensors, and
+            # at most a window of chunk messages exists at once (no whole-update copies)
+            update = encode_payload("update", "tensors", result.weights, **fields)
         chunk_size = max(MIN_CHUNK_SIZE, min(int(task["chunk_size"]), c.max_chunk_size))
         topic = self.topics.device(c.region, c.device_id, "update")
         writer = ChunkWriter(update, chunk_size, meta={"task_id": task["task_id"]})

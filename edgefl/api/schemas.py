@@ -11,6 +11,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgefl.aggregation.privacy import DPConfig
+
 T = TypeVar("T")
 
 
@@ -94,6 +96,11 @@ class SessionCreate(BaseModel):
     wait_for_devices_s: float = Field(60.0, ge=0, le=86_400)
     max_attempts: int = Field(3, ge=1, le=100, description="tries per round before it fails")
     seed: int = 0
+    compression: Literal["none", "float32", "float16", "int8", "topk"] = Field(
+        "none", description="update encoding (docs/compression-and-privacy.md)"
+    )
+    topk_fraction: float = Field(0.1, gt=0, le=1, description="share of entries top-k sends")
+    dp: DPConfig | None = Field(None, description="central differential privacy; None: off")
 
 
 class StopAccepted(BaseModel):

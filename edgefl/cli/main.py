@@ -285,6 +285,13 @@ def controller(
     lr: float = typer.Option(0.1, help="devices' learning rate"),
     epochs: int = typer.Option(1, min=1, help="local epochs per round"),
     batch_size: int = typer.Option(32, min=1, help="local minibatch size"),
+    compression: str = typer.Option(
+        "none", help="none, float32, float16, int8 or topk (docs/compression-and-privacy.md)"
+    ),
+    topk_fraction: float = typer.Option(0.1, help="share of entries top-k sends"),
+    dp_clip_norm: float = typer.Option(None, help="turn DP on: clip each update's delta"),
+    dp_epsilon: float = typer.Option(None, help="DP: calibrate noise to this epsilon"),
+    dp_noise_multiplier: float = typer.Option(None, help="DP: or set the noise multiplier"),
     fleet: Path = typer.Option(
         None,
         "--fleet",
@@ -365,6 +372,15 @@ def controller(
                 aggregator=aggregator,
                 train={"model": model, "lr": lr, "batch_size": batch_size, "epochs": epochs},
                 package=digest,
+                compression=compression,
+                topk_fraction=topk_fraction,
+                dp=None
+                if dp_clip_norm is None
+                else {
+                    "clip_norm": dp_clip_norm,
+                    "target_epsilon": dp_epsilon,
+                    "noise_multiplier": dp_noise_multiplier,
+                },
                 **kwargs,
             )
             ctl.create_session(cfg, None if digest else digits.initial_weights(model))

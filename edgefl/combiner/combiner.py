@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from edgefl.aggregation import UpdateRejected, WeightedSum, validate_update
+from edgefl.aggregation.compressed import check_update, fold_delta
 from edgefl.aggregation.weighted_sum import axpy_inplace
 from edgefl.protocol import ChunkError, CodecError, MessageError, Topics, decode, encode
 from edgefl.protocol.chunking import (
@@ -51,6 +52,7 @@ from edgefl.protocol.chunking import (
     trim_heap,
     tune_allocator,
 )
+from edgefl.protocol.compression import tensor_bytes
 from edgefl.protocol.messages import OPTIONAL, SCHEMAS, clean_metrics, encode_payload
 from edgefl.protocol.tensors import decode_tensors
 from edgefl.protocol.types import Participant, Rejection, Spec, spec_from_wire
@@ -124,6 +126,8 @@ class _Round:
     provenance_seen: set[tuple[str, str]] = field(default_factory=set)
     flushed: bool = False
     timer: threading.Timer | None = None
+    update_bytes: int = 0  # payload bytes of the updates folded (reported in the partial)
+    tensor_bytes: int = 0  # ... of which tensor data
 
 
 class Combiner:
@@ -594,6 +598,7 @@ class Combiner:
             self._reject(device, "duplicate update for this round", "duplicate", quiet=True)
             return
         n = msg["num_examples"]
+        tensors: dict[str, Any] = {}
         try:
             if msg["model_version"] != rnd.plan["model_version"]:
                 raise UpdateRejected(
@@ -602,16 +607,23 @@ class Combiner:
                 )
             if not 0 < n <= self.config.max_examples:
                 raise UpdateRejected(f"num_examples {n} outside 1..{self.config.max_examples}")
-            tensors = decode_tensors(msg["tensors"])
-            _validate_streaming(tensors, rnd.spec)
+            delta = check_update(msg, rnd.spec, rnd.plan)  # None: plain weights
+            if delta is None:
+                tensors = decode_tensors(msg["tensors"])
+                _validate_streaming(tensors, rnd.spec)
         except (UpdateRejected, CodecError) as exc:
             rnd.reported.add(device)
             self._reject(device, str(exc), "invalid_update")
             self._maybe_complete()
             return
-        _fold_streaming(rnd.acc, tensors, float(n))
+        rnd.update_bytes += len(payload)
+        rnd.tensor_bytes += tensor_bytes(tensors if delta is None else delta)
+        if delta is None:
+            _fold_streaming(rnd.acc, tensors, float(n))
+        else:
+            fold_delta(rnd.acc, delta, float(n), rnd.plan)
         metrics = clean_metrics(msg["metrics"])
-        del tensors, msg, payload
+        del tensors, delta, msg, payload
         self._accepted_digests[digest] = rnd.task_id
         while len(self._accepted_digests) > ACCEPTED_DIGESTS:
             self._accepted_digests.pop(next(iter(self._accepted_digests)))
@@ -747,6 +759,9 @@ class Combiner:
             weight=rnd.acc.weight,
             devices=rnd.participants,
             rejected=rnd.rejected + rnd.provenance,
+            update_bytes=rnd.update_bytes,
+            tensor_bytes=rnd.tensor_bytes,
+            **({"sums_of": "delta"} if "compression" in rnd.plan else {}),
         )
         topic = self.topics.combiner(self.config.region, "partial")
         writer = ChunkWriter(payload, self.config.partial_chunk_size, meta={"task_id": rnd.task_id})

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edgefl.aggregation.privacy import DPConfig
 from edgefl.protocol.chunking import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
 
@@ -44,9 +45,31 @@ class SessionConfig(BaseModel):
         pattern=r"^[0-9a-f]{64}$",
         description="sha256 (hex) of the model package devices train; None: weights only",
     )
+    compression: Literal["none", "float32", "float16", "int8", "topk"] = Field(
+        "none",
+        description="how devices send updates: none (their weights, as the model's dtype) "
+        "or their delta to the global model in this encoding (docs/compression-and-privacy.md)",
+    )
+    topk_fraction: float = Field(0.1, gt=0, le=1, description="share of entries top-k sends")
+    dp: DPConfig | None = Field(None, description="central differential privacy; None: off")
 
     @model_validator(mode="after")
     def _check(self) -> SessionConfig:
         if self.max_devices is not None and self.max_devices < self.min_devices:
             raise ValueError("max_devices must be at least min_devices")
         return self
+
+    def plan_fields(self) -> dict[str, Any]:
+        """The optional round-plan fields for compression and DP (empty when both are off).
+
+        DP clips deltas, so with ``compression: none`` it has devices send float32 deltas.
+        """
+        out: dict[str, Any] = {}
+        if self.compression != "none" or self.dp is not None:
+            encoding = "float32" if self.compression == "none" else self.compression
+            out["compression"] = {"encoding": encoding}
+            if encoding == "topk":
+                out["compression"]["topk_fraction"] = self.topk_fraction
+        if self.dp is not None:
+            out["dp"] = {"clip_norm": self.dp.clip_norm}
+        return out

@@ -34,6 +34,9 @@ class Partial:
     rejected: list[Rejection]
     sums: dict[str, Any]  # still wire-encoded tensors: decoded on the session loop
     release: Any = None  # call once merged: the partial's spill file is reused
+    delta: bool = False  # sums of w * delta (compressed updates): the merge adds W * global
+    update_bytes: int = 0  # payload bytes of the region's folded updates
+    tensor_bytes: int = 0  # ... of which tensor data
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,9 @@ class CombinerInbox:
                 rejected=rejections_from_wire(msg["rejected"]),
                 sums=msg["sums"],
                 release=done.release,
+                delta=msg.get("sums_of") == "delta",
+                update_bytes=int(msg.get("update_bytes", 0)),
+                tensor_bytes=int(msg.get("tensor_bytes", 0)),
             )
         except (ChunkError, MessageError, ValueError) as exc:
             self.refused["partial"] += 1

@@ -17,6 +17,8 @@ from typing import Any, Optional
 import numpy as np
 
 from edgefl.aggregation import ServerAggregator, WeightedSum
+from edgefl.aggregation.compressed import add_global
+from edgefl.controller import round_options
 from edgefl.controller.config import SessionConfig
 from edgefl.controller.inbox import CombinerInbox, Partial, Progress
 from edgefl.controller.model_versions import ModelRepository
@@ -225,7 +227,7 @@ class RoundRunner:
         attempt.start(self.store, selected, started)
         spec = spec_of(weights)
         self.inbox.drain()
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = config.plan_fields()  # compression, dp
         if package is not None:
             extra["package"] = package
         if fence is not None:
@@ -238,6 +240,7 @@ class RoundRunner:
         participants: list[Participant] = []
         rejected: list[Rejection] = list(refusals)
         refused = len(refusals)
+        bytes_up = tensor_bytes_up = 0  # of the merged partials' updates
         for slot, partial in sorted(partials.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
             rejected.extend(partial.rejected)
             # checked again: a device may have been revoked while the partial waited
@@ -248,12 +251,16 @@ class RoundRunner:
                 continue
             try:
                 _merge_streaming(merged, decode_tensors(partial.sums), partial)
+                if partial.delta:  # sum(w * delta) + W * global = sum(w * x)
+                    add_global(merged, weights, partial.weight)
             except (CodecError, KeyError, ValueError) as exc:
                 log.error(
                     "round %s: partial from %s unusable: %s", attempt.task_id, partial.combiner, exc
                 )
                 continue
             participants.extend(partial.participants)
+            bytes_up += partial.update_bytes
+            tensor_bytes_up += partial.tensor_bytes
         for partial in partials.values():  # merged (or refused): their spill files are free
             if partial.release is not None:
                 partial.release()
@@ -270,8 +277,14 @@ class RoundRunner:
             )
             return None
 
-        new_weights = aggregator.step(weights, _mean_in_place(merged, spec))
+        count = merged.count  # the mean consumes the sums
+        mean, privacy = round_options.noised(config, _mean_in_place(merged, spec), count, attempt)
+        new_weights = aggregator.step(weights, mean)
         metrics = round_metrics(participants)
+        metrics.update(
+            round_options.traffic(self.store, attempt, bytes_up, tensor_bytes_up, len(selected))
+        )
+        metrics.update(round_options.metrics(privacy))
         if self.evaluator is not None:
             metrics.update(self.evaluator(new_weights))
         metrics["rejected"] = float(len(rejected))
@@ -284,7 +297,7 @@ class RoundRunner:
             session_id=attempt.session_id,
             round_=attempt.round,
             optimizer_state=aggregator.state_dict(),
-            meta={"metrics": metrics},
+            meta={"metrics": metrics, **({"privacy": privacy} if privacy else {})},
         )
         attempt.complete(
             self.store,

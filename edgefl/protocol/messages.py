@@ -88,10 +88,18 @@ OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
     # fence: the controller's lease token for the session; a plan or task with a lower fence
     # than one already seen for its session comes from a stale controller and is dropped
     # assign: in a region served by a combiner pool, pool member -> the devices it serves
-    "round": {"package": dict, "fence": int, "assign": dict},
-    "task": {"package": dict, "fence": int},
+    "round": {"package": dict, "fence": int, "assign": dict, "compression": dict, "dp": dict},
+    # compression: {"encoding": float32|float16|int8|topk, "topk_fraction"}: send the delta
+    # to the global model, so encoded (edgefl.protocol.compression); a device that cannot
+    # declines
+    "task": {"package": dict, "fence": int, "compression": dict},
     # combiner: the pool member reporting (a pool's members report on one region topic)
     "progress": {"combiner": str},
+    "update": {"encoding": str},  # set: ``tensors`` holds the delta in this encoding
+    # sums_of "delta": the sums are sum(w * delta), the controller adds W * global;
+    # update_bytes: the payload bytes of the updates folded (bytes on the wire, upward),
+    # tensor_bytes: the tensor data within them
+    "partial": {"sums_of": str, "update_bytes": int, "tensor_bytes": int},
 }
 
 PACKAGE_REF: dict[str, type] = {"id": str, "digest": bytes, "size": int}
