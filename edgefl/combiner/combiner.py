@@ -38,6 +38,7 @@ import numpy as np
 
 from edgefl.aggregation import UpdateRejected, WeightedSum, validate_update
 from edgefl.aggregation.weighted_sum import axpy_inplace
+from edgefl.combiner.held import HeldFull, HeldUpdates, rule_from_plan
 from edgefl.protocol import ChunkError, CodecError, MessageError, Topics, decode, encode
 from edgefl.protocol.chunking import (
     DEFAULT_CHUNK_SIZE,
@@ -100,6 +101,9 @@ class CombinerConfig:
     # serves the devices the controller assigns it in each plan, and receives only their
     # updates (docs/scaling.md, Combiner pools); every member needs its own combiner_id
     pool: bool = False
+    # robust aggregators (plan field "aggregate") hold the round's updates: at most this many
+    max_held_updates: int = 1000
+    max_held_bytes: int = 1024 * 1024 * 1024
 
     @property
     def name(self) -> str:
@@ -123,6 +127,7 @@ class _Round:
     provenance_seen: set[tuple[str, str]] = field(default_factory=set)
     flushed: bool = False
     timer: threading.Timer | None = None
+    held: HeldUpdates | None = None  # robust aggregation: the updates themselves (held.py)
 
 
 class Combiner:
@@ -393,6 +398,7 @@ class Combiner:
             devices = assigned
             trim_heap()  # the last round's messages are freed: give their memory back first
             rnd = _Round(plan["task_id"], plan, devices, spec, WeightedSum(spec))
+            refusal = self._hold_for(rnd)
             delay = max(0.0, float(plan["deadline"]) - time.time())
             rnd.timer = threading.Timer(
                 delay, lambda tid=plan["task_id"]: self._put((self._deadline, tid))
@@ -400,6 +406,10 @@ class Combiner:
             rnd.timer.daemon = True
             self._round = rnd
             rnd.timer.start()
+            if refusal is not None:  # no device trains for a round this combiner cannot merge
+                rnd.rejected.append(Rejection(device="", reason=refusal))
+                self._flush("plan refused")
+                return
         fields = {k: plan[k] for k in TASK_FIELDS}
         fields.update({k: plan[k] for k in TASK_OPTIONAL_FIELDS if k in plan})
         task = encode("task", **fields)
@@ -432,6 +442,22 @@ class Combiner:
         if new:
             self.conn.subscribe_many(new, self._on_update)
         self._update_topics = wanted
+
+    def _hold_for(self, rnd: _Round) -> str | None:
+        """Set up the held-updates path if the plan names a robust rule (``aggregate``);
+        the reason it is refused if this combiner cannot run that rule."""
+        if "aggregate" not in rnd.plan:
+            return None
+        c = self.config
+        try:
+            rule = rule_from_plan(rnd.plan["aggregate"])
+        except (ValueError, TypeError) as exc:
+            self.stats["refused_plans"] += 1
+            why = f"combiner {c.name} cannot aggregate round {rnd.task_id} as asked: {exc}"
+            log.error("%s", why)
+            return why
+        rnd.held = HeldUpdates(rule, c.max_held_updates, c.max_held_bytes)
+        return None
 
     def _drop_stale_plan(
         self, plan: dict, key: tuple[int, int, int], newest: tuple[int, int, int]
@@ -594,12 +620,22 @@ class Combiner:
                 raise UpdateRejected(f"num_examples {n} outside 1..{self.config.max_examples}")
             tensors = decode_tensors(msg["tensors"])
             _validate_streaming(tensors, rnd.spec)
+            if rnd.held is not None:
+                rnd.held.check_room(tensors)
+        except HeldFull as exc:
+            rnd.reported.add(device)
+            self._reject(device, str(exc), "held_full")
+            self._maybe_complete()
+            return
         except (UpdateRejected, CodecError) as exc:
             rnd.reported.add(device)
             self._reject(device, str(exc), "invalid_update")
             self._maybe_complete()
             return
-        _fold_streaming(rnd.acc, tensors, float(n))
+        if rnd.held is not None:
+            rnd.held.add(tensors)
+        else:
+            _fold_streaming(rnd.acc, tensors, float(n))
         metrics = clean_metrics(msg["metrics"])
         del tensors, msg, payload
         self._accepted_digests[digest] = rnd.task_id
@@ -724,17 +760,23 @@ class Combiner:
         if rnd.timer:
             rnd.timer.cancel()
         self._closed_ids = ([*self._closed_ids, rnd.task_id])[-16:]
+        sums, count, weight = rnd.acc.sums, rnd.acc.count, rnd.acc.weight
+        extra: dict[str, Any] = {}
+        if rnd.held is not None:
+            sums, count, weight = self._held_estimate(rnd)
+            extra["aggregate"] = rnd.held.rule.name
         # streamed: chunks are cut from the float64 sums themselves, a window at a time, as
         # the broker acknowledges them; the sums are freed when the last one is
         payload = encode_payload(
             "partial",
             "sums",
-            rnd.acc.sums,
+            sums,
+            **extra,
             task_id=rnd.task_id,
             region=self.config.region,
             combiner=self.config.name,
-            count=rnd.acc.count,
-            weight=rnd.acc.weight,
+            count=count,
+            weight=weight,
             devices=rnd.participants,
             rejected=rnd.rejected + rnd.provenance,
         )
@@ -755,13 +797,34 @@ class Combiner:
             "combiner %s: round %s partial sent (%d updates, %d rejected%s; %s)",
             self.config.name,
             rnd.task_id,
-            rnd.acc.count,
+            count,
             len(rnd.rejected) + len(rnd.provenance),
             declined,
             why,
         )
         # free the model-sized sums now; the round record stays for late-update diagnostics
         rnd.acc = WeightedSum({})
+        if rnd.held is not None:
+            rnd.held.clear()
+
+    def _held_estimate(self, rnd: _Round) -> tuple[dict[str, np.ndarray], int, float]:
+        """The robust rule over the round's held updates: (estimate, count, weight = count).
+
+        A rule that cannot run (Krum with too few updates) rejects every held update with
+        the reason, so the controller's round record says why, and nothing else is sent.
+        """
+        assert rnd.held is not None
+        n = len(rnd.held.updates)
+        if n == 0:
+            return rnd.acc.sums, 0, 0.0
+        try:
+            return rnd.held.estimate(), n, float(n)
+        except ValueError as exc:
+            why = f"{rnd.held.rule.name} could not run in region {self.config.region}: {exc}"
+            log.error("combiner %s: round %s: %s", self.config.name, rnd.task_id, why)
+            rnd.rejected += [Rejection(device=p["device"], reason=why) for p in rnd.participants]
+            rnd.participants = []
+            return rnd.acc.sums, 0, 0.0
 
 
 def _validate_streaming(tensors: dict[str, Any], spec: Spec) -> None:

@@ -49,4 +49,25 @@ class SessionConfig(BaseModel):
     def _check(self) -> SessionConfig:
         if self.max_devices is not None and self.max_devices < self.min_devices:
             raise ValueError("max_devices must be at least min_devices")
+        check_aggregator(self.aggregator, self.aggregator_params, self.train)
         return self
+
+
+def check_aggregator(name: str, params: dict[str, Any], train: dict[str, Any]) -> None:
+    """ValueError unless the aggregator exists, takes these parameters and can be run, and
+    its device settings (FedProx's ``mu``) do not contradict ``train``: a session fails at
+    creation, with the reason, not in its first round."""
+    from edgefl.aggregation.base import make_aggregator, task_settings
+    from edgefl.aggregation.robust import robust_rule
+
+    aggregator = make_aggregator(name, **params)
+    try:
+        robust_rule(aggregator)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+    for key, value in task_settings(aggregator).items():
+        if key in train and train[key] != value:
+            raise ValueError(
+                f"train.{key}={train[key]!r} contradicts aggregator {name!r}, which sends "
+                f"{key}={value!r}: set it in aggregator_params only"
+            )

@@ -34,6 +34,7 @@ class Partial:
     rejected: list[Rejection]
     sums: dict[str, Any]  # still wire-encoded tensors: decoded on the session loop
     release: Any = None  # call once merged: the partial's spill file is reused
+    aggregate: str | None = None  # a robust rule's name: ``sums`` is its regional estimate
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class CombinerInbox:
                 rejected=rejections_from_wire(msg["rejected"]),
                 sums=msg["sums"],
                 release=done.release,
+                aggregate=msg.get("aggregate"),
             )
         except (ChunkError, MessageError, ValueError) as exc:
             self.refused["partial"] += 1

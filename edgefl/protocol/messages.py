@@ -88,10 +88,13 @@ OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
     # fence: the controller's lease token for the session; a plan or task with a lower fence
     # than one already seen for its session comes from a stale controller and is dropped
     # assign: in a region served by a combiner pool, pool member -> the devices it serves
-    "round": {"package": dict, "fence": int, "assign": dict},
+    # aggregate (round): {"rule": name, "params": map}: hold the updates and apply this robust
+    # rule (docs/algorithms.md); (partial): the rule whose estimate ``sums`` holds
+    "round": {"package": dict, "fence": int, "assign": dict, "aggregate": dict},
     "task": {"package": dict, "fence": int},
     # combiner: the pool member reporting (a pool's members report on one region topic)
     "progress": {"combiner": str},
+    "partial": {"aggregate": str},
 }
 
 PACKAGE_REF: dict[str, type] = {"id": str, "digest": bytes, "size": int}
