@@ -27,7 +27,7 @@ class FedProx(FedAvg):
 
     name = "fedprox"
 
-    class Params(StrictParams):  # type: ignore[assignment]
+    class Params(StrictParams):
         mu: float = Field(0.01, gt=0, le=1e3, description="proximal term, applied by devices")
 
     def __init__(self, mu: float = 0.01) -> None:

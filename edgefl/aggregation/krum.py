@@ -74,7 +74,7 @@ class Krum(MultiKrum):
 
     name = "krum"
 
-    class Params(StrictParams):  # type: ignore[assignment]
+    class Params(StrictParams):
         f: int = Field(1, ge=0, description="Byzantine updates tolerated per combiner")
 
     def __init__(self, f: int = 1) -> None:
