@@ -164,7 +164,7 @@ def describe_aggregators() -> list[AggregatorInfo]:
                 )
                 for field, info in schema.model_fields.items()
             ]
-        doc = (cls.__doc__ or "").strip().splitlines()
+        doc = [" ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())]
         out.append(
             AggregatorInfo(
                 name, bool(getattr(cls, "splittable", True)), doc[0] if doc else "", params
