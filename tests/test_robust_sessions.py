@@ -203,3 +203,35 @@ def test_krum_and_trimmed_mean_withstand_sign_flipping_devices(broker_url, tmp_p
     assert attacked < clean - 0.3  # visibly degraded
     assert krum >= clean - 0.03
     assert trimmed >= clean - 0.03
+
+
+def test_the_hold_is_bounded_and_the_rule_runs_over_what_it_holds(broker_url, tmp_path) -> None:
+    """A combiner that may hold 6 updates rejects the rest with the reason; the median of
+    the 6 it took is the round's model (memory stays bounded, nothing else is computed)."""
+    dep = Deployment(broker_url, tmp_path)
+    try:
+        (comb,) = dep.start_combiners(1, max_held_updates=6)
+        dep.start_fleet(10)
+        ctl = dep.controller()
+        _, rounds = dep.run_session(
+            ctl, rounds=1, min_devices=6, round_timeout_s=30, aggregator="fedmedian"
+        )
+        (rec,) = rounds
+        assert rec.status == "completed" and len(rec.participants) == 6
+        assert len(rec.rejected) == 4 and all(
+            "holds its maximum of 6 updates for fedmedian" in r["reason"] for r in rec.rejected
+        )
+        assert comb.stats["rejected_held_full"] == 4
+        d = digits.load()
+        parts = digits.partition(d.ytr, 10)
+        w0 = digits.initial_weights()
+        took = sorted(int(p["device"].split("-")[1]) for p in rec.participants)
+        models = [
+            train_epochs(w0, d.Xtr[parts[k]], d.ytr[parts[k]], round_=1, seed=k) for k in took
+        ]
+        want = FedMedian().estimate(models)
+        got, _ = ctl.models.load(rec.model_out)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-12)
+    finally:
+        dep.close()

@@ -32,15 +32,11 @@ def krum_scores(updates: Sequence[Weights], f: int) -> np.ndarray:
     if n < 2 * f + 3:
         raise ValueError(f"Krum with f={f} needs at least {2 * f + 3} updates, got {n}")
     d2 = np.zeros((n, n))
-    for name in updates[0]:  # pairwise squared distances, one tensor at a time
+    for name in updates[0]:  # ||x_i - x_j||^2 = |x_i|^2 + |x_j|^2 - 2 x_i.x_j, a tensor at a time
         x = stack(updates, name).reshape(n, -1)
-        diff = x[:, None, :] - x[None, :, :] if x.shape[1] <= 4096 else None
-        if diff is not None:
-            d2 += np.einsum("ijk,ijk->ij", diff, diff)
-        else:
-            for i in range(n):
-                d = x - x[i]
-                d2[i] += np.einsum("jk,jk->j", d, d)
+        sq = np.einsum("ij,ij->i", x, x)
+        d2 += sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+    np.maximum(d2, 0.0, out=d2)  # rounding can leave tiny negatives for near-equal updates
     closest = np.sort(d2 + np.diag(np.full(n, np.inf)), axis=1)[:, : n - f - 2]
     scores: np.ndarray = closest.sum(axis=1)
     return scores
