@@ -78,6 +78,25 @@ def test_robust_rounds_compute_the_two_level_estimator(
         dep.close()
 
 
+def test_a_combiner_pool_is_two_levels_too(deployment) -> None:
+    """A region served by a pool of 2: each member applies the rule to its share (even and
+    odd devices) and the controller merges the members' estimates by weighted median."""
+    members = deployment.start_combiners(["region-0"], pool=2)
+    deployment.start_fleet(10)
+    ctl = deployment.controller()
+    params = {"beta": 0.2}
+    _, rounds = deployment.run_session(
+        ctl, rounds=3, min_devices=10, round_timeout_s=30, aggregator="trimmed_mean",
+        aggregator_params=params,
+    )  # fmt: skip
+    want_w, want_accs = two_level_reference("trimmed_mean", params, 10, 2, 3)
+    assert completed_accuracies(rounds) == pytest.approx(want_accs, abs=1e-9)
+    got_w, _ = ctl.models.load(rounds[-1].model_out)
+    for name in want_w:
+        np.testing.assert_allclose(got_w[name], want_w[name], rtol=0, atol=1e-9)
+    assert [m.stats["accepted"] for m in members] == [15, 15]
+
+
 def failed_round(dep: Deployment, **cfg) -> str:
     """Run a one-attempt session that must fail; the reasons its round record gives."""
     ctl = dep.controller()
