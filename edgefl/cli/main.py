@@ -201,6 +201,10 @@ def combiner(
         help="join the region's combiner pool under this name (unique per region); without "
         "it, this is the region's only combiner",
     ),
+    max_held_updates: int = typer.Option(
+        1000, min=1, help="robust aggregators: updates held per round (docs/algorithms.md)"
+    ),
+    max_held_mb: int = typer.Option(1024, min=1, help="robust aggregators: MiB held per round"),
 ) -> None:
     """Run a regional combiner (or one member of its pool) until interrupted."""
     from edgefl.deploy import Deployment
@@ -210,10 +214,11 @@ def combiner(
     with Deployment(Path("."), project=project, broker_url=broker, auth=auth) as dep:
         if logins:
             dep.credentials = _provisioned(logins)
+        held = {"max_held_updates": max_held_updates, "max_held_bytes": max_held_mb << 20}
         if pool_member:
-            dep.start_combiners([region], pool=1, members=[pool_member])
+            dep.start_combiners([region], pool=1, members=[pool_member], **held)
         else:
-            dep.start_combiners([region])
+            dep.start_combiners([region], **held)
         _wait_for_signal()
 
 
