@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -214,7 +214,10 @@ def combiner(
     with Deployment(Path("."), project=project, broker_url=broker, auth=auth) as dep:
         if logins:
             dep.credentials = _provisioned(logins)
-        held = {"max_held_updates": max_held_updates, "max_held_bytes": max_held_mb << 20}
+        held: dict[str, Any] = {
+            "max_held_updates": max_held_updates,
+            "max_held_bytes": max_held_mb << 20,
+        }
         if pool_member:
             dep.start_combiners([region], pool=1, members=[pool_member], **held)
         else:
