@@ -140,3 +140,46 @@ def test_fedprox_session_matches_its_reference(broker_url, tmp_path) -> None:
         assert want != pytest.approx(digits.reference_run(10, 3), abs=1e-9)  # mu mattered
     finally:
         dep.close()
+
+
+def test_litert_devices_decline_a_fedprox_session_with_the_reason(broker_url, tmp_path) -> None:
+    """Over a real broker: LiteRT devices cannot apply mu, so they decline (not train FedAvg);
+    the round fails at once, its record saying why, instead of waiting for its deadline."""
+    import time
+
+    from device_agent.trainers.package_trainer import PackageTrainer
+    from edgefl.controller import SessionConfig, SessionFailed
+    from edgefl.fleet.evaluation import package_evaluator
+    from edgefl.tasks import digits_packages
+    from tests.harness import Deployment
+
+    dep = Deployment(broker_url, tmp_path)
+    try:
+        built = digits_packages.build_digits_package("litert", "softmax", tmp_path)
+        dep.start_combiners(1)
+        ctl = dep.start_controller(evaluator=package_evaluator(built))
+        pkg = ctl.add_package(built.dumps())
+        dep.start_fleet(4, trainer_factory=lambda _k, x, y: PackageTrainer(x, y))
+        config = SessionConfig(
+            rounds=1,
+            min_devices=4,
+            round_timeout_s=60,
+            max_attempts=1,
+            aggregator="fedprox",
+            aggregator_params={"mu": 0.05},
+            train={"lr": 0.1, "batch_size": 32},
+            package=pkg.digest,
+        )
+        ctl.create_session(config, None)
+        t0 = time.monotonic()
+        with pytest.raises(SessionFailed):
+            ctl.run(config.session_id)
+        assert time.monotonic() - t0 < 30  # declines end the round; no 60 s deadline wait
+        (rec,) = ctl.store.list_rounds(config.session_id)
+        assert rec.status == "failed" and not rec.participants
+        assert len(rec.rejected) == 4
+        assert all(
+            "cannot apply FedProx's proximal term (mu=0.05)" in r["reason"] for r in rec.rejected
+        )
+    finally:
+        dep.close()
