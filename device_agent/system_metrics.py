@@ -30,9 +30,7 @@ class SystemMetrics:
     Not thread-safe: one agent's worker thread samples.
     """
 
-    def __init__(
-        self, proc_root: str = "/proc", thermal_root: str = "/sys/class/thermal"
-    ) -> None:
+    def __init__(self, proc_root: str = "/proc", thermal_root: str = "/sys/class/thermal") -> None:
         self.proc = Path(proc_root)
         self.thermal = Path(thermal_root)
         self._cpu_prev = self._cpu_times()
@@ -139,7 +137,6 @@ def _read(path: Path) -> str | None:
         return path.read_text()
     except (OSError, UnicodeDecodeError):
         return None
-
 
 
 def _first_number(path: Path) -> float | None:

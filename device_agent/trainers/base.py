@@ -92,6 +92,21 @@ class CallableTrainer:
         return TrainResult(dict(new_weights), int(n), dict(metrics or {}))
 
 
+def proximal_mu(config: Mapping[str, Any]) -> float:
+    """FedProx's proximal term from the task's ``train`` settings (0 when absent).
+
+    A trainer that cannot apply it must refuse the task (raise, so the agent declines with
+    the reason) rather than silently train plain FedAvg.
+    """
+    raw = config.get("mu", 0.0)
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise ValueError(f"train setting mu must be a number, got {raw!r}")
+    mu = float(raw)
+    if not (mu >= 0 and mu != float("inf")):
+        raise ValueError(f"train setting mu must be finite and >= 0, got {raw!r}")
+    return mu
+
+
 def load_trainer(name: str, **kwargs: Any) -> Trainer:
     """Find a trainer by its ``edgefl.trainers`` entry point (third parties register theirs)."""
     if name == "numpy":  # built in; skipping the entry-point scan keeps the agent small

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.trainers.base import TrainResult, TrainTask
+from device_agent.trainers.base import TrainResult, TrainTask, proximal_mu
 from device_agent.trainers.data import check_local_data
 from edgefl.models.numpy_models import minibatches
 from edgefl.protocol.types import Weights
@@ -199,6 +199,13 @@ class LiteRtTrainer:
         epochs = int(cfg.get("epochs", 1))
         if batch_size < 1 or epochs < 1:
             raise ValueError(f"batch_size and epochs must be >= 1, got {batch_size} and {epochs}")
+        mu = proximal_mu(cfg)
+        if mu > 0:  # the train signature's optimizer step is sealed in the model
+            raise ValueError(
+                f"the LiteRT trainer cannot apply FedProx's proximal term (mu={mu}): its "
+                "optimizer step is inside the model's train signature; use FedAvg or an "
+                "ONNX plain-SGD package"
+            )
         lr = self._lr(cfg)
         names = self.training["train_inputs"]
         loss_name = self.training["loss_output"]

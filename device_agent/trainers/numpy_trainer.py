@@ -46,6 +46,7 @@ class NumpyTrainer:
             lr=float(cfg.get("lr", 0.1)),
             batch_size=int(cfg.get("batch_size", 32)),
             epochs=int(cfg.get("epochs", 1)),
+            mu=float(cfg.get("mu", 0.0)),  # FedProx's proximal term, when the session asks
         )
         metrics = {f"train_{k}": v for k, v in evaluate(new, self.X, self.y).items()}
         return TrainResult(new, len(self.y), metrics)

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from device_agent.trainers.base import TrainResult, TrainTask
+from device_agent.trainers.base import TrainResult, TrainTask, proximal_mu
 from device_agent.trainers.data import check_local_data
 from edgefl.models.numpy_models import minibatches
 from edgefl.protocol.types import Weights
@@ -81,6 +81,7 @@ class OnnxTrainer:
             self.params: List[Mapping[str, Any]] = list(manifest["parameters"])
             self.loss: str = manifest["loss"]
             self.lr_default = float(manifest["optimizer"]["lr"])
+            self.optimizer = str(manifest["optimizer"].get("name", "sgd"))
             data_spec, label_spec = manifest["inputs"][0], manifest["labels"]
             train_file, eval_file = self.training["train_step"], self.training["eval"]
         except (KeyError, IndexError, TypeError) as exc:
@@ -145,6 +146,13 @@ class OnnxTrainer:
         if batch_size < 1 or epochs < 0:
             raise ValueError(f"bad training settings: batch_size={batch_size}, epochs={epochs}")
         params, dtypes = self._feeds(weights)
+        mu = proximal_mu(cfg)
+        if mu > 0 and (self.optimizer != "sgd" or tr["state"]):
+            raise ValueError(
+                f"this ONNX package trains with {self.optimizer!r}, whose state would absorb "
+                f"FedProx's proximal term (mu={mu}); only plain-SGD packages can apply it"
+            )
+        anchor = {k: v.copy() for k, v in params.items()} if mu > 0 else {}
         state = {
             s["input"]: np.full(s["shape"], s["init"], dtype=_DTYPES[s["dtype"]])
             for s in tr["state"]
@@ -162,7 +170,11 @@ class OnnxTrainer:
             feeds.update(params)
             feeds.update(state)
             got = self._train.run(outputs, feeds)
-            params = {i: v for (i, _), v in zip(p_io, got)}
+            stepped = {i: v for (i, _), v in zip(p_io, got)}
+            if mu > 0:  # SGD on the proximal gradient: w - lr*g - lr*mu*(w - w_global)
+                for name, w in stepped.items():
+                    w -= lr * (mu * (params[name] - anchor[name])).astype(self.dtype)
+            params = stepped
             state = {i: v for (i, _), v in zip(s_io, got[len(p_io) :])}
         new = {name: params[name].astype(dtypes[name], copy=False) for name in dtypes}
         metrics = {f"train_{k}": v for k, v in self._evaluate(params).items()}

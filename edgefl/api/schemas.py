@@ -90,8 +90,10 @@ class SessionCreate(BaseModel):
     max_devices: int | None = Field(None, ge=1, description="cap on devices per round")
     round_timeout_s: float = Field(60.0, gt=0, le=86_400)
     buffer_size: int | None = Field(None, ge=1, description="close a round at this many updates")
-    aggregator: str = Field("fedavg", description="fedavg, fedadam, fedyogi, fedadagrad, ...")
-    aggregator_params: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    aggregator: str = Field("fedavg", description="see `edgefl aggregators`, docs/algorithms.md")
+    aggregator_params: dict[str, float | int | str | bool | None] = Field(
+        default_factory=dict, description="checked against the aggregator's schema: 422 if bad"
+    )
     train: TrainParams = Field(default_factory=TrainParams)
     wait_for_devices_s: float = Field(60.0, ge=0, le=86_400)
     max_attempts: int = Field(3, ge=1, le=100, description="tries per round before it fails")

@@ -7,11 +7,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from edgefl.cli.aggregators import AggregatorParam, aggregators, config_error, parse_params
 from edgefl.cli.bridge import bridge_config
 from edgefl.cli.ca import ca_app
 from edgefl.cli.common import err_console, require_auth, setup_logging
@@ -53,7 +54,7 @@ def demo(
         help="numpy (built-in reference), onnx or litert: devices train an exported model "
         "package fetched over MQTT",
     ),
-    aggregator: str = typer.Option("fedavg", help="fedavg, fedadam, fedyogi or fedadagrad"),
+    aggregator: str = typer.Option("fedavg", help="see `edgefl aggregators`"),
     broker: str = typer.Option(
         None,
         help="broker URL (mqtt://host:port); default: embedded (with a fresh JWT secret). An "
@@ -200,6 +201,10 @@ def combiner(
         help="join the region's combiner pool under this name (unique per region); without "
         "it, this is the region's only combiner",
     ),
+    max_held_updates: int = typer.Option(
+        1000, min=1, help="robust aggregators: updates held per round (docs/algorithms.md)"
+    ),
+    max_held_mb: int = typer.Option(1024, min=1, help="robust aggregators: MiB held per round"),
 ) -> None:
     """Run a regional combiner (or one member of its pool) until interrupted."""
     from edgefl.deploy import Deployment
@@ -209,10 +214,14 @@ def combiner(
     with Deployment(Path("."), project=project, broker_url=broker, auth=auth) as dep:
         if logins:
             dep.credentials = _provisioned(logins)
+        held: dict[str, Any] = {
+            "max_held_updates": max_held_updates,
+            "max_held_bytes": max_held_mb << 20,
+        }
         if pool_member:
-            dep.start_combiners([region], pool=1, members=[pool_member])
+            dep.start_combiners([region], pool=1, members=[pool_member], **held)
         else:
-            dep.start_combiners([region])
+            dep.start_combiners([region], **held)
         _wait_for_signal()
 
 
@@ -274,7 +283,8 @@ def controller(
     max_devices: int = typer.Option(None, min=1),
     round_timeout: float = typer.Option(60.0, help="seconds"),
     buffer_size: int = typer.Option(None, min=1),
-    aggregator: str = typer.Option("fedavg"),
+    aggregator: str = typer.Option("fedavg", help="see `edgefl aggregators`"),
+    aggregator_param: list[str] = AggregatorParam,
     model: str = typer.Option("softmax", help="digits task model: softmax or mlp"),
     package: Path = typer.Option(
         None,
@@ -317,10 +327,17 @@ def controller(
     (and the controller evaluates it on the digits test split).
     """
     from edgefl.controller import SessionConfig, SessionFailed
+    from edgefl.controller.config import check_aggregator
     from edgefl.deploy import Deployment
     from edgefl.tasks import digits
 
     setup_logging(log_level)
+    agg_params = parse_params(aggregator_param)
+    if resume is None and not serve:  # a bad parameter is a usage error, before any connect
+        try:
+            check_aggregator(aggregator, agg_params, {})
+        except ValueError as exc:
+            raise typer.BadParameter(config_error(exc)) from None
     auth = None if logins else require_auth(insecure)
     with Deployment(
         models.parent,
@@ -363,26 +380,30 @@ def controller(
                     digest = ctl.add_package(package.read_bytes()).digest
                 except ValueError as exc:
                     raise typer.BadParameter(f"{package}: {exc}") from None
-            cfg = SessionConfig(
-                rounds=rounds,
-                min_devices=min_devices,
-                max_devices=max_devices,
-                round_timeout_s=round_timeout,
-                buffer_size=buffer_size,
-                aggregator=aggregator,
-                train={"model": model, "lr": lr, "batch_size": batch_size, "epochs": epochs},
-                package=digest,
-                compression=compression,
-                topk_fraction=topk_fraction,
-                dp=None
-                if dp_clip_norm is None
-                else {
-                    "clip_norm": dp_clip_norm,
-                    "target_epsilon": dp_epsilon,
-                    "noise_multiplier": dp_noise_multiplier,
-                },
-                **kwargs,
-            )
+            try:
+                cfg = SessionConfig(
+                    rounds=rounds,
+                    min_devices=min_devices,
+                    max_devices=max_devices,
+                    round_timeout_s=round_timeout,
+                    buffer_size=buffer_size,
+                    aggregator=aggregator,
+                    aggregator_params=agg_params,
+                    train={"model": model, "lr": lr, "batch_size": batch_size, "epochs": epochs},
+                    package=digest,
+                    compression=compression,
+                    topk_fraction=topk_fraction,
+                    dp=None
+                    if dp_clip_norm is None
+                    else {
+                        "clip_norm": dp_clip_norm,
+                        "target_epsilon": dp_epsilon,
+                        "noise_multiplier": dp_noise_multiplier,
+                    },
+                    **kwargs,
+                )
+            except ValueError as exc:  # pydantic's ValidationError: name the bad setting
+                raise typer.BadParameter(config_error(exc)) from None
             ctl.create_session(cfg, None if digest else digits.initial_weights(model))
             resume = cfg.session_id
         try:
@@ -540,6 +561,7 @@ app.add_typer(package_app, name="package")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(ca_app, name="ca")
 app.command("bridge-config")(bridge_config)
+app.command("aggregators")(aggregators)
 app.add_typer(keys_app, name="keys")
 register_ops(app)  # session list|show|stop|watch, rounds, models (over the REST API)
 app.add_typer(db_app, name="db")

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from edgefl.api.schemas import Member
+from edgefl.cli.aggregators import AggregatorParam, config_error, parse_params
 from edgefl.client import TERMINAL, APIClient, ClientError
 
 
@@ -118,7 +119,8 @@ def create_session(
     min_devices: int = typer.Option(1, min=1, help="accepted updates a round needs"),
     max_devices: int = typer.Option(None, min=1, help="cap on devices per round"),
     round_timeout: float = typer.Option(60.0, min=0.1, help="seconds a round waits for updates"),
-    aggregator: str = typer.Option("fedavg", help="fedavg, fedadam, fedyogi or fedadagrad"),
+    aggregator: str = typer.Option("fedavg", help="see `edgefl aggregators`"),
+    aggregator_param: list[str] = AggregatorParam,
     model: str = typer.Option(
         None,
         help="softmax or mlp (built-in digits), or an uploaded package's SHA-256 (default: "
@@ -152,10 +154,11 @@ def create_session(
             max_devices=max_devices,
             round_timeout_s=round_timeout,
             aggregator=aggregator,
+            aggregator_params=parse_params(aggregator_param),
             train=TrainParams(lr=lr, epochs=epochs, batch_size=batch_size),
         )
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise typer.BadParameter(config_error(exc)) from None
     with _client(api, token) as client:
         sess = client.create_session(spec)
         console.print(f"session {sess.session_id} created ({sess.rounds} rounds)")

@@ -39,6 +39,7 @@ import numpy as np
 from edgefl.aggregation import UpdateRejected, WeightedSum, validate_update
 from edgefl.aggregation.compressed import check_update, fold_delta
 from edgefl.aggregation.weighted_sum import axpy_inplace
+from edgefl.combiner.held import HeldFull, HeldUpdates, rule_from_plan
 from edgefl.protocol import ChunkError, CodecError, MessageError, Topics, decode, encode
 from edgefl.protocol.chunking import (
     DEFAULT_CHUNK_SIZE,
@@ -103,6 +104,9 @@ class CombinerConfig:
     # serves the devices the controller assigns it in each plan, and receives only their
     # updates (docs/scaling.md, Combiner pools); every member needs its own combiner_id
     pool: bool = False
+    # robust aggregators (plan field "aggregate") hold the round's updates: at most this many
+    max_held_updates: int = 1000
+    max_held_bytes: int = 1024 * 1024 * 1024
 
     @property
     def name(self) -> str:
@@ -128,6 +132,7 @@ class _Round:
     timer: threading.Timer | None = None
     update_bytes: int = 0  # payload bytes of the updates folded (reported in the partial)
     tensor_bytes: int = 0  # ... of which tensor data
+    held: HeldUpdates | None = None  # robust aggregation: the updates themselves (held.py)
 
 
 class Combiner:
@@ -402,6 +407,7 @@ class Combiner:
             devices = assigned
             trim_heap()  # the last round's messages are freed: give their memory back first
             rnd = _Round(plan["task_id"], plan, devices, spec, WeightedSum(spec))
+            refusal = self._hold_for(rnd)
             delay = max(0.0, float(plan["deadline"]) - time.time())
             rnd.timer = threading.Timer(
                 delay, lambda tid=plan["task_id"]: self._put((self._deadline, tid))
@@ -409,6 +415,10 @@ class Combiner:
             rnd.timer.daemon = True
             self._round = rnd
             rnd.timer.start()
+            if refusal is not None:  # no device trains for a round this combiner cannot merge
+                rnd.rejected.append(Rejection(device="", reason=refusal))
+                self._flush("plan refused")
+                return
         fields = {k: plan[k] for k in TASK_FIELDS}
         fields.update({k: plan[k] for k in TASK_OPTIONAL_FIELDS if k in plan})
         task = encode("task", **fields)
@@ -441,6 +451,22 @@ class Combiner:
         if new:
             self.conn.subscribe_many(new, self._on_update)
         self._update_topics = wanted
+
+    def _hold_for(self, rnd: _Round) -> str | None:
+        """Set up the held-updates path if the plan names a robust rule (``aggregate``);
+        the reason it is refused if this combiner cannot run that rule."""
+        if "aggregate" not in rnd.plan:
+            return None
+        c = self.config
+        try:
+            rule = rule_from_plan(rnd.plan["aggregate"])
+        except (ValueError, TypeError) as exc:
+            self.stats["refused_plans"] += 1
+            why = f"combiner {c.name} cannot aggregate round {rnd.task_id} as asked: {exc}"
+            log.error("%s", why)
+            return why
+        rnd.held = HeldUpdates(rule, c.max_held_updates, c.max_held_bytes)
+        return None
 
     def _drop_stale_plan(
         self, plan: dict, key: tuple[int, int, int], newest: tuple[int, int, int]
@@ -608,9 +634,18 @@ class Combiner:
             if not 0 < n <= self.config.max_examples:
                 raise UpdateRejected(f"num_examples {n} outside 1..{self.config.max_examples}")
             delta = check_update(msg, rnd.spec, rnd.plan)  # None: plain weights
+            if delta is not None and rnd.held is not None:
+                raise UpdateRejected("a robust round takes the trained weights, not a delta")
             if delta is None:
                 tensors = decode_tensors(msg["tensors"])
                 _validate_streaming(tensors, rnd.spec)
+                if rnd.held is not None:
+                    rnd.held.check_room(tensors)
+        except HeldFull as exc:
+            rnd.reported.add(device)
+            self._reject(device, str(exc), "held_full")
+            self._maybe_complete()
+            return
         except (UpdateRejected, CodecError) as exc:
             rnd.reported.add(device)
             self._reject(device, str(exc), "invalid_update")
@@ -618,10 +653,12 @@ class Combiner:
             return
         rnd.update_bytes += len(payload)
         rnd.tensor_bytes += tensor_bytes(tensors if delta is None else delta)
-        if delta is None:
-            _fold_streaming(rnd.acc, tensors, float(n))
-        else:
+        if delta is not None:
             fold_delta(rnd.acc, delta, float(n), rnd.plan)
+        elif rnd.held is not None:
+            rnd.held.add(tensors)
+        else:
+            _fold_streaming(rnd.acc, tensors, float(n))
         metrics = clean_metrics(msg["metrics"])
         del tensors, delta, msg, payload
         self._accepted_digests[digest] = rnd.task_id
@@ -746,17 +783,23 @@ class Combiner:
         if rnd.timer:
             rnd.timer.cancel()
         self._closed_ids = ([*self._closed_ids, rnd.task_id])[-16:]
+        sums, count, weight = rnd.acc.sums, rnd.acc.count, rnd.acc.weight
+        extra: dict[str, Any] = {}
+        if rnd.held is not None:
+            sums, count, weight = self._held_estimate(rnd)
+            extra["aggregate"] = rnd.held.rule.name
         # streamed: chunks are cut from the float64 sums themselves, a window at a time, as
         # the broker acknowledges them; the sums are freed when the last one is
         payload = encode_payload(
             "partial",
             "sums",
-            rnd.acc.sums,
+            sums,
+            **extra,
             task_id=rnd.task_id,
             region=self.config.region,
             combiner=self.config.name,
-            count=rnd.acc.count,
-            weight=rnd.acc.weight,
+            count=count,
+            weight=weight,
             devices=rnd.participants,
             rejected=rnd.rejected + rnd.provenance,
             update_bytes=rnd.update_bytes,
@@ -780,13 +823,34 @@ class Combiner:
             "combiner %s: round %s partial sent (%d updates, %d rejected%s; %s)",
             self.config.name,
             rnd.task_id,
-            rnd.acc.count,
+            count,
             len(rnd.rejected) + len(rnd.provenance),
             declined,
             why,
         )
         # free the model-sized sums now; the round record stays for late-update diagnostics
         rnd.acc = WeightedSum({})
+        if rnd.held is not None:
+            rnd.held.clear()
+
+    def _held_estimate(self, rnd: _Round) -> tuple[dict[str, np.ndarray], int, float]:
+        """The robust rule over the round's held updates: (estimate, count, weight = count).
+
+        A rule that cannot run (Krum with too few updates) rejects every held update with
+        the reason, so the controller's round record says why, and nothing else is sent.
+        """
+        assert rnd.held is not None
+        n = len(rnd.held.updates)
+        if n == 0:
+            return rnd.acc.sums, 0, 0.0
+        try:
+            return rnd.held.estimate(), n, float(n)
+        except ValueError as exc:
+            why = f"{rnd.held.rule.name} could not run in region {self.config.region}: {exc}"
+            log.error("combiner %s: round %s: %s", self.config.name, rnd.task_id, why)
+            rnd.rejected += [Rejection(device=p["device"], reason=why) for p in rnd.participants]
+            rnd.participants = []
+            return rnd.acc.sums, 0, 0.0
 
 
 def _validate_streaming(tensors: dict[str, Any], spec: Spec) -> None:

@@ -57,6 +57,14 @@ class SessionConfig(BaseModel):
     def _check(self) -> SessionConfig:
         if self.max_devices is not None and self.max_devices < self.min_devices:
             raise ValueError("max_devices must be at least min_devices")
+        robust = check_aggregator(self.aggregator, self.aggregator_params, self.train)
+        if robust and (self.compression != "none" or self.dp is not None):
+            # a robust rule needs each update's weights; compressed updates and DP send
+            # deltas folded into sums: refuse rather than compute something else
+            raise ValueError(
+                f"aggregator {self.aggregator!r} holds whole updates: it runs without "
+                "compression and without dp"
+            )
         return self
 
     def plan_fields(self) -> dict[str, Any]:
@@ -73,3 +81,24 @@ class SessionConfig(BaseModel):
         if self.dp is not None:
             out["dp"] = {"clip_norm": self.dp.clip_norm}
         return out
+
+
+def check_aggregator(name: str, params: dict[str, Any], train: dict[str, Any]) -> bool:
+    """ValueError unless the aggregator exists, takes these parameters and can be run, and
+    its device settings (FedProx's ``mu``) do not contradict ``train``: a session fails at
+    creation, with the reason, not in its first round. True for a robust (held) rule."""
+    from edgefl.aggregation.base import make_aggregator, task_settings
+    from edgefl.aggregation.robust import robust_rule
+
+    aggregator = make_aggregator(name, **params)
+    try:
+        robust = robust_rule(aggregator) is not None
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+    for key, value in task_settings(aggregator).items():
+        if key in train and train[key] != value:
+            raise ValueError(
+                f"train.{key}={train[key]!r} contradicts aggregator {name!r}, which sends "
+                f"{key}={value!r}: set it in aggregator_params only"
+            )
+    return robust

@@ -37,6 +37,7 @@ class Partial:
     delta: bool = False  # sums of w * delta (compressed updates): the merge adds W * global
     update_bytes: int = 0  # payload bytes of the region's folded updates
     tensor_bytes: int = 0  # ... of which tensor data
+    aggregate: str | None = None  # a robust rule's name: ``sums`` is its regional estimate
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class CombinerInbox:
                 delta=msg.get("sums_of") == "delta",
                 update_bytes=int(msg.get("update_bytes", 0)),
                 tensor_bytes=int(msg.get("tensor_bytes", 0)),
+                aggregate=msg.get("aggregate"),
             )
         except (ChunkError, MessageError, ValueError) as exc:
             self.refused["partial"] += 1

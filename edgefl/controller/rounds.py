@@ -17,7 +17,9 @@ from typing import Any, Optional
 import numpy as np
 
 from edgefl.aggregation import ServerAggregator, WeightedSum
+from edgefl.aggregation.base import task_settings
 from edgefl.aggregation.compressed import add_global
+from edgefl.aggregation.robust import RegionalEstimates, RobustAggregator, robust_rule
 from edgefl.controller import round_options
 from edgefl.controller.config import SessionConfig
 from edgefl.controller.inbox import CombinerInbox, Partial, Progress
@@ -103,6 +105,22 @@ def _slot_of(ev: Partial | Progress, slots: dict[Slot, list[str]]) -> Slot | Non
 def _slot_name(slot: Slot) -> str:
     region, member = slot
     return region if member is None else f"{region}/{member}"
+
+
+def _kind_mismatch(partial: Partial, robust: RobustAggregator | None) -> list[Rejection]:
+    """A partial that holds something else than the round asked for (sums for a robust rule,
+    or the reverse) is refused whole: merging it would silently compute another estimator."""
+    want = robust.name if robust is not None else None
+    if partial.aggregate == want or partial.count == 0:
+        return []
+    have = f"a {partial.aggregate} estimate" if partial.aggregate else "sums"
+    return [
+        Rejection(
+            device="",
+            reason=f"partial of {partial.region} holds {have}, the round asked for "
+            f"{want or 'sums'}: refused",
+        )
+    ]
 
 
 def select_devices(
@@ -232,11 +250,18 @@ class RoundRunner:
             extra["package"] = package
         if fence is not None:
             extra["fence"] = fence
-        slots = self._dispatch(config, attempt, by_region, deadline, spec_to_wire(spec), extra)
+        robust = robust_rule(aggregator)  # None: combiners fold sums (splittable)
+        if robust is not None:
+            extra["aggregate"] = robust.plan()
+        train = {**config.train, **task_settings(aggregator)}
+        slots = self._dispatch(
+            config, attempt, by_region, deadline, spec_to_wire(spec), extra, train
+        )
         refusals: list[Rejection] = []
         partials = self._collect(attempt.task_id, slots, config, deadline, refusals)
 
         merged = WeightedSum(spec)
+        regional = RegionalEstimates(robust, spec) if robust is not None else None
         participants: list[Participant] = []
         rejected: list[Rejection] = list(refusals)
         refused = len(refusals)
@@ -244,15 +269,18 @@ class RoundRunner:
         for slot, partial in sorted(partials.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
             rejected.extend(partial.rejected)
             # checked again: a device may have been revoked while the partial waited
-            wrong = self._unplanned(partial, slots[slot])
+            wrong = self._unplanned(partial, slots[slot]) or _kind_mismatch(partial, robust)
             if wrong:
                 refused += 1
                 self._refuse(attempt.task_id, partial, wrong, rejected)
                 continue
             try:
-                _merge_streaming(merged, decode_tensors(partial.sums), partial)
-                if partial.delta:  # sum(w * delta) + W * global = sum(w * x)
-                    add_global(merged, weights, partial.weight)
+                if regional is None:
+                    _merge_streaming(merged, decode_tensors(partial.sums), partial)
+                    if partial.delta:  # sum(w * delta) + W * global = sum(w * x)
+                        add_global(merged, weights, partial.weight)
+                elif partial.count:
+                    regional.add(decode_tensors(partial.sums), partial.count)
             except (CodecError, KeyError, ValueError) as exc:
                 log.error(
                     "round %s: partial from %s unusable: %s", attempt.task_id, partial.combiner, exc
@@ -266,10 +294,11 @@ class RoundRunner:
                 partial.release()
         partials.clear()
         trim_heap()
-        if merged.count < config.min_devices or merged.weight <= 0:
+        tally = merged if regional is None else regional
+        if tally.count < config.min_devices or tally.weight <= 0:
             attempt.fail(
                 self.store,
-                f"quorum not met: {merged.count} accepted updates, "
+                f"quorum not met: {tally.count} accepted updates, "
                 f"{config.min_devices} needed ({len(rejected)} rejected)",
                 participants=participants,
                 rejected=rejected,
@@ -277,9 +306,15 @@ class RoundRunner:
             )
             return None
 
-        count = merged.count  # the mean consumes the sums
-        mean, privacy = round_options.noised(config, _mean_in_place(merged, spec), count, attempt)
-        new_weights = aggregator.step(weights, mean)
+        privacy: dict[str, Any] | None = None
+        if regional is None:
+            count = merged.count  # the mean consumes the sums
+            aggregate, privacy = round_options.noised(
+                config, _mean_in_place(merged, spec), count, attempt
+            )
+        else:
+            aggregate = regional.center()
+        new_weights = aggregator.step(weights, aggregate)
         metrics = round_metrics(participants)
         metrics.update(
             round_options.traffic(self.store, attempt, bytes_up, tensor_bytes_up, len(selected))
@@ -309,7 +344,7 @@ class RoundRunner:
         log.info(
             "round %s done: %d updates, metrics %s",
             attempt.task_id,
-            merged.count,
+            tally.count,
             {k: round(v, 4) for k, v in metrics.items()},
         )
         trim_heap()
@@ -326,6 +361,7 @@ class RoundRunner:
         deadline: float,
         wire_spec: list[list[Any]],
         extra: dict[str, Any],
+        train: dict[str, Any],
     ) -> dict[Slot, list[str]]:
         """Send each region its plan; return who owes a partial for which devices.
 
@@ -359,7 +395,7 @@ class RoundRunner:
                 model_digest=bytes.fromhex(model.digest),
                 devices=sorted(devs),
                 deadline=deadline,
-                train=config.train,
+                train=train,
                 chunk_size=config.chunk_size,
                 spec=wire_spec,
             )

@@ -85,19 +85,28 @@ def train_epochs(
     lr: float = 0.1,
     batch_size: int = 32,
     epochs: int = 1,
+    mu: float = 0.0,
 ) -> Weights:
-    """Minibatch SGD as fixed by the digits protocol (shuffle with default_rng([seed, round]))."""
+    """Minibatch SGD as fixed by the digits protocol (shuffle with default_rng([seed, round])).
+
+    ``mu > 0`` adds FedProx's proximal term (Li et al. 2020): each step's gradient gets
+    ``mu * (w - w_global)``, pulling the local model towards the ``weights`` it started from.
+    """
+    if not (np.isfinite(mu) and mu >= 0):
+        raise ValueError(f"the proximal term mu must be finite and >= 0, got {mu}")
     w = {k: np.array(v, dtype=np.float64, copy=True) for k, v in weights.items()}
+    anchor = {k: v.copy() for k, v in w.items()} if mu > 0 else {}
     batches = minibatches(len(y), seed=seed, round_=round_, batch_size=batch_size, epochs=epochs)
     for idx in batches:
         Xb, yb = X[idx], y[idx]
         B = len(idx)
+        grads: Weights = {}
         if "W" in w:
             P = _softmax(Xb @ w["W"] + w["b"])
             P[np.arange(B), yb] -= 1
             P /= B
-            w["W"] -= lr * (Xb.T @ P)
-            w["b"] -= lr * P.sum(0)
+            grads["W"] = Xb.T @ P
+            grads["b"] = P.sum(0)
         else:
             pre = Xb @ w["W1"] + w["b1"]
             h = np.maximum(pre, 0.0)
@@ -105,8 +114,9 @@ def train_epochs(
             P[np.arange(B), yb] -= 1
             P /= B
             dh = (P @ w["W2"].T) * (pre > 0)
-            w["W2"] -= lr * (h.T @ P)
-            w["b2"] -= lr * P.sum(0)
-            w["W1"] -= lr * (Xb.T @ dh)
-            w["b1"] -= lr * dh.sum(0)
+            grads = {"W2": h.T @ P, "b2": P.sum(0), "W1": Xb.T @ dh, "b1": dh.sum(0)}
+        for k, g in grads.items():
+            if mu > 0:
+                g = g + mu * (w[k] - anchor[k])
+            w[k] -= lr * g
     return w

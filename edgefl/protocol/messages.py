@@ -88,7 +88,16 @@ OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
     # fence: the controller's lease token for the session; a plan or task with a lower fence
     # than one already seen for its session comes from a stale controller and is dropped
     # assign: in a region served by a combiner pool, pool member -> the devices it serves
-    "round": {"package": dict, "fence": int, "assign": dict, "compression": dict, "dp": dict},
+    # aggregate (round): {"rule": name, "params": map}: hold the updates and apply this robust
+    # rule (docs/algorithms.md); (partial): the rule whose estimate ``sums`` holds
+    "round": {
+        "package": dict,
+        "fence": int,
+        "assign": dict,
+        "compression": dict,
+        "dp": dict,
+        "aggregate": dict,
+    },
     # compression: {"encoding": float32|float16|int8|topk, "topk_fraction"}: send the delta
     # to the global model, so encoded (edgefl.protocol.compression); a device that cannot
     # declines
@@ -99,7 +108,7 @@ OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
     # sums_of "delta": the sums are sum(w * delta), the controller adds W * global;
     # update_bytes: the payload bytes of the updates folded (bytes on the wire, upward),
     # tensor_bytes: the tensor data within them
-    "partial": {"sums_of": str, "update_bytes": int, "tensor_bytes": int},
+    "partial": {"sums_of": str, "update_bytes": int, "tensor_bytes": int, "aggregate": str},
 }
 
 PACKAGE_REF: dict[str, type] = {"id": str, "digest": bytes, "size": int}
