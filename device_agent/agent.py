@@ -24,12 +24,15 @@ import numpy as np
 from device_agent.compressed_update import compressed_update
 from device_agent.config import AgentConfig
 from device_agent.system_metrics import SystemMetrics, telemetry_name_ok
-from device_agent.trainers.base import Trainer, TrainTask
+from device_agent.trainers.base import Trainer, TrainResult, TrainTask
 from device_agent.trainers.data import NoLocalData
+from edgefl.observability.hooks import task_scope, transfer_scope
+from edgefl.observability.tracing import span, trace_field
 from edgefl.protocol import ChunkError, MessageError, Topics, decode, encode
 from edgefl.protocol.chunking import (
     MIN_CHUNK_SIZE,
     ChunkWriter,
+    Payload,
     Reassembler,
     parse_chunk,
     split_payload,
@@ -39,7 +42,7 @@ from edgefl.protocol.messages import clean_metrics, encode_payload
 from edgefl.protocol.tensors import loads_tensors
 from edgefl.transport import MqttConnection
 from edgefl.transport.compat import announce_on_hello, fetch_retained
-from edgefl.transport.mqtt import stream_window
+from edgefl.transport.mqtt import PublishStream, stream_window
 
 if TYPE_CHECKING:
     from edgefl.transport.multiplex import SharedLoop
@@ -222,6 +225,11 @@ class DeviceAgent:
             self._handle(task)
 
     def _handle(self, task: dict[str, Any]) -> None:
+        c = self.config
+        with task_scope(task, c.project, c.region, c.device_id):
+            self._handle_task(task)
+
+    def _handle_task(self, task: dict[str, Any]) -> None:
         try:
             self._run_task(task)
         except NoLocalData as exc:  # not a failure: nothing to train on
@@ -245,25 +253,57 @@ class DeviceAgent:
             raise NoLocalData()
         received0 = self.bytes_received
         if "package" in task:
-            self._ensure_package(task["package"], task["deadline"])
+            with transfer_scope("download", task["package"]["id"], kind="package"):
+                self._ensure_package(task["package"], task["deadline"])
         weights = self._fetch_model(task["model_version"], task["model_digest"], task["deadline"])
         t0 = time.perf_counter()
-        result = self.trainer.train(
-            weights,
-            TrainTask(
-                round=task["round"],
-                config=task["train"],
-                seed=int(c.seed or 0),
-                task_id=task["task_id"],
-            ),
-        )
+        with span("edgefl.device.train") as train_span:
+            result = self.trainer.train(
+                weights,
+                TrainTask(
+                    round=task["round"],
+                    config=task["train"],
+                    seed=int(c.seed or 0),
+                    task_id=task["task_id"],
+                ),
+            )
+            train_span.set_attribute("edgefl.examples", int(result.num_examples))
         train_s = time.perf_counter() - t0
+        with transfer_scope("upload", task["task_id"]) as upload:
+            stream, update = self._upload(task, weights, result)
+            upload.set_attributes({"edgefl.bytes": update.size, "edgefl.sent": stream.sent_bytes})
+        self.completed += 1
+        log.debug(
+            "%s: task %s done: %d examples, %.3f s training, %d bytes sent",
+            c.device_id,
+            task["task_id"],
+            int(result.num_examples),
+            train_s,
+            stream.sent_bytes,
+        )
+        self._publish_telemetry(
+            {
+                "train_s": train_s,
+                "examples": float(result.num_examples),
+                "update_bytes": float(update.size),
+                "bytes_sent": float(stream.sent_bytes),
+                "bytes_received": float(self.bytes_received - received0),
+                **clean_metrics(result.metrics),
+            }
+        )
+
+    def _upload(
+        self, task: dict[str, Any], weights: dict[str, np.ndarray], result: TrainResult
+    ) -> tuple[PublishStream, Payload]:
+        """Publish the update in chunks and wait for the broker to acknowledge them all."""
+        c = self.config
         fields = {
             "task_id": task["task_id"],
             "device": c.device_id,
             "model_version": task["model_version"],
             "num_examples": int(result.num_examples),
             "metrics": clean_metrics(result.metrics),
+            **trace_field(),  # the upload span's context: the combiner's handling links to it
         }
         if "compression" in task:  # the delta to the round's model, encoded
             update = compressed_update(task, weights, result.weights, self._feedback, **fields)
@@ -282,17 +322,7 @@ class DeviceAgent:
         if not stream.wait(max(1.0, task["deadline"] + 30 - time.time())):
             self.conn.cancel_stream(stream)
             raise TimeoutError(f"upload of {task['task_id']} not acknowledged in time")
-        self.completed += 1
-        self._publish_telemetry(
-            {
-                "train_s": train_s,
-                "examples": float(result.num_examples),
-                "update_bytes": float(update.size),
-                "bytes_sent": float(stream.sent_bytes),
-                "bytes_received": float(self.bytes_received - received0),
-                **clean_metrics(result.metrics),
-            }
-        )
+        return stream, update
 
     def _publish_telemetry(self, training: dict[str, float]) -> None:
         """One telemetry message: training figures plus system readings (QoS 0, best effort).
@@ -387,7 +417,8 @@ class DeviceAgent:
             return self._model_cache[1]
         self._model_cache = None  # the old model's memory goes before the new one arrives
         # the tensors are read-only views of the reassembly buffer: no copy of the model
-        weights = loads_tensors(self._download(version, digest, deadline, zero_copy=True))
+        with transfer_scope("download", version, kind="model"):
+            weights = loads_tensors(self._download(version, digest, deadline, zero_copy=True))
         self._model_cache = (version, weights)
         return weights
 

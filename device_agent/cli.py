@@ -11,6 +11,8 @@ from types import FrameType
 from device_agent.agent import DeviceAgent
 from device_agent.config import AgentConfig, load_config
 from device_agent.trainers.base import Trainer, load_trainer
+from edgefl.observability.logs import configure_logging
+from edgefl.observability.tracing import configure_tracing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,9 +88,16 @@ def main(argv: list[str] | None = None) -> int:
             tls_insecure=args.tls_insecure,
         )
         trainer = build_trainer(cfg)
+        configure_logging(cfg.log_format == "json", args.log_level, cfg.log_file)
     except (ValueError, OSError) as exc:
         print(f"edgefl-agent: {exc}", file=sys.stderr)
         return 2
+    configure_tracing(
+        cfg.tracing,
+        service_name="edgefl-agent",
+        endpoint=cfg.otlp_endpoint,
+        attributes={"edgefl.device": cfg.device_id, "edgefl.region": cfg.region},
+    )
     return serve(cfg, trainer)
 
 

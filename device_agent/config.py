@@ -46,6 +46,12 @@ class AgentConfig:
     cert_file: str | None = None  # client certificate (CN = device id) for mutual TLS
     key_file: str | None = None  # its private key (mode 0600)
     tls_insecure: bool = False  # skip verifying the broker: lab only, logged as INSECURE
+    # observability (docs/observability.md): JSON log lines with session/round/device ids,
+    # and OpenTelemetry spans (needs the "tracing" extra; OTEL_* variables apply too)
+    log_format: str = "text"  # or "json" (env EDGEFL_LOG_FORMAT)
+    log_file: str | None = None  # append logs here instead of stderr
+    tracing: str = "none"  # "otlp" or "console" (env EDGEFL_TRACING)
+    otlp_endpoint: str | None = None  # default: OTEL_EXPORTER_OTLP_ENDPOINT, else localhost
 
     def __post_init__(self) -> None:
         if not self.device_id:
@@ -66,6 +72,10 @@ class AgentConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name} {path!r}: no such file")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
+        if self.tracing not in ("none", "console", "otlp"):
+            raise ValueError(f"tracing must be none, console or otlp, got {self.tracing!r}")
         if self.key_file is not None and self.cert_file is None:
             raise ValueError("key_file needs cert_file: the client certificate it belongs to")
 
@@ -100,6 +110,7 @@ _PATH_KEYS = (
     "ca_file",
     "cert_file",
     "key_file",
+    "log_file",
 )
 
 

@@ -13,6 +13,7 @@ catches one type. Needs the ``server`` extra (httpx, pydantic).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from http import HTTPStatus
 from typing import Any, TypeVar
@@ -275,6 +276,18 @@ class APIClient:
         """Operator: ask the session's controller to stop it (it stays resumable)."""
         res = self.request("POST", f"/api/sessions/{_seg(session_id)}/stop")
         return StopAccepted.model_validate(res.json())
+
+    def session_logs(
+        self, session_id: str, round_: int | None = None, level: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Viewer: the session's JSON log records, oldest first (``GET .../logs``, NDJSON)."""
+        params: dict[str, Any] = {}
+        if round_ is not None:
+            params["round"] = round_
+        if level is not None:
+            params["level"] = level
+        res = self.request("GET", f"/api/sessions/{_seg(session_id)}/logs", params=params)
+        return [json.loads(line) for line in res.text.splitlines() if line.strip()]
 
     # rounds ------------------------------------------------------------------------------
     def rounds(

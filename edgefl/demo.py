@@ -157,7 +157,9 @@ def _start_dashboard(dep: Deployment, port: int) -> tuple[str, str]:
 
     auth = dep.auth or AuthConfig(secret=generate_secret())
     blobs = FileBlobStore(dep.models_dir)
-    server = DashboardServer(dep.store, port=port, auth=auth, project=dep.project, blobs=blobs)
+    server = DashboardServer(
+        dep.store, port=port, auth=auth, project=dep.project, blobs=blobs, logs=dep.logs_dir
+    )
     dep.own(server.start())
     try:
         token = auth.issuer().issue("demo-operator", Role.operator, dep.project, ttl_s=7 * 86400)

@@ -19,6 +19,7 @@ from edgefl.combiner import Combiner, CombinerConfig
 from edgefl.controller import Controller
 from edgefl.controller.rounds import Evaluator
 from edgefl.controller.telemetry_forward import RoundDetails
+from edgefl.observability.logs import SessionLogWriter, session_logs_enabled
 from edgefl.store import make_store
 from edgefl.store.base import Store
 from edgefl.store.blobs import FileBlobStore
@@ -87,6 +88,7 @@ class Deployment:
         self.credentials: Logins = Credentials(config, project)
         self.state_url = state_url or f"sqlite:///{(self.workdir / 'state.db').resolve()}"
         self.models_dir = Path(models_dir) if models_dir else self.workdir / "models"
+        self.logs_dir = self.workdir / "logs"  # per-session log files (SessionLogWriter)
         self.regions: list[str] = []
         self.combiners: list[Combiner] = []
         self._store: Store | None = None
@@ -152,7 +154,12 @@ class Deployment:
         """The controller, connected, on this deployment's store and model folder.
 
         Its ``round`` telemetry points get the round's details from the store (RoundDetails).
+        What this process logs about each of the project's sessions is kept in
+        ``logs_dir/{session}.jsonl`` (``EDGEFL_SESSION_LOGS=off`` stops it), which the
+        dashboard exports (``GET /api/sessions/{id}/logs``).
         """
+        if session_logs_enabled():
+            self._own(SessionLogWriter(self.logs_dir, self.project).attach())
         if sink is not None:
             sink = RoundDetails(sink, self.store)
         options: dict[str, Any] = {
@@ -230,6 +237,7 @@ class Deployment:
             auth=self.auth,
             insecure=self.auth is None,  # only where the deployment itself is insecure
             project=self.project,
+            logs=self.logs_dir,
         )
         return self._own(server.start())
 

@@ -21,6 +21,7 @@ BASE = (
     "edgefl.packages.format",
     "edgefl.packages.signing",
     "edgefl.packages.artifacts",
+    "edgefl.observability",
 )
 # The server side, which must never reach into the device agent.
 SERVER = (
@@ -39,6 +40,7 @@ SERVER = (
     "edgefl.protocol",
     "edgefl.transport",
     "edgefl.models",
+    "edgefl.observability",
 )
 # Simulation and orchestration run devices in-process, so they may import the agent.
 MAY_RUN_DEVICES = ("edgefl.fleet", "edgefl.deploy", "edgefl.demo", "edgefl.cli")

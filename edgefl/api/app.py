@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -32,6 +33,7 @@ from edgefl.api.routes import (
     sessions,
     telemetry,
 )
+from edgefl.api.routes import logs as session_logs
 from edgefl.api.routes.deps import ApiContext
 from edgefl.api.schemas import Health
 from edgefl.auth.tokens import AuthConfig
@@ -61,6 +63,7 @@ def create_app(
     blobs: BlobStore | None = None,
     title: str = "edgefl",
     max_package_bytes: int = DEFAULT_MAX_SIZE,
+    logs: Path | None = None,
 ) -> FastAPI:
     """The dashboard page at ``/`` and the JSON API under ``/api``, reading ``store`` live.
 
@@ -70,7 +73,8 @@ def create_app(
     docs/security.md, "Teams and project scoping"). ``project`` binds the API to one project:
     callers who are not its are refused and its sessions are the only ones shown (None: every
     project the caller belongs to). ``blobs`` is the controller's model folder, for model
-    downloads and packages; uploads over ``max_package_bytes`` are refused (413). The app
+    downloads and packages; uploads over ``max_package_bytes`` are refused (413). ``logs`` is
+    the controller's session log folder (``GET /api/sessions/{id}/logs``). The app
     neither caches nor closes ``store``, which must be safe to use from worker threads.
     """
     if auth is None and not insecure:
@@ -95,6 +99,7 @@ def create_app(
         project=project,
         blobs=blobs,
         max_package_bytes=max_package_bytes,
+        logs=logs,
     )
     install_problem_handlers(app)
     page = resources.files("edgefl.api").joinpath("static/index.html").read_text("utf-8")
@@ -114,6 +119,7 @@ def create_app(
     app.include_router(members.router)
     app.include_router(sessions.router)
     app.include_router(session_control.router)
+    app.include_router(session_logs.router)
     app.include_router(devices.router)
     app.include_router(telemetry.router)
     app.include_router(rounds.router)

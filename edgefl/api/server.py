@@ -73,12 +73,13 @@ class DashboardServer:
         insecure: bool = False,
         project: str | None = None,
         blobs: BlobStore | None = None,
+        logs: Path | None = None,
     ) -> None:
         from edgefl.api.app import create_app
 
         self.host = host
         self.port = port
-        app = create_app(store, auth, insecure=insecure, project=project, blobs=blobs)
+        app = create_app(store, auth, insecure=insecure, project=project, blobs=blobs, logs=logs)
         self.app = app
         self._server = uvicorn.Server(
             uvicorn.Config(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import typer
 from rich.console import Console
@@ -11,6 +12,7 @@ from rich.logging import RichHandler
 from edgefl.auth.keys import KeyDirError
 from edgefl.auth.revocation import RevocationError
 from edgefl.auth.tokens import KEYS_ENV, REVOCATIONS_ENV, SECRET_ENV, AuthConfig
+from edgefl.observability.logs import LOG_FILE_ENV, LOG_FORMAT_ENV
 
 err_console = Console(stderr=True)
 
@@ -21,17 +23,32 @@ __all__ = [
     "err_console",
     "load_auth",
     "require_auth",
+    "set_observability",
     "setup_logging",
 ]
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=True)],
-        force=True,
-    )
+def setup_logging(level: str, service: str = "edgefl") -> None:
+    """Logs for a server command: rich text on stderr, or JSON lines with
+    ``EDGEFL_LOG_FORMAT=json`` (``edgefl --log-format json ...``); and tracing as
+    ``EDGEFL_TRACING`` says (off by default), its spans named after ``service``."""
+    from edgefl.observability import configure_logging, configure_tracing
+
+    try:
+        if os.environ.get(LOG_FORMAT_ENV, "text").strip().lower() == "json":
+            configure_logging(True, level)
+        elif os.environ.get(LOG_FILE_ENV):
+            configure_logging(False, level)
+        else:
+            logging.basicConfig(
+                level=getattr(logging, level.upper(), logging.INFO),
+                format="%(name)s: %(message)s",
+                handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=True)],
+                force=True,
+            )
+        configure_tracing(service_name=service, set_global=True)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     # amqtt and uvicorn are chatty at INFO; their warnings still show.
     for noisy in ("amqtt", "transitions", "uvicorn", "uvicorn.error"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -78,3 +95,18 @@ def require_auth(insecure: bool) -> AuthConfig | None:
         "secret of at least 32 bytes, or pass --insecure for a development setup without "
         "authentication"
     )
+
+
+def set_observability(log_format: str | None, tracing: str | None) -> None:
+    """``edgefl --log-format/--tracing``: set for this process (and what it starts) through
+    the environment variables every command's ``setup_logging`` reads."""
+    from edgefl.observability.tracing import MODES, TRACING_ENV
+
+    if log_format is not None:
+        if log_format not in ("text", "json"):
+            raise typer.BadParameter("--log-format must be text or json")
+        os.environ[LOG_FORMAT_ENV] = log_format
+    if tracing is not None:
+        if tracing not in MODES:
+            raise typer.BadParameter(f"--tracing must be one of {', '.join(MODES)}")
+        os.environ[TRACING_ENV] = tracing

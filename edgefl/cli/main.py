@@ -36,6 +36,22 @@ app = typer.Typer(
 LogLevel = typer.Option("warning", "--log-level", help="debug, info, warning or error")
 
 
+@app.callback()
+def _observability(
+    log_format: str = typer.Option(
+        None, "--log-format", help="text or json: JSON lines with session/round/device ids"
+    ),
+    tracing: str = typer.Option(
+        None, "--tracing", help="none, console or otlp (OTEL_EXPORTER_OTLP_ENDPOINT)"
+    ),
+) -> None:
+    """Options before the command: they set EDGEFL_LOG_FORMAT and EDGEFL_TRACING
+    (docs/observability.md)."""
+    from edgefl.cli.common import set_observability
+
+    set_observability(log_format, tracing)
+
+
 def _wait_for_signal() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -209,7 +225,7 @@ def combiner(
     """Run a regional combiner (or one member of its pool) until interrupted."""
     from edgefl.deploy import Deployment
 
-    setup_logging(log_level)
+    setup_logging(log_level, "edgefl-combiner")
     auth = None if logins else require_auth(insecure)
     with Deployment(Path("."), project=project, broker_url=broker, auth=auth) as dep:
         if logins:
@@ -340,7 +356,7 @@ def controller(
     from edgefl.deploy import Deployment
     from edgefl.tasks import digits
 
-    setup_logging(log_level)
+    setup_logging(log_level, "edgefl-controller")
     agg_params = parse_params(aggregator_param)
     if resume is None and not serve:  # a bad parameter is a usage error, before any connect
         try:
@@ -527,7 +543,9 @@ def dashboard(
         blobs = FileBlobStore(models)
     else:
         err_console.print(f"no model folder at {models}: model downloads answer 404 (--models)")
-    app_ = create_app(store, auth, insecure=insecure, project=project, blobs=blobs)
+    app_ = create_app(
+        store, auth, insecure=insecure, project=project, blobs=blobs, logs=models.parent / "logs"
+    )
     if telemetry:
         from edgefl.api.routes.telemetry import use_history
         from edgefl.telemetry import open_history

@@ -195,6 +195,21 @@ def stop_session(session_id: str, api: str = ApiUrl, token: str | None = Token) 
     console.print(f"stop of {res.session_id} requested by {res.stop_requested_by}")
 
 
+@session_app.command("logs")
+def session_logs(
+    session_id: str,
+    round_: int = typer.Option(None, "--round", min=0, help="only this round's lines"),
+    level: str = typer.Option(None, help="only lines at this level or above (e.g. warning)"),
+    api: str = ApiUrl,
+    token: str | None = Token,
+) -> None:
+    """Print the session's log lines as the controller kept them (JSON, one a line)."""
+    with _client(api, token) as client:
+        records = client.session_logs(session_id, round_, level)
+    for rec in records:
+        print(json.dumps(rec, ensure_ascii=False))
+
+
 @session_app.command("watch")
 def watch_session(
     session_id: str,

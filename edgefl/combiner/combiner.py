@@ -40,6 +40,9 @@ from edgefl.aggregation import UpdateRejected, WeightedSum, validate_update
 from edgefl.aggregation.compressed import check_update, fold_delta
 from edgefl.aggregation.weighted_sum import axpy_inplace
 from edgefl.combiner.held import HeldFull, HeldUpdates, rule_from_plan
+from edgefl.observability import hooks
+from edgefl.observability.logs import log_context
+from edgefl.observability.tracing import trace_field
 from edgefl.protocol import ChunkError, CodecError, MessageError, Topics, decode, encode
 from edgefl.protocol.chunking import (
     DEFAULT_CHUNK_SIZE,
@@ -133,6 +136,7 @@ class _Round:
     update_bytes: int = 0  # payload bytes of the updates folded (reported in the partial)
     tensor_bytes: int = 0  # ... of which tensor data
     held: HeldUpdates | None = None  # robust aggregation: the updates themselves (held.py)
+    span: Any = None  # the region round's span while tracing is on (edgefl.observability)
 
 
 class Combiner:
@@ -315,7 +319,8 @@ class Combiner:
                 self._taken(item)
                 handler, *args = item
                 try:
-                    handler(*args)
+                    with log_context(**self._log_fields()):
+                        handler(*args)
                 except Exception:  # one bad message must not stop the combiner
                     log.exception("combiner %s: handling %s failed", self.config.name, args[:1])
             if self._progress_due and (
@@ -328,6 +333,12 @@ class Combiner:
                 except Exception:
                     log.exception("combiner %s: sweep failed", self.config.name)
                 next_sweep = time.monotonic() + self.sweep_interval_s
+
+    def _log_fields(self) -> dict[str, Any]:
+        """The ids every log line of this combiner carries (and its open round's)."""
+        c, rnd = self.config, self._round
+        plan = rnd.plan if rnd is not None else None
+        return hooks.region_context(c.project, c.region, c.name, plan)
 
     def _sweep(self) -> None:
         """Expire idle transfers even when nothing arrives; emit due warning summaries."""
@@ -387,6 +398,7 @@ class Combiner:
                 )
                 if self._round.timer:
                     self._round.timer.cancel()
+                hooks.end_region_span(self._round.span, 0, 0, "superseded")
             old = self._round.task_id if self._round else None
             if old:
                 self.reassembler.discard(_for_task(old))
@@ -407,6 +419,7 @@ class Combiner:
             devices = assigned
             trim_heap()  # the last round's messages are freed: give their memory back first
             rnd = _Round(plan["task_id"], plan, devices, spec, WeightedSum(spec))
+            rnd.span = hooks.start_region_span(plan, self.config.region, self.config.name)
             refusal = self._hold_for(rnd)
             delay = max(0.0, float(plan["deadline"]) - time.time())
             rnd.timer = threading.Timer(
@@ -421,6 +434,7 @@ class Combiner:
                 return
         fields = {k: plan[k] for k in TASK_FIELDS}
         fields.update({k: plan[k] for k in TASK_OPTIONAL_FIELDS if k in plan})
+        fields.update(trace_field(rnd.span))  # devices' task spans: children of the region's
         task = encode("task", **fields)
         if self.config.pool:
             self._follow_updates(devices)
@@ -528,7 +542,13 @@ class Combiner:
                 self._count_evictions(device, self.reassembler.evictions - evictions)
             if done is not None:
                 body, done.payload = done.payload, b""
-                self._accept(device, body, done.meta, chunk.digest)
+                rnd, accepted = self._round, self.stats["accepted"]
+                with hooks.update_scope(rnd and rnd.span, device, chunk.transfer) as sp:
+                    self._accept(device, body, done.meta, chunk.digest)
+                    sp.set_attribute(
+                        "edgefl.outcome",
+                        "accepted" if self.stats["accepted"] > accepted else "rejected",
+                    )
                 del body
                 if done.release is not None:
                     done.release()  # nothing reads the update now: its spill file is reused
@@ -828,6 +848,7 @@ class Combiner:
             declined,
             why,
         )
+        hooks.end_region_span(rnd.span, rnd.acc.count, len(rnd.rejected) + len(rnd.provenance), why)
         # free the model-sized sums now; the round record stays for late-update diagnostics
         rnd.acc = WeightedSum({})
         if rnd.held is not None:

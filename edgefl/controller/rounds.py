@@ -26,6 +26,8 @@ from edgefl.controller.inbox import CombinerInbox, Partial, Progress
 from edgefl.controller.model_versions import ModelRepository
 from edgefl.controller.presence import Presence
 from edgefl.controller.records import RoundAttempt
+from edgefl.observability.hooks import round_scope
+from edgefl.observability.tracing import set_attributes, trace_field
 from edgefl.protocol import CodecError, Topics, encode
 from edgefl.protocol.chunking import release_array, trim_heap, tune_allocator
 from edgefl.protocol.tensors import decode_tensors
@@ -231,7 +233,25 @@ class RoundRunner:
         *,
         fence: int | None = None,
     ) -> RoundOutcome | None:
-        """Run one attempt; None (with a failed record) when the round cannot complete."""
+        """Run one attempt; None (with a failed record) when the round cannot complete.
+
+        Its log lines carry the round's ids, and it is one span when tracing is on.
+        """
+        with round_scope(self.topics.project, attempt) as scope:
+            outcome = self._run(config, attempt, weights, aggregator, package, fence=fence)
+            scope.done(outcome is not None)
+        return outcome
+
+    def _run(
+        self,
+        config: SessionConfig,
+        attempt: RoundAttempt,
+        weights: Weights,
+        aggregator: ServerAggregator,
+        package: dict[str, Any] | None,
+        *,
+        fence: int | None,
+    ) -> RoundOutcome | None:
         online = self.presence.wait_for(config.min_devices, config.wait_for_devices_s)
         if len(online) < config.min_devices:
             attempt.fail(self.store, f"only {len(online)} of {config.min_devices} devices online")
@@ -243,6 +263,7 @@ class RoundRunner:
         started = time.time()
         deadline = started + config.round_timeout_s
         attempt.start(self.store, selected, started)
+        set_attributes(**{"edgefl.devices": len(selected), "edgefl.regions": sorted(by_region)})
         spec = spec_of(weights)
         self.inbox.drain()
         extra: dict[str, Any] = config.plan_fields()  # compression, dp
@@ -250,6 +271,7 @@ class RoundRunner:
             extra["package"] = package
         if fence is not None:
             extra["fence"] = fence
+        extra.update(trace_field())  # combiners' region spans become this round's children
         robust = robust_rule(aggregator)  # None: combiners fold sums (splittable)
         if robust is not None:
             extra["aggregate"] = robust.plan()

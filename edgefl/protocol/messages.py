@@ -90,6 +90,8 @@ OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
     # assign: in a region served by a combiner pool, pool member -> the devices it serves
     # aggregate (round): {"rule": name, "params": map}: hold the updates and apply this robust
     # rule (docs/algorithms.md); (partial): the rule whose estimate ``sums`` holds
+    # trace: the W3C trace context ({"traceparent", "tracestate"?}) of the sender's span, so
+    # one round can be followed across tiers (edgefl.observability.tracing); only when on
     "round": {
         "package": dict,
         "fence": int,
@@ -97,14 +99,16 @@ OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
         "compression": dict,
         "dp": dict,
         "aggregate": dict,
+        "trace": dict,
     },
     # compression: {"encoding": float32|float16|int8|topk, "topk_fraction"}: send the delta
     # to the global model, so encoded (edgefl.protocol.compression); a device that cannot
     # declines
-    "task": {"package": dict, "fence": int, "compression": dict},
+    "task": {"package": dict, "fence": int, "compression": dict, "trace": dict},
     # combiner: the pool member reporting (a pool's members report on one region topic)
     "progress": {"combiner": str},
-    "update": {"encoding": str},  # set: ``tensors`` holds the delta in this encoding
+    # encoding set: ``tensors`` holds the delta in this encoding
+    "update": {"encoding": str, "trace": dict},
     # sums_of "delta": the sums are sum(w * delta), the controller adds W * global;
     # update_bytes: the payload bytes of the updates folded (bytes on the wire, upward),
     # tensor_bytes: the tensor data within them

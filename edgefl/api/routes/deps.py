@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from fastapi import Depends, Query, Request, Response
@@ -32,6 +33,7 @@ class ApiContext:
     project: str | None  # None: any project
     blobs: BlobStore | None  # the controller's model folder: downloads and packages
     max_package_bytes: int
+    logs: Path | None = None  # the controller's session log folder (SessionLogWriter)
 
     def session(self, session_id: str, who: Principal, least: Role = Role.viewer) -> SessionRecord:
         """The session, or 404: another project's session is as unknown as a missing one
