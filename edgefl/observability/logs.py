@@ -175,7 +175,7 @@ def configure_logging(
         logging.getLogger("edgefl.observability").info(
             "logging: %s lines to %s at %s",
             "JSON" if as_json else "text",
-            file or "stderr",
+            file or ("stderr" if stream is None else "a stream"),
             logging.getLevelName(numeric).lower(),
         )
     return handler
