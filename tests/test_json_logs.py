@@ -279,3 +279,36 @@ def test_agent_runs_with_json_logs_and_no_opentelemetry(
         (session, 2, device_name(k), "region-0"),
     ]
     assert all("trace_id" not in r for r in lines)
+
+
+def test_cli_flags_and_agent_config_switch_observability(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from device_agent.config import load_config
+    from edgefl.cli.main import app
+
+    for name in ("EDGEFL_LOG_FORMAT", "EDGEFL_TRACING"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    monkeypatch.setenv("EDGEFL_JWT_SECRET", generate_secret())
+    token = ["token", "--subject", "ops", "--role", "viewer"]
+    bad = CliRunner().invoke(app, ["--log-format", "yaml", *token])
+    assert bad.exit_code == 2 and "--log-format must be text or json" in bad.output
+    bad = CliRunner().invoke(app, ["--tracing", "zipkin", *token])
+    assert bad.exit_code == 2 and "--tracing must be one of none, console, otlp" in bad.output
+    ok = CliRunner().invoke(app, ["--log-format", "json", "--tracing", "console", *token])
+    assert ok.exit_code == 0, ok.output
+    assert os.environ["EDGEFL_LOG_FORMAT"] == "json" and os.environ["EDGEFL_TRACING"] == "console"
+
+    env = {"EDGEFL_DEVICE_ID": "d1", "EDGEFL_LOG_FORMAT": "json", "EDGEFL_TRACING": "otlp"}
+    cfg = load_config(env=env, otlp_endpoint="http://collector:4318")
+    assert (cfg.log_format, cfg.tracing, cfg.otlp_endpoint) == (
+        "json",
+        "otlp",
+        "http://collector:4318",
+    )
+    with pytest.raises(ValueError, match="tracing must be none, console or otlp"):
+        load_config(env={**env, "EDGEFL_TRACING": "jaeger"})
+    with pytest.raises(ValueError, match="log_format must be text or json"):
+        load_config(env={**env, "EDGEFL_LOG_FORMAT": "xml"})

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -98,7 +99,7 @@ def configure_tracing(
 
     ``mode``: ``otlp`` (OTLP over HTTP/protobuf to ``endpoint``, else the
     ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`` environment, else ``http://localhost:4318``),
-    ``console`` (spans printed as JSON on stdout), ``none``; ``None`` reads ``EDGEFL_TRACING``
+    ``console`` (spans printed as JSON on stderr), ``none``; ``None`` reads ``EDGEFL_TRACING``
     (``none`` when unset). ``exporter`` (any SDK ``SpanExporter``, e.g. the tests'
     ``InMemorySpanExporter``) overrides the mode and exports each span as it ends.
     ``service_name`` becomes the ``service.name`` resource attribute unless
@@ -137,8 +138,9 @@ def configure_tracing(
     elif chosen == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-        where = "stdout"
+        # stderr: commands print their results on stdout (the demo's JSON line)
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+        where = "stderr"
     else:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
