@@ -258,6 +258,10 @@ class Combiner:
         with self._lock:
             if self._round and self._round.timer:
                 self._round.timer.cancel()
+            rnd = self._round
+            if rnd and not rnd.flushed:  # its span is exported, not lost
+                rejected = len(rnd.rejected) + len(rnd.provenance)
+                hooks.end_region_span(rnd.span, len(rnd.participants), rejected, "stopped")
         offline = encode("status", state="offline", ts=time.time(), combiner=self.config.name)
         self.conn.stop(publish_first=(self._status_topic, offline, 1, True))
         self._put(None)
