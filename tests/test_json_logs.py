@@ -312,3 +312,33 @@ def test_cli_flags_and_agent_config_switch_observability(
         load_config(env={**env, "EDGEFL_TRACING": "jaeger"})
     with pytest.raises(ValueError, match="log_format must be text or json"):
         load_config(env={**env, "EDGEFL_LOG_FORMAT": "xml"})
+
+
+def test_session_scope_names_the_session_between_rounds(tmp_path: Path) -> None:
+    from edgefl.observability.hooks import session_scope
+
+    log = logging.getLogger("edgefl.test.scope")
+    log.setLevel(logging.INFO)
+
+    class Runner:
+        project = "p1"
+
+        @session_scope
+        def run(self, session_id: str, rounds: int) -> int:
+            log.warning("stopped by request after round %d", rounds)
+            return rounds
+
+    writer = SessionLogWriter(tmp_path, project="p1").attach(log)
+    try:
+        assert Runner().run("s-9", 4) == 4
+        log.warning("after the run")
+    finally:
+        writer.close()
+    (line,) = read_session_log(tmp_path, "s-9")
+    rec = json.loads(line)
+    assert (rec["project"], rec["session"], rec["msg"]) == (
+        "p1",
+        "s-9",
+        "stopped by request after round 4",
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["s-9.jsonl"]

@@ -34,6 +34,7 @@ from edgefl.controller.rounds import Evaluator, RoundRunner
 from edgefl.controller.session_setup import load_package, new_session, package_blob_key
 from edgefl.controller.stop_requests import StopWatch
 from edgefl.controller.telemetry_forward import TelemetryForwarder
+from edgefl.observability.hooks import session_scope
 from edgefl.packages.format import ModelPackage
 from edgefl.protocol import MessageError, Topics, decode, encode
 from edgefl.protocol.messages import package_ref
@@ -192,6 +193,7 @@ class Controller:
         """
         return new_session(self.store, self.blobs, self.project, config, initial_weights)
 
+    @session_scope  # its log lines name the session (and land in its log file)
     def run(
         self,
         session_id: str,

@@ -20,9 +20,10 @@ from them (duck-typed), so the device agent can use it on its base install.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import functools
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 from edgefl.observability.logs import log_context
 from edgefl.observability.tracing import NULL_SPAN, end_span, span, start_span
@@ -32,6 +33,7 @@ __all__ = [
     "end_region_span",
     "region_context",
     "round_scope",
+    "session_scope",
     "start_region_span",
     "task_scope",
     "transfer_scope",
@@ -50,6 +52,22 @@ class _Attempt(Protocol):
 
     @property
     def task_id(self) -> str: ...
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def session_scope(method: F) -> F:
+    """Decorates a method ``(self, session_id, ...)`` of an object with a ``project``: every
+    record logged while it runs names the session, so the session's log file also holds
+    what happens between rounds (resuming, stopping, failing)."""
+
+    @functools.wraps(method)
+    def scoped(self: Any, session_id: str, *args: Any, **kwargs: Any) -> Any:
+        with log_context(project=getattr(self, "project", None), session=session_id):
+            return method(self, session_id, *args, **kwargs)
+
+    return cast(F, scoped)
 
 
 class RoundScope:
