@@ -16,6 +16,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgefl.broker.mosquitto import MosquittoProcess
 from edgefl.observability.tracing import configure_tracing, shutdown_tracing, trace_field
 from edgefl.protocol import Topics, decode
 from edgefl.protocol.chunking import Reassembler, parse_chunk
@@ -226,3 +227,36 @@ def test_a_malformed_trace_field_starts_a_new_trace(spans: InMemorySpanExporter)
     assert child.parent is not None
     assert child.parent.trace_id == int("ab" * 16, 16) and child.parent.span_id == int("cd" * 8, 16)
     assert child.context.trace_state.get("vendor") == "1"
+
+
+def test_a_pooled_region_is_one_trace_too(
+    mosquitto: MosquittoProcess, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    with Deployment(mosquitto.url, tmp_path) as dep:
+        dep.start_combiners(["region-0"], pool=2)
+        dep.start_fleet(DEVICES)
+        ctl = dep.controller()
+        _, rounds = dep.run_session(ctl, rounds=1, min_devices=DEVICES)
+        assert completed_accuracies(rounds) == pytest.approx(
+            digits.reference_run(DEVICES, 1), abs=1e-9
+        )
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            if sum(s.name == "edgefl.device.task" for s in spans.get_finished_spans()) >= DEVICES:
+                break
+            time.sleep(0.05)
+    finished = spans.get_finished_spans()
+    (root,) = [s for s in finished if s.name == "edgefl.controller.round"]
+    members = [s for s in finished if s.name == "edgefl.combiner.region"]
+    # each member's span is the round's child and covers its own share of the devices
+    assert sorted(s.attributes["edgefl.combiner"] for s in members) == [
+        "combiner-region-0-0",
+        "combiner-region-0-1",
+    ]
+    assert all(s.parent.span_id == root.context.span_id for s in members)
+    assert [s.attributes["edgefl.devices"] for s in members] == [DEVICES // 2] * 2
+    assert sum(s.attributes["edgefl.accepted"] for s in members) == DEVICES
+    member_ids = {s.context.span_id for s in members}
+    tasks = [s for s in finished if s.name == "edgefl.device.task"]
+    assert len(tasks) == DEVICES and all(t.parent.span_id in member_ids for t in tasks)
+    assert {s.context.trace_id for s in finished} == {root.context.trace_id}

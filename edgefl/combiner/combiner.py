@@ -423,7 +423,9 @@ class Combiner:
             devices = assigned
             trim_heap()  # the last round's messages are freed: give their memory back first
             rnd = _Round(plan["task_id"], plan, devices, spec, WeightedSum(spec))
-            rnd.span = hooks.start_region_span(plan, self.config.region, self.config.name)
+            rnd.span = hooks.start_region_span(
+                plan, self.config.region, self.config.name, len(devices)
+            )
             refusal = self._hold_for(rnd)
             delay = max(0.0, float(plan["deadline"]) - time.time())
             rnd.timer = threading.Timer(

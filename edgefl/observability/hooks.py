@@ -111,9 +111,12 @@ def region_context(
     return fields
 
 
-def start_region_span(plan: Mapping[str, Any], region: str, combiner: str) -> Any:
+def start_region_span(
+    plan: Mapping[str, Any], region: str, combiner: str, devices: int | None = None
+) -> Any:
     """The combiner's span of one region round, child of the plan's trace context; it lasts
-    until the partial is sent (``end_region_span``)."""
+    until the partial is sent (``end_region_span``). ``devices``: how many this combiner
+    serves (a pool member's share), by default all the plan's."""
     return start_span(
         "edgefl.combiner.region",
         {
@@ -122,7 +125,7 @@ def start_region_span(plan: Mapping[str, Any], region: str, combiner: str) -> An
             "edgefl.task_id": plan["task_id"],
             "edgefl.region": region,
             "edgefl.combiner": combiner,
-            "edgefl.devices": len(plan["devices"]),
+            "edgefl.devices": len(plan["devices"]) if devices is None else devices,
         },
         parent=plan.get("trace"),
     )
