@@ -260,3 +260,35 @@ def test_a_pooled_region_is_one_trace_too(
     tasks = [s for s in finished if s.name == "edgefl.device.task"]
     assert len(tasks) == DEVICES and all(t.parent.span_id in member_ids for t in tasks)
     assert {s.context.trace_id for s in finished} == {root.context.trace_id}
+
+
+def _sampled(carrier: dict[str, str]) -> bool:
+    return bool(int(carrier["traceparent"].rsplit("-", 1)[1], 16) & 1)
+
+
+def test_an_unsampled_round_is_not_recorded_downstream(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgefl.observability.tracing import span
+
+    # what docs/observability.md advises for large fleets, at a ratio of 0: no round sampled
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    controller = InMemorySpanExporter()
+    assert configure_tracing(exporter=controller)
+    try:
+        with span("edgefl.controller.round"):
+            carrier = trace_field()["trace"]
+    finally:
+        shutdown_tracing()
+    assert not _sampled(carrier)  # the decision travels with the plan
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER")  # a combiner with the default sampler
+    combiner = InMemorySpanExporter()
+    assert configure_tracing(exporter=combiner)
+    try:
+        with span("edgefl.combiner.region", parent=carrier):
+            assert not _sampled(trace_field()["trace"])
+        with span("unrelated"):
+            pass
+    finally:
+        shutdown_tracing()
+    assert controller.get_finished_spans() == ()
+    assert [s.name for s in combiner.get_finished_spans()] == ["unrelated"]

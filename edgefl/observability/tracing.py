@@ -94,6 +94,7 @@ def configure_tracing(
     exporter: Any = None,
     attributes: Mapping[str, Any] | None = None,
     set_global: bool = False,
+    batch: bool = False,
 ) -> bool:
     """Switch tracing on (or off) for this process; True when spans will be recorded.
 
@@ -101,7 +102,8 @@ def configure_tracing(
     ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`` environment, else ``http://localhost:4318``),
     ``console`` (spans printed as JSON on stderr), ``none``; ``None`` reads ``EDGEFL_TRACING``
     (``none`` when unset). ``exporter`` (any SDK ``SpanExporter``, e.g. the tests'
-    ``InMemorySpanExporter``) overrides the mode and exports each span as it ends.
+    ``InMemorySpanExporter``) overrides the mode and exports each span as it ends (or,
+    with ``batch``, in batches from a background thread, as the OTLP and console modes do).
     ``service_name`` becomes the ``service.name`` resource attribute unless
     ``OTEL_SERVICE_NAME`` is set. Raises ValueError for an unknown mode. When the
     OpenTelemetry SDK is not installed, logs a warning naming the extra to install and
@@ -133,7 +135,8 @@ def configure_tracing(
     provider = TracerProvider(resource=resource)
     where = "an in-process exporter"
     if exporter is not None:
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        processor = BatchSpanProcessor if batch else SimpleSpanProcessor
+        provider.add_span_processor(processor(exporter))
         chosen = "exporter"
     elif chosen == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
