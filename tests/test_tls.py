@@ -338,3 +338,28 @@ def test_ca_cli_writes_the_files_the_configs_expect(tmp_path) -> None:
     assert res.exit_code == 1 and "invalid device id" in res.output
     res = runner.invoke(ca_app, ["device", str(tmp_path / "nowhere"), "pi-1"])
     assert res.exit_code == 1 and "edgefl ca init" in res.output
+
+
+def test_server_commands_take_the_fleet_ca_from_the_cli(pki, tls_broker, monkeypatch) -> None:
+    """`edgefl --ca-cert CA combiner ...` (and controller, simulate, ...): the global option
+    exports the CA, and every mqtts:// connection the command opens verifies against it."""
+    import typer
+
+    from edgefl.cli.common import set_tls_files
+
+    monkeypatch.delenv("EDGEFL_CA_CERT", raising=False)
+    kwargs = {"username": "watcher", "password": PASSWORD}
+    without = _conn(tls_broker.tls_url, "ca-env-0", **kwargs)
+    with pytest.raises(ConnectionError, match="certificate verify failed"):
+        without.start(2)  # the system store does not know the fleet's CA
+    with pytest.raises(typer.BadParameter, match="no such file"):
+        set_tls_files(pki["base"] / "missing.crt", None, None)
+    monkeypatch.setenv("EDGEFL_CA_CERT", "")  # restored after the test
+    set_tls_files(pki["fleet"] / "ca.crt", None, None)
+    conn = _conn(tls_broker.tls_url, "ca-env-1", **kwargs).start(5)
+    try:
+        sock = conn.client.socket()
+        assert isinstance(sock, ssl.SSLSocket)
+        assert ("DNS", SERVER_NAME) in sock.getpeercert()["subjectAltName"]
+    finally:
+        conn.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -110,3 +111,18 @@ def set_observability(log_format: str | None, tracing: str | None) -> None:
         if tracing not in MODES:
             raise typer.BadParameter(f"--tracing must be one of {', '.join(MODES)}")
         os.environ[TRACING_ENV] = tracing
+
+
+def set_tls_files(ca_cert: Path | None, client_cert: Path | None, client_key: Path | None) -> None:
+    """Export the TLS files for every MQTT connection this command opens
+    (``edgefl.transport.mqtt`` reads them when the URL is ``mqtts://``); each must exist."""
+    for name, path in (
+        ("EDGEFL_CA_CERT", ca_cert),
+        ("EDGEFL_CLIENT_CERT", client_cert),
+        ("EDGEFL_CLIENT_KEY", client_key),
+    ):
+        if path is None:
+            continue
+        if not path.is_file():
+            raise typer.BadParameter(f"{path}: no such file", param_hint=name)
+        os.environ[name] = str(path.resolve())

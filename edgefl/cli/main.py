@@ -44,12 +44,24 @@ def _observability(
     tracing: str = typer.Option(
         None, "--tracing", help="none, console or otlp (OTEL_EXPORTER_OTLP_ENDPOINT)"
     ),
+    ca_cert: Path = typer.Option(
+        None,
+        "--ca-cert",
+        help="mqtts:// brokers: verify the broker against this CA (e.g. `edgefl ca`'s) "
+        "instead of the system's; sets EDGEFL_CA_CERT",
+    ),
+    client_cert: Path = typer.Option(
+        None, "--client-cert", help="mqtts:// brokers: a client certificate for mutual TLS"
+    ),
+    client_key: Path = typer.Option(None, "--client-key", help="its private key"),
 ) -> None:
     """Options before the command: they set EDGEFL_LOG_FORMAT and EDGEFL_TRACING
-    (docs/observability.md)."""
-    from edgefl.cli.common import set_observability
+    (docs/observability.md), and the TLS files every MQTT connection of the command uses
+    (EDGEFL_CA_CERT, EDGEFL_CLIENT_CERT, EDGEFL_CLIENT_KEY; docs/security.md)."""
+    from edgefl.cli.common import set_observability, set_tls_files
 
     set_observability(log_format, tracing)
+    set_tls_files(ca_cert, client_cert, client_key)
 
 
 def _wait_for_signal() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -32,6 +33,12 @@ if TYPE_CHECKING:
     from edgefl.transport.multiplex import SharedLoop
 
 log = logging.getLogger(__name__)
+
+# TLS files for ``mqtts://`` connections that are not given their own (set by the CLI's
+# ``--ca-cert``, ``--client-cert`` and ``--client-key``)
+CA_CERT_ENV = "EDGEFL_CA_CERT"
+CLIENT_CERT_ENV = "EDGEFL_CLIENT_CERT"
+CLIENT_KEY_ENV = "EDGEFL_CLIENT_KEY"
 
 Handler = Callable[[str, bytes], None]
 """A message handler: called with (topic, payload) on paho's network thread."""
@@ -256,6 +263,10 @@ class MqttConnection:
         self._acks = threading.Condition()
         tls_context = None
         if self.address.tls:
+            # the command's TLS files (``edgefl --ca-cert ...``) unless given here
+            ca_file = ca_file or os.environ.get(CA_CERT_ENV) or None
+            cert_file = cert_file or os.environ.get(CLIENT_CERT_ENV) or None
+            key_file = key_file or os.environ.get(CLIENT_KEY_ENV) or None
             tls_context = tls_client_context(ca_file, cert_file, key_file, tls_insecure)
             if tls_insecure:
                 log.warning(
