@@ -26,6 +26,25 @@ if TYPE_CHECKING:
 
 BROKERS = os.environ.get("EDGEFL_TEST_BROKERS", "embedded,mosquitto").split(",")
 
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A CLI command run in-process (``setup_logging``) replaces the root logger's handlers
+    with one writing to the real stderr; put them back after the test, so later tests' logs
+    go to pytest's capture again instead of the terminal."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for h in root.handlers[:]:
+        if h not in handlers:
+            root.removeHandler(h)
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
+
 # `from tests.x import ...` must work under a plain `pytest` too, not only `python -m pytest`
 # (which puts the working directory on sys.path).
 _ROOT = str(Path(__file__).resolve().parents[1])

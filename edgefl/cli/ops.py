@@ -243,9 +243,10 @@ def watch_session(
                         continue
                     printed.add(r.task_id)
                     outcome = _metrics(r.metrics) if r.status == "completed" else r.reason
-                    progress.console.print(
+                    progress.console.print(  # one line per round: grep-able in logs
                         f"round {r.round} (attempt {r.attempt}) {r.status}: "
-                        f"{r.participants}/{r.selected} devices, {outcome}"
+                        f"{r.participants}/{r.selected} devices, {outcome}",
+                        soft_wrap=True,
                     )
                 progress.update(
                     bar,
@@ -259,7 +260,8 @@ def watch_session(
         done = [r for r in client.all_rounds(session_id) if r.status == "completed"]
     final = _metrics(done[-1].metrics) if done else "no completed round"
     console.print(
-        f"session {session_id} {sess.status} after round {sess.current_round}: final {final}"
+        f"session {session_id} {sess.status} after round {sess.current_round}: final {final}",
+        soft_wrap=True,
     )
     if sess.reason:
         console.print(f"reason: {sess.reason}")
