@@ -90,10 +90,10 @@ class FleetRecorder:
         self._clock = clock
         self._lock = threading.Lock()
         self._devices: dict[str, DeviceChange] = {}
-        # keyed by (region, combiner name): a region's pool has several
+        # keyed by (region, combiner name): a region's pool has several; "" is the progress
+        # of a region's only combiner, which does not name itself (the store finds its row)
         self._combiners: dict[tuple[str, str], CombinerChange] = {}
         self._progress: dict[tuple[str, str], tuple[str, int, int]] = {}  # -> (task, acc, rej)
-        self._named: dict[str, str] = {}  # region -> the name its combiner announced
         self._rounds: dict[str, bool] = {}  # task id -> ended (read from the store at flush)
         self._tasked: set[str] = set()  # task ids whose devices were marked as given it
         self._done = threading.Event()
@@ -117,7 +117,6 @@ class FleetRecorder:
                 named = msg.get("combiner")
                 comb_name = named[:128] if isinstance(named, str) and named else name
                 comb_name = comb_name or f"combiner-{region}"
-                self._named[region] = comb_name  # whose progress names no combiner
                 comb = CombinerChange(self.project, region, comb_name, state, seen)
                 key = (region, comb_name)
                 self._combiners[key] = _merge(self._combiners.get(key), comb)
@@ -132,8 +131,8 @@ class FleetRecorder:
         task, acc, rej = msg["task_id"], max(0, msg["accepted"]), max(0, msg["rejected"])
         with self._lock:
             member = msg.get("combiner")  # a pool member names itself
-            name = member[:128] if member else self._named.get(region, f"combiner-{region}")
-            key = (region, name)
+            name = member[:128] if member else None
+            key = (region, name or "")
             last = self._progress.get(key)
             base = (last[1], last[2]) if last is not None and last[0] == task else (0, 0)
             self._progress[key] = (task, max(acc, base[0]), max(rej, base[1]))

@@ -738,8 +738,18 @@ class SqlStore:
                         rows[(change.project, change.device)] = row
                         s.add(row)
                     _apply_device(row, change)
-            for comb in combiners:
-                name = comb.combiner or f"combiner-{comb.region}"
+            # named changes first: they create the rows an unnamed one (the progress of a
+            # region's only combiner) is then applied to
+            for comb in sorted(combiners, key=lambda c: c.combiner is None):
+                if comb.combiner is None:
+                    cq = select(_Combiner).where(
+                        _Combiner.project == comb.project, _Combiner.region == comb.region
+                    )
+                    found = list(s.scalars(cq.with_for_update()).all())
+                    if len(found) == 1:  # none yet, or a pool: nothing to attribute it to
+                        _apply_combiner(found[0], comb)
+                    continue
+                name = comb.combiner
                 crow = s.get(_Combiner, (comb.project, comb.region, name), with_for_update=True)
                 if crow is None:
                     if comb.state is None:
