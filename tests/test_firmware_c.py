@@ -20,7 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import numpy as np
+import paho.mqtt.publish as publish
 import pytest
 
 from edgefl.broker.mosquitto import MosquittoProcess
@@ -246,3 +248,44 @@ def test_c_device_survives_broker_restart_mid_upload(c_build: Path, tmp_path: Pa
         broker.stop()
     assert stats["completed"] == rounds and stats["resumed_uploads"] >= 1
     assert "AddressSanitizer" not in cdev.log() and "runtime error" not in cdev.log()
+
+
+def test_c_device_drops_bad_tasks_and_declines_without_data(
+    c_build: Path, mosquitto: MosquittoProcess, tmp_path: Path
+) -> None:
+    """Malformed tasks are logged and dropped (the device lives on); a device with no local
+    data declines every task at once, so rounds close without waiting for their deadline."""
+    n, rounds = 3, 3
+    dep = Deployment(mosquitto.url, tmp_path)
+    cdev: CDevice | None = None
+    try:
+        dep.start_combiners(1)
+        digits_data.write_efld(tmp_path / "empty.efld", np.zeros((0, 64)), np.zeros(0))
+        # the last --data wins: this device has no examples
+        cdev = CDevice(c_build / "edgefl-device", mosquitto.url, dep.project, dep.regions[0], 0,
+                       n, tmp_path, extra=["--data", str(tmp_path / "empty.efld")])  # fmt: skip
+        end = time.monotonic() + 10
+        while "connected to" not in cdev.log():
+            assert time.monotonic() < end, cdev.log()
+            time.sleep(0.05)
+        task_topic = f"edgefl/v1/{dep.project}/{dep.regions[0]}/dev/{device_name(0)}/task"
+        bad_task = cbor2.dumps({"v": 1, "type": "task", "task_id": "s:1:0", "session": "s",
+                                "round": 1, "model_version": "m", "model_digest": b"\0" * 32,
+                                "deadline": True, "train": {}, "chunk_size": 1024})  # fmt: skip
+        for payload in (b"\xff\x00 not cbor", cbor2.dumps([1, 2]), bad_task):
+            publish.single(task_topic, payload, qos=1, hostname=mosquitto.host,
+                           port=mosquitto.port)  # fmt: skip
+        dep.start_fleet(n - 1, partition_size=n, first_device=1)
+        ctl = dep.controller()
+        t0 = time.monotonic()
+        _, recs = dep.run_session(ctl, rounds=rounds, min_devices=n - 1, round_timeout_s=30)
+        assert time.monotonic() - t0 < 20  # no round waited 30 s for the empty device
+        accs = completed_accuracies(recs)
+        assert accs == pytest.approx(digits.reference_run(n, rounds, devices=[1, 2]), abs=1e-9)
+        for rec in recs:
+            assert device_name(0) not in {p["device"] for p in rec.participants}
+        assert cdev.log().count("ignoring bad task") == 3, cdev.log()
+    finally:
+        stats = cdev.stop() if cdev is not None else {}
+        dep.close()
+    assert stats["declined"] == rounds and stats["completed"] == 0
