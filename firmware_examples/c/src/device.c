@@ -9,6 +9,7 @@
 #include "port.h"
 #include "sha256.h"
 #include "tensors.h"
+#include "upload.h"
 
 #define QUEUE 4
 #define SEEN 32
@@ -16,7 +17,6 @@
 #define TOPIC_MAX 320
 
 enum state { IDLE, DOWNLOADING, TRAINING, UPLOADING };
-enum chunk_state { UNSENT, INFLIGHT, ACKED };
 
 struct device {
     const device_config *cfg;
@@ -49,27 +49,10 @@ struct device {
     double dl_give_up, next_fetch;
     uint64_t bytes_received;
     /* the upload in progress: acknowledged chunks survive a reconnect */
-    cbor_out up;
-    uint8_t up_digest[32];
-    char xfer[33];
-    size_t csz;
-    uint64_t n, acked, inflight;
-    uint8_t *cstate;
-    int (*mids)[2]; /* [0] the latest publish of a chunk, [1] the one before a reconnect */
+    upload up;
     double up_deadline, next_send, train_s, loss, accuracy;
-    uint64_t bytes_sent;
     device_stats stats;
 };
-
-static void reset_upload(device *d)
-{
-    co_free(&d->up);
-    free(d->cstate);
-    free(d->mids);
-    d->cstate = NULL;
-    d->mids = NULL;
-    d->n = d->acked = d->inflight = 0;
-}
 
 device *device_new(const device_config *cfg, const dataset *data, const edgefl_transport *tp)
 {
@@ -98,7 +81,7 @@ void device_free(device *d)
         return;
     co_free(&d->will);
     download_free(&d->dl);
-    reset_upload(d);
+    upload_free(&d->up);
     model_free(&d->model);
     free(d);
 }
@@ -134,19 +117,6 @@ static void announce(device *d)
     co_free(&o);
 }
 
-static void random_hex(char *out, size_t nbytes)
-{
-    static const char hex[] = "0123456789abcdef";
-    uint8_t raw[32];
-    size_t i;
-    port_random(raw, nbytes);
-    for (i = 0; i < nbytes; i++) {
-        out[2 * i] = hex[raw[i] >> 4];
-        out[2 * i + 1] = hex[raw[i] & 15];
-    }
-    out[2 * nbytes] = '\0';
-}
-
 /* A decline travels like an update: one chunked transfer on the update topic (4.2a). */
 static void decline(device *d, const task_msg *t, const char *reason)
 {
@@ -160,7 +130,7 @@ static void decline(device *d, const task_msg *t, const char *reason)
     co_init(&msg, 256);
     msg_decline(&msg, t->task_id, reason);
     sha256(msg.buf, msg.len, digest);
-    random_hex(xfer, 16);
+    random_xfer(xfer);
     co_init(&ch, msg.len + 256);
     chunk_encode(&ch, xfer, msg.buf, msg.len, msg.len > MIN_CHUNK ? msg.len : MIN_CHUNK, digest,
                  t->task_id, 0);
@@ -308,6 +278,7 @@ static void train_and_start_upload(device *d)
 {
     const task_msg *t = &d->cur;
     softmax_model w;
+    cbor_out update;
     char why[200];
     double t0;
     size_t csz;
@@ -333,35 +304,23 @@ static void train_and_start_upload(device *d)
     }
     d->train_s = port_monotonic() - t0;
     evaluate_softmax(&w, d->data, &d->loss, &d->accuracy);
-    reset_upload(d);
-    co_init(&d->up, (size_t)w.d * w.k * 8 + 1024);
-    msg_update(&d->up, t, d->cfg->device, d->data->n, d->loss, d->accuracy, &w);
+    co_init(&update, (size_t)w.d * w.k * 8 + 1024);
+    msg_update(&update, t, d->cfg->device, d->data->n, d->loss, d->accuracy, &w);
     model_free(&w);
-    if (d->up.failed) {
-        decline(d, t, "out of memory encoding the update");
-        d->state = IDLE;
-        return;
-    }
-    sha256(d->up.buf, d->up.len, d->up_digest);
-    random_hex(d->xfer, 16);
     csz = t->chunk_size < d->cfg->max_chunk ? (size_t)t->chunk_size : d->cfg->max_chunk;
-    d->csz = csz < MIN_CHUNK ? MIN_CHUNK : csz;
-    d->n = chunk_count(d->up.len, d->csz);
-    d->cstate = calloc(d->n, 1);
-    d->mids = calloc(d->n, sizeof *d->mids);
-    if (d->cstate == NULL || d->mids == NULL) {
-        reset_upload(d);
-        decline(d, t, "out of memory for the upload");
+    if (update.failed || upload_begin(&d->up, &update, csz < MIN_CHUNK ? MIN_CHUNK : csz,
+                                      t->task_id) != 0) {
+        co_free(&update);
+        decline(d, t, "out of memory for the update");
         d->state = IDLE;
         return;
     }
-    d->bytes_sent = 0;
     d->up_deadline = t->deadline + 30; /* stop waiting for PUBACKs then (section 9) */
     d->next_send = 0;
     d->state = UPLOADING;
     port_log("INFO", "%s: upload %s started: %llu chunks of %zu bytes for %s (train %.3f s, loss %.4f)",
-             d->cfg->device, d->xfer, (unsigned long long)d->n, d->csz, t->task_id, d->train_s,
-             d->loss);
+             d->cfg->device, d->up.xfer, (unsigned long long)d->up.n, d->up.csz, t->task_id,
+             d->train_s, d->loss);
 }
 
 static void finish_upload(device *d)
@@ -372,8 +331,8 @@ static void finish_upload(device *d)
     cbor_out o;
     values[0] = d->train_s;
     values[1] = d->data->n;
-    values[2] = (double)d->up.len;
-    values[3] = (double)d->bytes_sent;
+    values[2] = (double)d->up.payload.len;
+    values[3] = (double)d->up.bytes_sent;
     values[4] = (double)d->bytes_received;
     values[5] = d->loss;
     values[6] = d->accuracy;
@@ -381,47 +340,39 @@ static void finish_upload(device *d)
     msg_telemetry(&o, port_time(), names, values, 7);
     publish(d, d->t_telemetry, &o, 0, false, NULL);
     co_free(&o);
-    port_log("INFO", "%s: upload %s acknowledged (%s)", d->cfg->device, d->xfer, d->cur.task_id);
+    port_log("INFO", "%s: upload %s acknowledged (%s)", d->cfg->device, d->up.xfer, d->cur.task_id);
     d->bytes_received = 0;
     d->stats.completed++;
-    reset_upload(d);
+    upload_free(&d->up);
     d->state = IDLE;
 }
 
 static void pump_upload(device *d)
 {
-    double now = port_monotonic();
-    uint64_t i;
+    int64_t i;
     if (port_time() > d->up_deadline) {
         port_log("ERROR", "%s: upload of %s not acknowledged in time", d->cfg->device, d->cur.task_id);
         d->stats.failed++;
-        reset_upload(d);
+        upload_free(&d->up);
         d->state = IDLE;
         return;
     }
-    for (i = 0; i < d->n && d->connected && d->inflight < (uint64_t)d->cfg->window; i++) {
+    while (d->connected && port_monotonic() >= d->next_send &&
+           (i = upload_next(&d->up, d->cfg->window)) >= 0) {
         cbor_out o;
-        int mid = 0;
-        if (d->cstate[i] != UNSENT)
-            continue;
-        if (now < d->next_send)
-            break;
-        co_init(&o, d->csz + 512);
-        chunk_encode(&o, d->xfer, d->up.buf, d->up.len, d->csz, d->up_digest, d->cur.task_id, i);
-        if (publish(d, d->t_update, &o, 1, false, &mid) == 0) {
-            d->mids[i][1] = d->mids[i][0];
-            d->mids[i][0] = mid;
-            d->cstate[i] = INFLIGHT;
-            d->inflight++;
-            d->bytes_sent += o.len;
-        }
+        int mid = 0, rc;
+        co_init(&o, d->up.csz + 512);
+        upload_chunk(&d->up, (uint64_t)i, &o);
+        rc = publish(d, d->t_update, &o, 1, false, &mid);
+        if (rc == 0)
+            upload_sent(&d->up, (uint64_t)i, mid, o.len);
         co_free(&o);
-        if (d->cfg->chunk_delay_ms > 0) {
-            d->next_send = now + d->cfg->chunk_delay_ms / 1000.0;
-            break;
-        }
+        if (rc != 0)
+            break; /* try again at the next poll */
+        if (d->cfg->chunk_delay_ms > 0)
+            d->next_send = port_monotonic() + d->cfg->chunk_delay_ms / 1000.0;
     }
-    if (d->acked == d->n)
+    if (upload_done(&d->up))
         finish_upload(d);
 }
 
@@ -429,7 +380,6 @@ static void pump_upload(device *d)
 
 void device_on_connect(device *d)
 {
-    uint64_t i, resend = 0;
     d->connected = true;
     /* after every CONNACK: retained online status, then the subscriptions (section 1.2) */
     announce(d);
@@ -439,16 +389,11 @@ void device_on_connect(device *d)
     if (d->state == UPLOADING) {
         /* resume: chunks without a PUBACK go again under the same xfer (section 6.2 rule 6);
          * the receiver ignores the duplicates this may create */
-        for (i = 0; i < d->n; i++)
-            if (d->cstate[i] == INFLIGHT) {
-                d->cstate[i] = UNSENT;
-                resend++;
-            }
-        d->inflight = 0;
+        uint64_t again = upload_requeue(&d->up);
         d->stats.resumed_uploads++;
         port_log("INFO", "%s: resuming upload %s: %llu of %llu chunks acknowledged, resending %llu",
-                 d->cfg->device, d->xfer, (unsigned long long)d->acked, (unsigned long long)d->n,
-                 (unsigned long long)resend);
+                 d->cfg->device, d->up.xfer, (unsigned long long)d->up.acked,
+                 (unsigned long long)d->up.n, (unsigned long long)again);
     }
 }
 
@@ -466,18 +411,8 @@ void device_on_message(device *d, const char *topic, const uint8_t *payload, siz
 
 void device_on_puback(device *d, int mid)
 {
-    uint64_t i;
-    if (d->state != UPLOADING)
-        return;
-    for (i = 0; i < d->n; i++) {
-        if (d->cstate[i] == ACKED || (d->mids[i][0] != mid && d->mids[i][1] != mid))
-            continue;
-        if (d->cstate[i] == INFLIGHT)
-            d->inflight--;
-        d->cstate[i] = ACKED;
-        d->acked++;
-        return;
-    }
+    if (d->state == UPLOADING)
+        upload_ack(&d->up, mid);
 }
 
 void device_poll(device *d)
