@@ -120,11 +120,20 @@ def test_shuffle_is_numpys_permutation(c_build: Path, seed: int, round_: int, n:
 
 
 @pytest.mark.parametrize(
-    ("k", "round_", "lr", "batch", "epochs"), [(3, 5, 0.1, 32, 1), (6, 2, 0.05, 16, 2)]
+    ("k", "round_", "lr", "batch", "epochs", "mu"),
+    [(3, 5, 0.1, 32, 1, 0.0), (6, 2, 0.05, 16, 2, 0.0), (1, 4, 0.1, 32, 2, 0.5)],
 )
 def test_training_step_equals_numpy(
-    c_build: Path, tmp_path: Path, k: int, round_: int, lr: float, batch: int, epochs: int
+    c_build: Path,
+    tmp_path: Path,
+    k: int,
+    round_: int,
+    lr: float,
+    batch: int,
+    epochs: int,
+    mu: float,
 ) -> None:
+    """The C step equals numpy_models.train_epochs, FedProx's proximal term (mu) included."""
     X, y = digits.device_data(10, k)
     digits_data.write_efld(tmp_path / "d.efld", X, y)
     rng = np.random.default_rng(k)  # a non-zero start: every weight moves
@@ -133,11 +142,13 @@ def test_training_step_equals_numpy(
     out = subprocess.run(
         [str(c_build / "train_check"), "train", str(tmp_path / "d.efld"),
          str(tmp_path / "in.cbor"), str(tmp_path / "out.cbor"), str(k), str(round_), str(lr),
-         str(batch), str(epochs)],
+         str(batch), str(epochs), str(mu)],
         capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
     got = loads_tensors((tmp_path / "out.cbor").read_bytes())
-    ref = train_epochs(w, X, y, round_=round_, seed=k, lr=lr, batch_size=batch, epochs=epochs)
+    ref = train_epochs(
+        w, X, y, round_=round_, seed=k, lr=lr, batch_size=batch, epochs=epochs, mu=mu
+    )
     assert set(got) == {"W", "b"}
     for name in ref:
         assert got[name].dtype == np.float64 and got[name].shape == ref[name].shape
@@ -253,8 +264,9 @@ def test_c_device_survives_broker_restart_mid_upload(c_build: Path, tmp_path: Pa
 def test_c_device_drops_bad_tasks_and_declines_without_data(
     c_build: Path, mosquitto: MosquittoProcess, tmp_path: Path
 ) -> None:
-    """Malformed tasks are logged and dropped (the device lives on); a device with no local
-    data declines every task at once, so rounds close without waiting for their deadline."""
+    """Malformed tasks are logged and dropped (the device lives on); a task asking for update
+    compression is declined; a device with no local data declines every task at once, so
+    rounds close without waiting for their deadline."""
     n, rounds = 3, 3
     dep = Deployment(mosquitto.url, tmp_path)
     cdev: CDevice | None = None
@@ -272,7 +284,10 @@ def test_c_device_drops_bad_tasks_and_declines_without_data(
         bad_task = cbor2.dumps({"v": 1, "type": "task", "task_id": "s:1:0", "session": "s",
                                 "round": 1, "model_version": "m", "model_digest": b"\0" * 32,
                                 "deadline": True, "train": {}, "chunk_size": 1024})  # fmt: skip
-        for payload in (b"\xff\x00 not cbor", cbor2.dumps([1, 2]), bad_task):
+        compressed = cbor2.loads(bad_task) | {"deadline": time.time() + 60,
+                                              "compression": {"encoding": "int8"}}  # fmt: skip
+        for payload in (b"\xff\x00 not cbor", cbor2.dumps([1, 2]), bad_task,
+                        cbor2.dumps(compressed)):  # fmt: skip
             publish.single(task_topic, payload, qos=1, hostname=mosquitto.host,
                            port=mosquitto.port)  # fmt: skip
         dep.start_fleet(n - 1, partition_size=n, first_device=1)
@@ -285,7 +300,9 @@ def test_c_device_drops_bad_tasks_and_declines_without_data(
         for rec in recs:
             assert device_name(0) not in {p["device"] for p in rec.participants}
         assert cdev.log().count("ignoring bad task") == 3, cdev.log()
+        # a task the device cannot do is declined with the reason (protocol 5a)
+        assert "declining s:1:0: update compression 'int8' is not supported" in cdev.log()
     finally:
         stats = cdev.stop() if cdev is not None else {}
         dep.close()
-    assert stats["declined"] == rounds and stats["completed"] == 0
+    assert stats["declined"] == rounds + 1 and stats["completed"] == 0

@@ -62,13 +62,14 @@ def test_tensor_and_chunk_layout_match_the_protocol_examples() -> None:
     )
 
 
-def test_training_equals_numpy() -> None:
+@pytest.mark.parametrize("mu", [0.0, 0.5])
+def test_training_equals_numpy(mu: float) -> None:
     X, y = digits.device_data(10, 4)
     rng = np.random.default_rng(4)
     w = {"W": rng.normal(0, 0.1, (64, 10)), "b": rng.normal(0, 0.1, 10)}
     W, b = [list(r) for r in w["W"]], list(w["b"])
-    mp.train(W, b, X.tolist(), y.tolist(), 4, 3, 0.1, 32, 1)
-    ref = train_epochs(w, X, y, round_=3, seed=4)
+    mp.train(W, b, X.tolist(), y.tolist(), 4, 3, 0.1, 32, 1, mu)
+    ref = train_epochs(w, X, y, round_=3, seed=4, mu=mu)
     assert np.abs(np.array(W) - ref["W"]).max() <= 1e-12
     assert np.abs(np.array(b) - ref["b"]).max() <= 1e-12
     loss, acc = mp.evaluate(W, b, X.tolist(), y.tolist())

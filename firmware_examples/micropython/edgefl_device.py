@@ -337,9 +337,14 @@ def _logits(W, b, x):
     return [z[c] + b[c] for c in range(k)]
 
 
-def train(W, b, X, y, seed, round_, lr=0.1, batch_size=32, epochs=1):
-    """Minibatch SGD exactly as the digits protocol's step 6; W and b are updated in place."""
+def train(W, b, X, y, seed, round_, lr=0.1, batch_size=32, epochs=1, mu=0.0):
+    """Minibatch SGD exactly as the digits protocol's step 6; W and b are updated in place.
+
+    ``mu > 0`` adds FedProx's proximal term: each gradient gets ``mu * (w - w_global)``,
+    where w_global is the model the task named (protocol 4.1a).
+    """
     n, k = len(y), len(b)
+    W0, b0 = ([row[:] for row in W], b[:]) if mu > 0 else (None, None)
     rng = PCG64([seed, round_])
     for _ in range(epochs):
         perm = rng.permutation(n)
@@ -358,12 +363,16 @@ def train(W, b, X, y, seed, round_, lr=0.1, batch_size=32, epochs=1):
                     for c in range(k):
                         g[c] += xj * pr[c]
                 row = W[j]
+                if W0 is not None:
+                    g = [g[c] + mu * (row[c] - W0[j][c]) for c in range(k)]
                 for c in range(k):
                     row[c] -= lr * g[c]
             for c in range(k):
                 t = 0.0
                 for r in range(B):
                     t += P[r][c]
+                if b0 is not None:
+                    t = t + mu * (b[c] - b0[c])
                 b[c] -= lr * t
 
 
@@ -576,9 +585,15 @@ class Device:
         if not self.y:
             self._decline(t, "no local data")
             return
-        if t["train"].get("model", "softmax") != "softmax":
-            self._decline(t, "this MicroPython device trains softmax regression only")
+        if "compression" in t:  # a device that cannot MUST decline (protocol 5a)
+            enc = t["compression"].get("encoding") if isinstance(t["compression"], dict) else None
+            self._decline(t, "update compression %r is not supported by this device" % (enc,))
             return
+        mu = t["train"].get("mu", 0.0)
+        if not isinstance(mu, (int, float)) or isinstance(mu, bool) or not 0 <= mu < 1e300:
+            self._decline(t, "train.mu must be a finite number >= 0, got %r" % (mu,))
+            return
+        # train.model is informational (4.1a): the model's tensor names decide (decode_model)
         try:
             if self.model is None or self.model[:2] != (t["model_version"], t["model_digest"]):
                 self.model = None
@@ -595,7 +610,7 @@ class Device:
         cfg = t["train"]
         t0 = now()
         train(W, b, self.X, self.y, self.seed, t["round"], float(cfg.get("lr", 0.1)),
-              int(cfg.get("batch_size", 32)), int(cfg.get("epochs", 1)))  # fmt: skip
+              int(cfg.get("batch_size", 32)), int(cfg.get("epochs", 1)), float(mu))  # fmt: skip
         train_s = now() - t0
         loss, acc = evaluate(W, b, self.X, self.y)
         update = dumps(

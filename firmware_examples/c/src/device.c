@@ -209,13 +209,19 @@ static void start_task(device *d)
         port_log("WARN", "%s: task %s arrived after its deadline; skipped", d->cfg->device, t->task_id);
         return;
     }
-    if (d->data->n == 0) {
-        decline(d, t, "no local data");
+    if (t->compression[0] != '\0') { /* a device that cannot MUST decline (5a) */
+        snprintf(why, sizeof why, "update compression '%s' is not supported by this device",
+                 t->compression);
+        decline(d, t, why);
         return;
     }
-    if (strcmp(t->model_kind, "softmax") != 0) {
-        snprintf(why, sizeof why, "this C device trains softmax regression, not %s", t->model_kind);
+    if (!(t->train.mu >= 0 && t->train.mu < 1e300)) {
+        snprintf(why, sizeof why, "train.mu must be finite and >= 0, got %g", t->train.mu);
         decline(d, t, why);
+        return;
+    }
+    if (d->data->n == 0) {
+        decline(d, t, "no local data");
         return;
     }
     if (d->have_model && strcmp(d->model_version, t->model_version) == 0 &&

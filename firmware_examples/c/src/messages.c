@@ -79,7 +79,7 @@ int msg_task_decode(const uint8_t *buf, size_t len, task_msg *t, char *err, size
     t->train.lr = 0.1;
     t->train.batch_size = 32;
     t->train.epochs = 1;
-    strcpy(t->model_kind, "softmax");
+    t->train.mu = 0.0;
     if ((it = ci_get(train, "lr")) != NULL && !ci_item_num(it, &t->train.lr)) {
         snprintf(err, errlen, "train.lr is not a number");
         goto out;
@@ -97,11 +97,15 @@ int msg_task_decode(const uint8_t *buf, size_t len, task_msg *t, char *err, size
     }
     if (it != NULL)
         t->train.epochs = (uint32_t)v;
-    if (ci_get(train, "model") != NULL &&
-        !ci_text(train, "model", t->model_kind, sizeof t->model_kind)) {
-        snprintf(err, errlen, "train.model is not a short text");
+    /* FedProx: a mu that is not a number is a bad task; a negative one is declined later */
+    if ((it = ci_get(train, "mu")) != NULL && !ci_item_num(it, &t->train.mu)) {
+        snprintf(err, errlen, "train.mu is not a number");
         goto out;
     }
+    /* train.model is informational (4.1a): the model's tensor names decide */
+    if ((it = ci_get(m, "compression")) != NULL &&
+        !ci_text(it, "encoding", t->compression, sizeof t->compression))
+        strcpy(t->compression, "?");
     rc = 0;
 out:
     if (m != NULL)

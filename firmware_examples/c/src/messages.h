@@ -24,7 +24,7 @@ typedef struct {
     double deadline;
     uint64_t chunk_size;
     train_settings train;
-    char model_kind[32];     /* train.model, "softmax" when absent */
+    char compression[32];    /* compression.encoding, "" when the task has none (5a) */
     bool has_package;
 } task_msg;
 

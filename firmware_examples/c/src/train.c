@@ -121,10 +121,12 @@ int train_softmax(softmax_model *m, const dataset *ds, uint32_t seed, uint32_t r
     uint32_t *perm = malloc(((size_t)ds->n + 1) * sizeof(uint32_t));
     double *P = malloc(((size_t)bs * k + 1) * sizeof(double));
     double *G = malloc(((size_t)d * k + 1) * sizeof(double));
+    /* FedProx: the model the task named, which every step is pulled towards */
+    double *W0 = s->mu > 0 ? malloc(((size_t)d * k + k + 1) * sizeof(double)) : NULL;
     uint32_t entropy[2] = {seed, round}, e, i;
     np_pcg64 rng;
     int rc = 0;
-    if (perm == NULL || P == NULL || G == NULL || ds->d != d) {
+    if (perm == NULL || P == NULL || G == NULL || ds->d != d || (s->mu > 0 && W0 == NULL)) {
         rc = -1;
         goto out;
     }
@@ -133,6 +135,10 @@ int train_softmax(softmax_model *m, const dataset *ds, uint32_t seed, uint32_t r
             rc = -1;
             goto out;
         }
+    if (W0 != NULL) {
+        memcpy(W0, m->W, (size_t)d * k * sizeof(double));
+        memcpy(W0 + (size_t)d * k, m->b, k * sizeof(double));
+    }
     np_pcg64_seed(&rng, entropy, 2);
     for (e = 0; e < s->epochs; e++) {
         uint32_t start;
@@ -157,12 +163,15 @@ int train_softmax(softmax_model *m, const dataset *ds, uint32_t seed, uint32_t r
                     for (c = 0; c < k; c++)
                         G[(size_t)j * k + c] += x[j] * p[c];
             }
+            /* with mu: gradient + mu (w - w_global), as numpy_models.train_epochs */
             for (j = 0; j < d * k; j++)
-                m->W[j] -= s->lr * G[j];
+                m->W[j] -= s->lr * (W0 ? G[j] + s->mu * (m->W[j] - W0[j]) : G[j]);
             for (c = 0; c < k; c++) {
                 double sum = 0.0;
                 for (r = 0; r < B; r++)
                     sum += P[(size_t)r * k + c];
+                if (W0 != NULL)
+                    sum = sum + s->mu * (m->b[c] - W0[(size_t)d * k + c]);
                 m->b[c] -= s->lr * sum;
             }
         }
@@ -171,6 +180,7 @@ out:
     free(perm);
     free(P);
     free(G);
+    free(W0);
     return rc;
 }
 

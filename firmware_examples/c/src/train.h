@@ -26,6 +26,7 @@ typedef struct {
 typedef struct {
     double lr;
     uint32_t batch_size, epochs;
+    double mu; /* FedProx's proximal coefficient (protocol 4.1a); 0: plain SGD */
 } train_settings;
 
 /* Load the device's local data file (format in README.md). Returns 0, or -1 with why in err. */

@@ -2,7 +2,7 @@
  *
  *   train_check perm SEED ROUND N
  *       prints default_rng([SEED, ROUND]).permutation(N), one index a line
- *   train_check train DATA MODEL_IN MODEL_OUT SEED ROUND LR BATCH EPOCHS
+ *   train_check train DATA MODEL_IN MODEL_OUT SEED ROUND LR BATCH EPOCHS [MU]
  *       trains the CBOR tensor set MODEL_IN on DATA (EFLD), writes the result to MODEL_OUT
  *       and prints "loss accuracy" of the trained model on DATA
  */
@@ -46,10 +46,11 @@ int main(int argc, char **argv)
         free(out);
         return 0;
     }
-    if (argc == 10 && strcmp(argv[1], "train") == 0) {
+    if ((argc == 10 || argc == 11) && strcmp(argv[1], "train") == 0) {
         dataset ds;
         softmax_model m;
-        train_settings s = {atof(argv[7]), (uint32_t)atoi(argv[8]), (uint32_t)atoi(argv[9])};
+        train_settings s = {atof(argv[7]), (uint32_t)atoi(argv[8]), (uint32_t)atoi(argv[9]),
+                            argc == 11 ? atof(argv[10]) : 0.0};
         size_t n;
         uint8_t *blob;
         cbor_out o;
@@ -81,6 +82,6 @@ int main(int argc, char **argv)
         dataset_free(&ds);
         return 0;
     }
-    fprintf(stderr, "usage: train_check perm SEED ROUND N | train DATA IN OUT SEED ROUND LR BATCH EPOCHS\n");
+    fprintf(stderr, "usage: train_check perm SEED ROUND N | train DATA IN OUT SEED ROUND LR BATCH EPOCHS [MU]\n");
     return 2;
 }
