@@ -84,6 +84,19 @@ static void on_message(struct mosquitto *m, void *obj, const struct mosquitto_me
     device_on_message(l->dev, msg->topic, msg->payload, (size_t)msg->payloadlen);
 }
 
+/* Under 3.1.1 a denied SUBSCRIBE is the only ACL refusal a device can see (SUBACK 0x80). */
+static void on_subscribe(struct mosquitto *m, void *obj, int mid, int count, const int *granted)
+{
+    link_state *l = obj;
+    int i;
+    (void)m;
+    (void)mid;
+    for (i = 0; i < count; i++)
+        if (granted[i] == 0x80)
+            port_log("ERROR", "%s: the broker refused a subscription: check the device's region "
+                     "and credentials (protocol 1.3)", l->cfg->device);
+}
+
 static void on_publish(struct mosquitto *m, void *obj, int mid)
 {
     link_state *l = obj;
@@ -134,6 +147,7 @@ int link_run(const device_config *cfg, const dataset *data)
     mosquitto_disconnect_callback_set(l.m, on_disconnect);
     mosquitto_message_callback_set(l.m, on_message);
     mosquitto_publish_callback_set(l.m, on_publish);
+    mosquitto_subscribe_callback_set(l.m, on_subscribe);
 
     while (!stopping) {
         double now = port_monotonic();

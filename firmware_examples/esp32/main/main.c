@@ -110,6 +110,11 @@ static void on_mqtt(void *arg, esp_event_base_t base, int32_t id, void *data)
         ev.len = rx.total;
         rx.buf = NULL;
         break;
+    case MQTT_EVENT_ERROR: /* a denied SUBSCRIBE (SUBACK 0x80): check region and token */
+        if (e->error_handle != NULL &&
+            e->error_handle->error_type == MQTT_ERROR_TYPE_SUBSCRIBE_FAILED)
+            port_log("ERROR", "the broker refused a subscription (protocol 1.3)");
+        return;
     default:
         return;
     }
