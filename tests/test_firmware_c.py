@@ -32,6 +32,14 @@ from edgefl.protocol.tensors import dumps_tensors, loads_tensors
 from edgefl.tasks import digits
 from edgefl.transport import parse_broker_url
 from tests.harness import Deployment, completed_accuracies
+from tests.test_tls import PASSWORD as TLS_PASSWORD
+from tests.test_tls import (  # the shipped TLS config's broker and the fleet's CA
+    _status_collector,
+    _wait_status,
+    _watcher,
+    pki,  # noqa: F401
+    tls_broker,  # noqa: F401
+)
 
 C_DIR = Path(__file__).resolve().parents[1] / "firmware_examples" / "c"
 _spec = importlib.util.spec_from_file_location("digits_data", C_DIR / "tools" / "digits_data.py")
@@ -306,3 +314,44 @@ def test_c_device_drops_bad_tasks_and_declines_without_data(
         stats = cdev.stop() if cdev is not None else {}
         dep.close()
     assert stats["declined"] == rounds + 1 and stats["completed"] == 0
+
+
+@pytest.mark.parametrize("ca", ["fleet", "other", "fleet, wrong host name"])
+def test_c_device_over_tls_verifies_the_broker(
+    c_build: Path, request: pytest.FixtureRequest, tmp_path: Path, ca: str
+) -> None:
+    """On the shipped TLS config: with the fleet CA the device comes online (and says goodbye)
+    over TLS; with another CA, or under a name the certificate does not carry (localhost), it
+    refuses the broker and never connects."""
+    certs: dict[str, Path] = request.getfixturevalue("pki")  # fixtures from tests/test_tls.py
+    broker = request.getfixturevalue("tls_broker")
+    watcher = _watcher(broker, certs["fleet"] / "ca.crt")
+    seen = _status_collector(watcher)
+    X, y = digits.device_data(10, 1)
+    digits_data.write_efld(tmp_path / "d.efld", X, y)
+    log_path = tmp_path / "dev.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(c_build / "edgefl-device"), "--host",
+             "localhost" if "wrong host" in ca else "127.0.0.1", "--port",
+             str(broker.port), "--region", "region-0", "--device", "dev-1", "--password",
+             TLS_PASSWORD, "--ca-file", str(certs[ca.split(",")[0]] / "ca.crt"), "--data",
+             str(tmp_path / "d.efld")],
+            stdout=subprocess.PIPE, stderr=log,
+        )  # fmt: skip
+        try:
+            if ca == "fleet":
+                assert _wait_status(seen, "dev-1", "online")["region"] == "region-0"
+            else:
+                time.sleep(3)
+                assert not [
+                    s for s in seen if s.get("device") == "dev-1" and s["state"] == "online"
+                ]
+                assert "TLS" in log_path.read_text(), log_path.read_text()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=20)
+    assert proc.returncode == 0, log_path.read_text()
+    if ca == "fleet":
+        _wait_status(seen, "dev-1", "offline")  # the clean goodbye crossed TLS too
+    watcher.stop()

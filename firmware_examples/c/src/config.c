@@ -21,6 +21,10 @@ static const char USAGE[] =
     "  --keepalive S       MQTT keepalive              EDGEFL_KEEPALIVE (30)\n"
     "  --window N          unacknowledged chunks       EDGEFL_WINDOW (8)\n"
     "  --chunk-delay-ms M  pause between chunks        EDGEFL_CHUNK_DELAY_MS (0)\n"
+    "  --tls               TLS, verified against the system CA store\n"
+    "  --ca-file F         TLS, verified against CA file F (the fleet CA)  EDGEFL_CA_FILE\n"
+    "  --cert-file F       client certificate for mutual TLS   EDGEFL_CERT_FILE\n"
+    "  --key-file F        its private key                     EDGEFL_KEY_FILE\n"
     "  -v                  log every step\n";
 
 uint32_t crc32_str(const char *s)
@@ -75,14 +79,16 @@ static int read_file(const char *path, char *out, size_t cap, char *err, size_t 
 }
 
 enum { O_HOST, O_PORT, O_USER, O_PASS, O_PASSFILE, O_PROJECT, O_REGION, O_DEVICE, O_DATA, O_SEED,
-       O_MAXCHUNK, O_MAXMODEL, O_KEEPALIVE, O_WINDOW, O_DELAY, O_COUNT };
+       O_MAXCHUNK, O_MAXMODEL, O_KEEPALIVE, O_WINDOW, O_DELAY, O_CA, O_CERT, O_KEY, O_COUNT };
 static const char *const FLAGS[O_COUNT] = {"--host", "--port", "--username", "--password",
     "--password-file", "--project", "--region", "--device", "--data", "--seed", "--max-chunk",
-    "--max-model", "--keepalive", "--window", "--chunk-delay-ms"};
+    "--max-model", "--keepalive", "--window", "--chunk-delay-ms", "--ca-file", "--cert-file",
+    "--key-file"};
 static const char *const ENVS[O_COUNT] = {"EDGEFL_BROKER_HOST", "EDGEFL_BROKER_PORT",
     "EDGEFL_USERNAME", "EDGEFL_PASSWORD", "EDGEFL_PASSWORD_FILE", "EDGEFL_PROJECT", "EDGEFL_REGION",
     "EDGEFL_DEVICE_ID", "EDGEFL_DATA", "EDGEFL_SEED", "EDGEFL_MAX_CHUNK", "EDGEFL_MAX_MODEL",
-    "EDGEFL_KEEPALIVE", "EDGEFL_WINDOW", "EDGEFL_CHUNK_DELAY_MS"};
+    "EDGEFL_KEEPALIVE", "EDGEFL_WINDOW", "EDGEFL_CHUNK_DELAY_MS", "EDGEFL_CA_FILE",
+    "EDGEFL_CERT_FILE", "EDGEFL_KEY_FILE"};
 
 int config_parse(int argc, char **argv, device_config *c, char *err, size_t errlen)
 {
@@ -97,8 +103,11 @@ int config_parse(int argc, char **argv, device_config *c, char *err, size_t errl
             fputs(USAGE, stdout);
             return 1;
         }
-        if (strcmp(argv[i], "-v") == 0) {
-            c->verbose = 1;
+        if (strcmp(argv[i], "-v") == 0 || strcmp(argv[i], "--tls") == 0) {
+            if (argv[i][1] == 'v')
+                c->verbose = 1;
+            else
+                c->tls = 1;
             continue;
         }
         for (k = 0; k < O_COUNT && strcmp(argv[i], FLAGS[k]) != 0; k++)
@@ -130,7 +139,16 @@ int config_parse(int argc, char **argv, device_config *c, char *err, size_t errl
         return -1;
     if (val[O_PASS] && copy(c->password, sizeof c->password, val[O_PASS], "password", err, errlen))
         return -1;
-    c->port = 1883;
+    if ((val[O_CA] && copy(c->ca_file, sizeof c->ca_file, val[O_CA], "CA file", err, errlen)) ||
+        (val[O_CERT] && copy(c->cert_file, sizeof c->cert_file, val[O_CERT], "cert file", err, errlen)) ||
+        (val[O_KEY] && copy(c->key_file, sizeof c->key_file, val[O_KEY], "key file", err, errlen)))
+        return -1;
+    if (!c->cert_file[0] != !c->key_file[0]) {
+        snprintf(err, errlen, "--cert-file and --key-file go together (mutual TLS)");
+        return -1;
+    }
+    c->tls = c->tls || c->ca_file[0] || c->cert_file[0];
+    c->port = c->tls ? 8883 : 1883;
     c->seed = crc32_str(c->device) & 0x7fffffffu;
     c->max_chunk = 1024 * 1024;
     c->max_model = 16 * 1024 * 1024;

@@ -15,6 +15,9 @@ typedef struct {
     char password[4096];    /* the device's JWT from provisioning, or its broker password */
     char project[ID_MAX], region[ID_MAX], device[ID_MAX];
     char data_path[1024];
+    /* TLS (protocol 1.2): on with --tls or a CA file; the broker's certificate is verified */
+    int tls;
+    char ca_file[1024], cert_file[1024], key_file[1024];
     uint32_t seed;          /* seed index; default crc32(device) & 0x7fffffff (section 8 step 5) */
     size_t max_chunk;       /* own maximum chunk size; default 1 MiB */
     size_t max_model;       /* largest model accepted; default 16 MiB */

@@ -141,6 +141,17 @@ int link_run(const device_config *cfg, const dataset *data)
     mosquitto_int_option(l.m, MOSQ_OPT_PROTOCOL_VERSION, MQTT_PROTOCOL_V311);
     mosquitto_int_option(l.m, MOSQ_OPT_TCP_NODELAY, 1);
     mosquitto_username_pw_set(l.m, cfg->username, cfg->password[0] ? cfg->password : NULL);
+    if (cfg->tls) {
+        /* the broker's certificate and host name are verified (insecure mode is not offered) */
+        rc = mosquitto_tls_set(l.m, cfg->ca_file[0] ? cfg->ca_file : NULL,
+                               cfg->ca_file[0] ? NULL : "/etc/ssl/certs",
+                               cfg->cert_file[0] ? cfg->cert_file : NULL,
+                               cfg->key_file[0] ? cfg->key_file : NULL, NULL);
+        if (rc != MOSQ_ERR_SUCCESS) {
+            port_log("ERROR", "%s: TLS set-up failed: %s", cfg->device, mosquitto_strerror(rc));
+            return 2;
+        }
+    }
     will = device_will(l.dev, &will_len);
     mosquitto_will_set(l.m, device_status_topic(l.dev), (int)will_len, will, 1, true);
     mosquitto_connect_callback_set(l.m, on_connect);
