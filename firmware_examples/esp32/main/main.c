@@ -179,7 +179,7 @@ void app_main(void)
     strcpy(cfg.region, CONFIG_EDGEFL_REGION);
     strcpy(cfg.device, CONFIG_EDGEFL_DEVICE_ID);
     strcpy(cfg.username, CONFIG_EDGEFL_DEVICE_ID);
-    strncpy(cfg.password, CONFIG_EDGEFL_TOKEN, sizeof cfg.password - 1);
+    snprintf(cfg.password, sizeof cfg.password, "%s", CONFIG_EDGEFL_TOKEN);
     strcpy(cfg.data_path, DATA_PATH);
     cfg.seed = CONFIG_EDGEFL_SEED >= 0 ? (uint32_t)CONFIG_EDGEFL_SEED
                                        : crc32_str(cfg.device) & 0x7fffffffu;
