@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,55 @@ def test_micropython_devices_in_a_mixed_session(
         dep.close()
     assert [d.completed for d in devices] == [rounds, rounds]
     assert all(d.declined == 0 for d in devices)
+
+
+def test_micropython_device_resumes_its_upload_across_a_broker_restart(tmp_path: Path) -> None:
+    """Mosquitto (persistence on) restarts half-way through the device's round-1 upload: the
+    device redials and resends from the first unacknowledged chunk under the same xfer, and its
+    update counts."""
+    n, rounds = 3, 2
+    workdir = tmp_path / "broker"
+    persist = f"persistence true\npersistence_location {workdir}/\nautosave_interval 1\n"
+    broker = MosquittoProcess(workdir=workdir, config_extra=persist).start()
+    dep = Deployment(broker.url, tmp_path)
+    stop = threading.Event()
+    X, y = digits.device_data(n, 0)
+    cfg = {"host": broker.host, "port": broker.port, "project": dep.project,
+           "region": "region-0", "device": device_name(0), "seed": 0, "X": X.tolist(),
+           "y": y.tolist(), "max_chunk": 1024, "chunk_delay": 0.3}  # fmt: skip
+    dev = mp.Device(cfg)
+    thread = threading.Thread(target=dev.run, args=(stop.is_set,))
+    try:
+        dep.start_combiners(1)
+        thread.start()
+        dep.start_fleet(n - 1, partition_size=n, first_device=1)
+        ctl = dep.controller()
+        result: dict[str, Any] = {}
+        runner = threading.Thread(
+            target=lambda: result.update(
+                recs=dep.run_session(ctl, rounds=rounds, min_devices=n, round_timeout_s=30)[1]
+            ),
+            daemon=True,
+        )
+        runner.start()
+        end = time.monotonic() + 30
+        while dev.upload is None or dev.upload[1] < 2:
+            assert time.monotonic() < end, "the upload never started"
+            time.sleep(0.02)
+        xfer, sent = dev.upload
+        broker.stop()
+        broker.start()
+        runner.join(90)
+        assert not runner.is_alive(), "the session did not finish"
+        accs = completed_accuracies(result["recs"])
+        assert accs == pytest.approx(digits.reference_run(n, rounds), abs=1e-9)
+        for rec in result["recs"]:
+            assert device_name(0) in {p["device"] for p in rec.participants}
+        assert dev.resumed >= 1 and dev.completed == rounds
+        # the interrupted transfer went on (same xfer), from a chunk at or after the cut
+        assert dev.resumed_at[0] == xfer and dev.resumed_at[1] >= sent
+    finally:
+        stop.set()
+        thread.join(10)
+        dep.close()
+        broker.stop()

@@ -418,7 +418,8 @@ class Device:
 
     ``cfg`` keys: host, port, project, region, device, data (EFLD path) or X/y, and
     optionally user, password (the device token), seed (default crc32(device) & 0x7fffffff),
-    max_chunk (default 1024: small chunks for small RAM), keepalive (30).
+    max_chunk (default 1024: small chunks for small RAM), keepalive (30), chunk_delay (0 s
+    between upload chunks; the tests use it to stand for a slow link).
     """
 
     def __init__(self, cfg):
@@ -443,6 +444,9 @@ class Device:
         self.model = None  # (version, digest, W, b)
         self.parts, self.want = None, None  # the download in progress
         self.completed = self.declined = self.resumed = 0
+        self.upload = None  # (xfer, chunk index) while an upload runs
+        self.resumed_at = None  # (xfer, chunk index) of the last resumed upload
+        self.chunk_delay = cfg.get("chunk_delay", 0)  # seconds between chunks: a slow link
 
     # MQTT link ----------------------------------------------------------------------------
     def _status(self, state):
@@ -477,13 +481,16 @@ class Device:
 
     def _pub(self, topic, payload, qos=1):
         """Publish; QoS 1 blocks until the PUBACK (umqtt.simple). Reconnects and retries on a
-        lost link, so the caller knows each acknowledged message for certain."""
+        lost link, so the caller knows each acknowledged message for certain. Returns how
+        many times the link had to be re-established."""
+        redials = 0
         while True:
             if not self.connected:
+                redials += 1
                 self.connect()
             try:
                 self.mq.publish(topic, payload, False, qos)
-                return
+                return redials
             except OSError:
                 self.connected = False
 
@@ -621,11 +628,18 @@ class Device:
         )  # fmt: skip
         csz = max(MIN_CHUNK, min(t["chunk_size"], self.max_chunk))
         digest, xfer = hashlib.sha256(update).digest(), _hex(16)
+        self.upload = (xfer, 0)
         for i, ch in chunks(update, csz, digest, xfer, t["task_id"]):
-            if not self.connected:  # the link dropped: resume at chunk i, same xfer (6.2)
+            if self.chunk_delay:
+                time.sleep(self.chunk_delay)
+            self.upload = (xfer, i)
+            # the link dropped before chunk i's PUBACK: _pub redials and sends chunk i again,
+            # under the same xfer; chunks before i are acknowledged and stay sent (6.2)
+            if self._pub(self.base + "update", ch):
                 self.resumed += 1
-                print("%s: resuming upload %s at chunk %d" % (self.dev, xfer, i))
-            self._pub(self.base + "update", ch)
+                self.resumed_at = (xfer, i)
+                print("%s: resumed upload %s at chunk %d" % (self.dev, xfer, i))
+        self.upload = None
         self.completed += 1
         tele = {"train_s": train_s, "examples": len(self.y), "update_bytes": len(update),
                 "train_loss": loss, "train_accuracy": acc}  # fmt: skip
