@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 # would clash with another package's (e.g. the Google Cloud SDK's kubectl).
 DEB_PACKAGES := mosquitto mosquitto-clients chromium chromium-driver influxdb postgresql \
 	rabbitmq-server nats-server systemd shellcheck $(if $(shell command -v kubectl),,kubernetes-client)
+# the C device example (firmware_examples/c): compiler, MQTT and CBOR libraries
+DEB_PACKAGES += gcc make pkg-config libmosquitto-dev libcbor-dev
 
 .PHONY: demo test test-fast test-device-pythons lint bench system-deps clean
 

@@ -1,0 +1,16 @@
+/* What libcbor's CMake generates, for v0.10.x on ESP-IDF. */
+#ifndef LIBCBOR_CONFIGURATION_H
+#define LIBCBOR_CONFIGURATION_H
+
+#define CBOR_MAJOR_VERSION 0
+#define CBOR_MINOR_VERSION 10
+#define CBOR_PATCH_VERSION 2
+
+#define CBOR_BUFFER_GROWTH 2
+#define CBOR_MAX_STACK_SIZE 256
+#define CBOR_PRETTY_PRINTER 0
+
+#define CBOR_RESTRICT_SPECIFIER restrict
+#define CBOR_INLINE_SPECIFIER
+
+#endif
