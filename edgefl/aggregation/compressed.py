@@ -53,11 +53,17 @@ def check_update(
 
 
 def fold_delta(
-    acc: WeightedSum, delta: Mapping[str, Encoded], num_examples: float, plan: Mapping[str, Any]
+    acc: WeightedSum,
+    delta: Mapping[str, Encoded],
+    num_examples: float,
+    plan: Mapping[str, Any],
+    scale: float = 1.0,
 ) -> float:
     """Fold one decoded delta into ``acc``; return the clip factor applied (1.0: none).
 
-    Without DP the weight is the example count, as for plain updates. With DP (the plan
+    Without DP the weight is the example count, as for plain updates. ``scale`` multiplies
+    the delta but not the weight: FedBuff's staleness discount, which shrinks a stale
+    update's step instead of only its share (``edgefl.aggregation.fedbuff``). With DP (the plan
     carries ``dp.clip_norm``) every update weighs 1 and is scaled to norm <= ``clip_norm``
     first, which bounds one device's influence on the mean (``edgefl.aggregation.privacy``).
     """
@@ -75,10 +81,10 @@ def fold_delta(
     for name, total in acc.sums.items():
         enc = delta[name]
         if isinstance(enc, Dense):
-            axpy_inplace(total, enc.data, weight * factor * enc.scale, scratch)
+            axpy_inplace(total, enc.data, weight * factor * scale * enc.scale, scratch)
         elif isinstance(enc, Sparse):
             flat = total.reshape(-1)  # a view: the sums are C-contiguous
-            flat[enc.index] += enc.values.astype(np.float64) * (weight * factor)
+            flat[enc.index] += enc.values.astype(np.float64) * (weight * factor * scale)
     acc.weight += weight
     acc.count += 1
     return factor

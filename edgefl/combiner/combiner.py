@@ -39,6 +39,7 @@ import numpy as np
 from edgefl.aggregation import UpdateRejected, WeightedSum, validate_update
 from edgefl.aggregation.compressed import check_update, fold_delta
 from edgefl.aggregation.weighted_sum import axpy_inplace
+from edgefl.combiner import fedbuff
 from edgefl.combiner.held import HeldFull, HeldUpdates, rule_from_plan
 from edgefl.observability import hooks
 from edgefl.observability.logs import log_context
@@ -137,6 +138,7 @@ class _Round:
     tensor_bytes: int = 0  # ... of which tensor data
     held: HeldUpdates | None = None  # robust aggregation: the updates themselves (held.py)
     span: Any = None  # the region round's span while tracing is on (edgefl.observability)
+    carry: bool = False  # async: folds stale updates until the next plan adopts it (fedbuff.py)
 
 
 class Combiner:
@@ -170,6 +172,7 @@ class Combiner:
         self._progress_due = False  # the open round's counts changed since the last report
         self._progress_at = 0.0
         self._closed_ids: list[str] = []
+        self._window = fedbuff.Window()  # async sessions: the plans of the recent rounds
         # per session, the newest (fence, round, attempt) accepted; least recently used first
         self._plan_keys: dict[str, tuple[int, int, int]] = {}
         self._stale_logged: dict[str, None] = {}
@@ -393,7 +396,7 @@ class Combiner:
                     plan["task_id"],
                 )
                 return
-            if self._round and not self._round.flushed:
+            if self._round and not self._round.flushed and not self._round.carry:
                 log.warning(
                     "combiner %s: round %s superseded by %s",
                     self.config.name,
@@ -404,7 +407,7 @@ class Combiner:
                     self._round.timer.cancel()
                 hooks.end_region_span(self._round.span, 0, 0, "superseded")
             old = self._round.task_id if self._round else None
-            if old:
+            if old and "async" not in plan:  # async: uploads for older rounds still count
                 self.reassembler.discard(_for_task(old))
             try:
                 spec = spec_from_wire(plan.get("spec"))
@@ -426,7 +429,7 @@ class Combiner:
             rnd.span = hooks.start_region_span(
                 plan, self.config.region, self.config.name, len(devices)
             )
-            refusal = self._hold_for(rnd)
+            refusal = self._hold_for(rnd) or self._async_for(rnd, self._round)
             delay = max(0.0, float(plan["deadline"]) - time.time())
             rnd.timer = threading.Timer(
                 delay, lambda tid=plan["task_id"]: self._put((self._deadline, tid))
@@ -452,7 +455,7 @@ class Combiner:
             plan["task_id"],
             len(devices),
         )
-        if not devices:
+        if not devices and "async" not in plan:  # async: it still folds stale updates
             with self._lock:
                 self._flush("no devices assigned")
 
@@ -487,6 +490,62 @@ class Combiner:
             return why
         rnd.held = HeldUpdates(rule, c.max_held_updates, c.max_held_bytes)
         return None
+
+    def _async_for(self, rnd: _Round, previous: _Round | None) -> str | None:
+        """Register an async plan in the window and adopt the carried updates; the reason
+        it is refused if its ``async`` field is malformed or asks for a robust rule."""
+        if "async" not in rnd.plan:
+            return None
+        try:
+            if rnd.held is not None:
+                raise ValueError("a robust rule cannot fold updates of several versions")
+            self._window.add(rnd.plan, rnd.devices)
+        except ValueError as exc:
+            self.stats["refused_plans"] += 1
+            why = f"combiner {self.config.name} cannot run async round {rnd.task_id}: {exc}"
+            log.error("%s", why)
+            return why
+        if previous is None or not previous.carry:
+            return None
+        if (
+            previous.plan["session"] == rnd.plan["session"]
+            and previous.spec == rnd.spec
+            and (int(previous.plan["round"]) + 1 == int(rnd.plan["round"]))
+        ):
+            rnd.acc, rnd.participants = previous.acc, previous.participants
+            rnd.update_bytes, rnd.tensor_bytes = previous.update_bytes, previous.tensor_bytes
+            rnd.rejected = previous.rejected
+            rnd.provenance, rnd.provenance_seen = previous.provenance, previous.provenance_seen
+            if rnd.participants:
+                self._progress()
+        else:  # weighed for a round that did not follow: drop them, saying so
+            why = f"folded for the round after {previous.plan['task_id']}, which did not follow"
+            rnd.rejected += [
+                Rejection(device=p["device"], reason=why) for p in previous.participants
+            ]
+        return None
+
+    def _carry(self, rnd: _Round) -> None:
+        """Async: after a flush, fold what still arrives into the next round (fedbuff.py)."""
+        self._window.open_round = int(rnd.plan["round"]) + 1
+        self._round = _Round(
+            f"{rnd.task_id}+carry", rnd.plan, set(), rnd.spec, WeightedSum(rnd.spec), carry=True
+        )
+
+    def _refuse_stale(self, rnd: _Round, device: str, reason: str) -> None:
+        """Count, log and record an update too old for the open round (never folded)."""
+        self.stats["rejected"] += 1
+        self.stats["rejected_stale"] += 1
+        self._warnings.warn(
+            device,
+            "stale",
+            "rejections",
+            f"combiner {self.config.name}: rejected update from {device}: {reason}",
+            reason,
+        )
+        if len(rnd.rejected) < PROVENANCE_RECORDS * 16:
+            rnd.rejected.append(Rejection(device=device, reason=reason))
+            self._progress()
 
     def _drop_stale_plan(
         self, plan: dict, key: tuple[int, int, int], newest: tuple[int, int, int]
@@ -569,6 +628,8 @@ class Combiner:
         rnd = self._round
         if accepted_for is None or (rnd is not None and accepted_for == rnd.task_id):
             return False  # unknown bytes, or a redelivery within the round it was taken in
+        if self._window.knows(accepted_for):
+            return False  # async: a redelivery, refused as a duplicate of its own round
         key = (rnd.task_id if rnd else "", device, digest)
         if key not in self._replays_seen:  # the transfer's first chunk here: count it
             self._replays_seen[key] = None
@@ -632,7 +693,14 @@ class Combiner:
                 "unbound",
             )
             return
-        if rnd is None or msg["task_id"] != rnd.task_id:
+        base: fedbuff.Base | None = None  # async: the round the update was trained on
+        if rnd is not None and "async" in rnd.plan and not rnd.flushed:
+            found = self._window.resolve(msg["task_id"])
+            if isinstance(found, str):
+                self._refuse_stale(rnd, device, found)
+                return
+            base = found
+        if rnd is None or (msg["task_id"] != rnd.task_id and base is None):
             self._reject(
                 device,
                 f"update for {msg['task_id']}, which is not the open round",
@@ -643,19 +711,22 @@ class Combiner:
         if rnd.flushed:
             self._reject(device, "update arrived after the round closed", "late")
             return
-        if device not in rnd.devices:
+        devices, reported = (
+            (rnd.devices, rnd.reported) if base is None else (base.devices, base.reported)
+        )
+        if device not in devices:
             self._reject(device, "device was not selected for this round", "not_selected")
             return
-        if device in rnd.reported:
+        if device in reported:
             self._reject(device, "duplicate update for this round", "duplicate", quiet=True)
             return
         n = msg["num_examples"]
         tensors: dict[str, Any] = {}
+        version = rnd.plan["model_version"] if base is None else base.model_version
         try:
-            if msg["model_version"] != rnd.plan["model_version"]:
+            if msg["model_version"] != version:
                 raise UpdateRejected(
-                    f"trained on model {msg['model_version']}, round uses "
-                    f"{rnd.plan['model_version']}"
+                    f"trained on model {msg['model_version']}, round uses {version}"
                 )
             if not 0 < n <= self.config.max_examples:
                 raise UpdateRejected(f"num_examples {n} outside 1..{self.config.max_examples}")
@@ -680,17 +751,20 @@ class Combiner:
         rnd.update_bytes += len(payload)
         rnd.tensor_bytes += tensor_bytes(tensors if delta is None else delta)
         if delta is not None:
-            fold_delta(rnd.acc, delta, float(n), rnd.plan)
+            fold_delta(rnd.acc, delta, float(n), rnd.plan, 1.0 if base is None else base.scale)
         elif rnd.held is not None:
             rnd.held.add(tensors)
         else:
             _fold_streaming(rnd.acc, tensors, float(n))
         metrics = clean_metrics(msg["metrics"])
+        if base is not None:  # the audit trail: which version it was trained on, how old
+            metrics.update(staleness=float(base.tau), base_round=float(base.round))
         del tensors, delta, msg, payload
-        self._accepted_digests[digest] = rnd.task_id
+        self._accepted_digests[digest] = rnd.task_id if base is None else base.task_id
         while len(self._accepted_digests) > ACCEPTED_DIGESTS:
             self._accepted_digests.pop(next(iter(self._accepted_digests)))
         rnd.reported.add(device)
+        reported.add(device)
         # an earlier bad chunk from this device was transient: it is a participant now
         if device in rnd.rejected_devices:
             rnd.rejected_devices.discard(device)
@@ -709,8 +783,8 @@ class Combiner:
 
     def _maybe_complete(self) -> None:
         rnd = self._round
-        if rnd and not rnd.flushed and rnd.reported >= rnd.devices:
-            self._flush("all devices reported")
+        if rnd and not rnd.flushed and rnd.reported >= rnd.devices and "async" not in rnd.plan:
+            self._flush("all devices reported")  # async rounds close at the buffer (K)
 
     def _reject(
         self,
@@ -831,6 +905,7 @@ class Combiner:
             update_bytes=rnd.update_bytes,
             tensor_bytes=rnd.tensor_bytes,
             **({"sums_of": "delta"} if "compression" in rnd.plan else {}),
+            **({"async": rnd.plan["async"]} if "async" in rnd.plan else {}),
         )
         topic = self.topics.combiner(self.config.region, "partial")
         writer = ChunkWriter(payload, self.config.partial_chunk_size, meta={"task_id": rnd.task_id})
@@ -840,7 +915,8 @@ class Combiner:
             window=stream_window(self.config.partial_chunk_size, self.conn.max_inflight),
         )
         self.stats["partials"] += 1
-        self.reassembler.discard(_for_task(rnd.task_id))
+        if "async" not in rnd.plan:  # async: an upload still running counts next round
+            self.reassembler.discard(_for_task(rnd.task_id))
         declined = ""
         if rnd.declines:
             top = ", ".join(f"{n} {r!r}" for r, n in rnd.declines.most_common(3))
@@ -859,6 +935,8 @@ class Combiner:
         rnd.acc = WeightedSum({})
         if rnd.held is not None:
             rnd.held.clear()
+        if "async" in rnd.plan and why != "plan refused":
+            self._carry(rnd)
 
     def _held_estimate(self, rnd: _Round) -> tuple[dict[str, np.ndarray], int, float]:
         """The robust rule over the round's held updates: (estimate, count, weight = count).

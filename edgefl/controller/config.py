@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edgefl.aggregation.fedbuff import AsyncSettings
 from edgefl.aggregation.privacy import DPConfig
 from edgefl.protocol.chunking import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 
@@ -52,6 +53,14 @@ class SessionConfig(BaseModel):
     )
     topk_fraction: float = Field(0.1, gt=0, le=1, description="share of entries top-k sends")
     dp: DPConfig | None = Field(None, description="central differential privacy; None: off")
+    mode: Literal["sync", "async"] = Field(
+        "sync",
+        description="sync: rounds wait for their devices; async: FedBuff, a version every "
+        "K updates from devices that train whenever idle (docs/algorithms.md)",
+    )
+    asynchronous: AsyncSettings | None = Field(
+        None, description="FedBuff settings (mode async; None there: the defaults)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SessionConfig:
@@ -65,15 +74,24 @@ class SessionConfig(BaseModel):
                 f"aggregator {self.aggregator!r} holds whole updates: it runs without "
                 "compression and without dp"
             )
+        if self.mode == "async":
+            from edgefl.controller.async_rounds import check_async
+
+            self.asynchronous = check_async(self, robust)
+        elif self.asynchronous is not None:
+            raise ValueError("asynchronous settings need mode 'async'")
         return self
 
     def plan_fields(self) -> dict[str, Any]:
         """The optional round-plan fields for compression and DP (empty when both are off).
 
-        DP clips deltas, so with ``compression: none`` it has devices send float32 deltas.
+        DP clips deltas and FedBuff folds deltas of older versions into the current one, so
+        with ``compression: none`` either has devices send float32 deltas.
         """
         out: dict[str, Any] = {}
-        if self.compression != "none" or self.dp is not None:
+        if self.asynchronous is not None:  # FedBuff folds deltas: a stale one is still valid
+            out["async"] = self.asynchronous.plan()
+        if self.compression != "none" or self.dp is not None or self.asynchronous is not None:
             encoding = "float32" if self.compression == "none" else self.compression
             out["compression"] = {"encoding": encoding}
             if encoding == "topk":

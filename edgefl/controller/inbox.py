@@ -38,6 +38,7 @@ class Partial:
     update_bytes: int = 0  # payload bytes of the region's folded updates
     tensor_bytes: int = 0  # ... of which tensor data
     aggregate: str | None = None  # a robust rule's name: ``sums`` is its regional estimate
+    asynchronous: dict[str, Any] | None = None  # the plan's ``async`` echoed: FedBuff folds
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class CombinerInbox:
                 update_bytes=int(msg.get("update_bytes", 0)),
                 tensor_bytes=int(msg.get("tensor_bytes", 0)),
                 aggregate=msg.get("aggregate"),
+                asynchronous=msg.get("async"),
             )
         except (ChunkError, MessageError, ValueError) as exc:
             self.refused["partial"] += 1

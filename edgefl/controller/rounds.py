@@ -21,6 +21,7 @@ from edgefl.aggregation.base import task_settings
 from edgefl.aggregation.compressed import add_global
 from edgefl.aggregation.robust import RegionalEstimates, RobustAggregator, robust_rule
 from edgefl.controller import round_options
+from edgefl.controller.async_rounds import AsyncTracker
 from edgefl.controller.config import SessionConfig
 from edgefl.controller.inbox import CombinerInbox, Partial, Progress
 from edgefl.controller.model_versions import ModelRepository
@@ -174,6 +175,7 @@ class RoundRunner:
         self.evaluator = evaluator
         self.refused_partials = 0  # partials naming a device not planned there, or revoked
         self._presence_seen = presence.counters()
+        self.fedbuff: AsyncTracker | None = None  # the async session's busy devices
 
     def _unplanned(
         self, partial: Partial, planned: list[str], *, revocations: bool = True
@@ -252,12 +254,23 @@ class RoundRunner:
         *,
         fence: int | None,
     ) -> RoundOutcome | None:
-        online = self.presence.wait_for(config.min_devices, config.wait_for_devices_s)
+        fedbuff = self._fedbuff_for(config, attempt)
+        quorum = config.min_devices if fedbuff is None else fedbuff.settings.buffer
+        online = self.presence.wait_for(quorum, config.wait_for_devices_s)
         if len(online) < config.min_devices:
             attempt.fail(self.store, f"only {len(online)} of {config.min_devices} devices online")
             return None
-        selected = select_devices(online, config, attempt.round, attempt.attempt)
-        by_region: dict[str, list[str]] = {}
+        why = fedbuff.refusal(online, self.presence) if fedbuff is not None else None
+        if why is not None:
+            attempt.fail(self.store, why)
+            return None
+        if fedbuff is None:
+            selected = select_devices(online, config, attempt.round, attempt.attempt)
+        else:  # idle devices only; regions with busy ones get the plan too (stale answers)
+            selected = fedbuff.select(online, attempt)
+        by_region: dict[str, list[str]] = {
+            region: [] for region in (fedbuff.busy_regions() if fedbuff is not None else ())
+        }
         for dev in selected:
             by_region.setdefault(online[dev], []).append(dev)
         started = time.time()
@@ -279,8 +292,13 @@ class RoundRunner:
         slots = self._dispatch(
             config, attempt, by_region, deadline, spec_to_wire(spec), extra, train
         )
+        buffer = config.buffer_size
+        if fedbuff is not None:
+            fedbuff.dispatched(selected, online, attempt)
+            fedbuff.widen(slots)
+            buffer = fedbuff.settings.buffer
         refusals: list[Rejection] = []
-        partials = self._collect(attempt.task_id, slots, config, deadline, refusals)
+        partials = self._collect(attempt.task_id, slots, config, deadline, refusals, buffer)
 
         merged = WeightedSum(spec)
         regional = RegionalEstimates(robust, spec) if robust is not None else None
@@ -292,6 +310,8 @@ class RoundRunner:
             rejected.extend(partial.rejected)
             # checked again: a device may have been revoked while the partial waited
             wrong = self._unplanned(partial, slots[slot]) or _kind_mismatch(partial, robust)
+            if not wrong and fedbuff is not None:
+                wrong = fedbuff.refuse_partial(partial, extra["async"])
             if wrong:
                 refused += 1
                 self._refuse(attempt.task_id, partial, wrong, rejected)
@@ -317,6 +337,8 @@ class RoundRunner:
         partials.clear()
         trim_heap()
         tally = merged if regional is None else regional
+        if fedbuff is not None:  # who answered is idle again, whatever the round's fate
+            fedbuff.seen(participants, rejected)
         if tally.count < config.min_devices or tally.weight <= 0:
             attempt.fail(
                 self.store,
@@ -342,6 +364,10 @@ class RoundRunner:
             round_options.traffic(self.store, attempt, bytes_up, tensor_bytes_up, len(selected))
         )
         metrics.update(round_options.metrics(privacy))
+        meta: dict[str, Any] = {"metrics": metrics, **({"privacy": privacy} if privacy else {})}
+        if fedbuff is not None:
+            metrics.update(fedbuff.metrics(participants))
+            meta["async"] = fedbuff.meta(participants)
         if self.evaluator is not None:
             metrics.update(self.evaluator(new_weights))
         metrics["rejected"] = float(len(rejected))
@@ -354,7 +380,7 @@ class RoundRunner:
             session_id=attempt.session_id,
             round_=attempt.round,
             optimizer_state=aggregator.state_dict(),
-            meta={"metrics": metrics, **({"privacy": privacy} if privacy else {})},
+            meta=meta,
         )
         attempt.complete(
             self.store,
@@ -374,6 +400,14 @@ class RoundRunner:
         return RoundOutcome(
             attempt.task_id, new_weights, version, lambda: blobs.get(version), [_blob]
         )
+
+    def _fedbuff_for(self, config: SessionConfig, attempt: RoundAttempt) -> AsyncTracker | None:
+        """The async session's tracker (a new one for a new session); None in sync mode."""
+        if config.asynchronous is None:
+            self.fedbuff = None
+        elif self.fedbuff is None or self.fedbuff.session_id != attempt.session_id:
+            self.fedbuff = AsyncTracker(attempt.session_id, config.asynchronous)
+        return self.fedbuff
 
     def _dispatch(
         self,
@@ -445,6 +479,7 @@ class RoundRunner:
         config: SessionConfig,
         deadline: float,
         refusals: list[Rejection],
+        buffer: int | None,
     ) -> dict[Slot, Partial]:
         """Wait for every slot's partial; close the round at the deadline or a full buffer.
 
@@ -492,11 +527,7 @@ class RoundRunner:
                 waiting.discard(slot)
             elif isinstance(ev, Progress):
                 accepted[slot] = max(accepted.get(slot, 0), ev.accepted)
-                if (
-                    closed_at is None
-                    and config.buffer_size is not None
-                    and sum(accepted.values()) >= config.buffer_size
-                ):
+                if closed_at is None and buffer is not None and sum(accepted.values()) >= buffer:
                     closed_at = self._close(task_id, slots, waiting, "buffer full")
         return partials
 

@@ -100,6 +100,7 @@ OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
         "dp": dict,
         "aggregate": dict,
         "trace": dict,
+        "async": dict,
     },
     # compression: {"encoding": float32|float16|int8|topk, "topk_fraction"}: send the delta
     # to the global model, so encoded (edgefl.protocol.compression); a device that cannot
@@ -112,7 +113,15 @@ OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
     # sums_of "delta": the sums are sum(w * delta), the controller adds W * global;
     # update_bytes: the payload bytes of the updates folded (bytes on the wire, upward),
     # tensor_bytes: the tensor data within them
-    "partial": {"sums_of": str, "update_bytes": int, "tensor_bytes": int, "aggregate": str},
+    # async (round): {"max_staleness": S, "exponent": a}: a FedBuff round (docs/protocol.md
+    # 5b); (partial): the same map echoed, proof that the combiner weighed by staleness
+    "partial": {
+        "sums_of": str,
+        "update_bytes": int,
+        "tensor_bytes": int,
+        "aggregate": str,
+        "async": dict,
+    },
 }
 
 PACKAGE_REF: dict[str, type] = {"id": str, "digest": bytes, "size": int}
