@@ -11,6 +11,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgefl.aggregation.fedbuff import AsyncSettings
 from edgefl.aggregation.privacy import DPConfig
 
 T = TypeVar("T")
@@ -103,6 +104,10 @@ class SessionCreate(BaseModel):
     )
     topk_fraction: float = Field(0.1, gt=0, le=1, description="share of entries top-k sends")
     dp: DPConfig | None = Field(None, description="central differential privacy; None: off")
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="async: FedBuff, a version every K updates (docs/algorithms.md)"
+    )
+    asynchronous: AsyncSettings | None = Field(None, description="FedBuff settings (async)")
 
 
 class StopAccepted(BaseModel):

@@ -339,6 +339,11 @@ def controller(
     dp_clip_norm: float = typer.Option(None, help="turn DP on: clip each update's delta"),
     dp_epsilon: float = typer.Option(None, help="DP: calibrate noise to this epsilon"),
     dp_noise_multiplier: float = typer.Option(None, help="DP: or set the noise multiplier"),
+    async_buffer: int = typer.Option(
+        None, min=1, help="FedBuff (async session): a model version every K updates"
+    ),
+    max_staleness: int = typer.Option(4, min=0, help="FedBuff: refuse updates older than this"),
+    staleness_exponent: float = typer.Option(0.5, min=0, help="FedBuff: s(tau)=(1+tau)^-a"),
     fleet: Path = typer.Option(
         None,
         "--fleet",
@@ -364,6 +369,7 @@ def controller(
     (and the controller evaluates it on the digits test split).
     """
     from edgefl.controller import SessionConfig, SessionFailed
+    from edgefl.controller.async_rounds import async_options
     from edgefl.controller.config import check_aggregator
     from edgefl.deploy import Deployment
     from edgefl.tasks import digits
@@ -437,6 +443,7 @@ def controller(
                         "target_epsilon": dp_epsilon,
                         "noise_multiplier": dp_noise_multiplier,
                     },
+                    **async_options(async_buffer, max_staleness, staleness_exponent),
                     **kwargs,
                 )
             except ValueError as exc:  # pydantic's ValidationError: name the bad setting

@@ -34,7 +34,15 @@ if TYPE_CHECKING:
     from edgefl.controller.records import RoundAttempt
     from edgefl.protocol.types import Participant, Rejection
 
-__all__ = ["AsyncTracker", "check_async"]
+__all__ = ["AsyncTracker", "async_options", "check_async"]
+
+
+def async_options(buffer: int | None, max_staleness: int, exponent: float) -> dict[str, Any]:
+    """SessionConfig fields for the CLI's ``--async-buffer`` (none without it: sync)."""
+    if buffer is None:
+        return {}
+    settings = {"buffer": buffer, "max_staleness": max_staleness, "staleness_exponent": exponent}
+    return {"mode": "async", "asynchronous": settings}
 
 
 def check_async(config: SessionConfig, robust: bool) -> AsyncSettings:
