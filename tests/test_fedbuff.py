@@ -213,3 +213,43 @@ def test_fedbuff_converges_with_late_devices_and_refuses_stale_updates(
     for prev, cur in zip(done, done[1:]):
         assert cur.model_in == prev.model_out
         assert models[cur.model_out].parent == cur.model_in
+
+
+def test_a_combiner_that_ignores_async_is_refused_loudly(
+    broker_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A combiner that predates FedBuff ignores the plan's ``async`` field and folds a
+    synchronous round: its partial (no ``async`` echo) is refused whole, with the reason,
+    and no model version is made from it."""
+    from edgefl.combiner.combiner import Combiner
+    from edgefl.controller.errors import SessionFailed
+
+    start_round = Combiner._start_round
+
+    def unaware(self: Combiner, plan: dict[str, Any]) -> None:
+        start_round(self, {k: v for k, v in plan.items() if k != "async"})
+
+    monkeypatch.setattr(Combiner, "_start_round", unaware)
+    dep = Deployment(broker_url, tmp_path)
+    try:
+        dep.start_combiners(1)
+        dep.start_fleet(4)
+        ctl = dep.controller()
+        config = SessionConfig(
+            session_id="unaware",
+            rounds=1,
+            max_attempts=1,
+            round_timeout_s=10,
+            mode="async",
+            asynchronous=AsyncSettings(buffer=2),
+            train={"lr": 0.1, "batch_size": 32},
+        )
+        ctl.create_session(config, digits.initial_weights())
+        with pytest.raises(SessionFailed):
+            ctl.run(config.session_id)
+        (rec,) = ctl.store.list_rounds(config.session_id)
+    finally:
+        dep.close()
+    assert rec.status == "failed" and rec.model_out is None
+    assert "quorum not met: 0 accepted updates" in rec.reason
+    assert any("does not confirm async aggregation" in j["reason"] for j in rec.rejected)
