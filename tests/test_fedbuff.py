@@ -262,3 +262,38 @@ def test_a_combiner_that_ignores_async_is_refused_loudly(
     assert rec.status == "failed" and rec.model_out is None
     assert "quorum not met: 0 accepted updates" in rec.reason
     assert any("does not confirm async aggregation" in j["reason"] for j in rec.rejected)
+
+
+def test_a_restarted_controller_rebuilds_busy_devices_from_the_round_records() -> None:
+    from edgefl.controller.async_rounds import AsyncTracker
+    from edgefl.controller.records import RoundAttempt
+    from edgefl.store.base import RoundRecord
+
+    def rec(r: int, devices: list[str], answered: dict[str, int]) -> RoundRecord:
+        return RoundRecord(
+            task_id=f"s:{r}:0",
+            session_id="s",
+            round=r,
+            attempt=0,
+            status="completed",
+            model_in=f"v{r - 1}",
+            model_out=f"v{r}",
+            devices=devices,
+            participants=[
+                {"device": d, "region": "r0", "n": 1, "metrics": {"base_round": float(b)}}
+                for d, b in answered.items()
+            ],
+        )
+
+    tracker = AsyncTracker("s", AsyncSettings(buffer=1, max_staleness=2))
+    # round 1 selects a, b, c; a answers at once, b one version late; c never; round 2: a again
+    tracker.restore([rec(1, ["a", "b", "c"], {"a": 1}), rec(2, ["a"], {"b": 1, "a": 2})])
+    assert tracker.busy == {"c": 1}
+    online = {"a": "r0", "b": "r0", "c": "r0", "d": "r1"}
+    assert tracker.select(online, RoundAttempt("s", 3, 0, "v2")) == ["a", "b", "d"]
+    assert tracker.busy_regions() == {"r0"}
+    slots: dict[Any, list[str]] = {("r0", None): ["a"]}
+    tracker.widen(slots)
+    assert slots[("r0", None)] == ["a", "c"]  # c's late answer may still be credited
+    # round 4 (S = 2): c's task of round 1 is written off, so c is idle again
+    assert "c" in tracker.select(online, RoundAttempt("s", 4, 0, "v3"))

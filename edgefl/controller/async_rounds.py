@@ -16,8 +16,8 @@ combiners accept, whichever version each was trained on (``edgefl.aggregation.fe
   ``base_round`` (set by the combiner); the round record's metrics summarise them and the
   model version's ``meta["async"]`` lists each update with the version it was trained on.
 
-State lives in memory for one session: a restarted controller treats every online device
-as idle (a device still training queues the new task behind its current one).
+State lives in memory for one session; a restarted controller rebuilds it from the
+session's round records (``restore``): who was selected in each attempt, and who answered.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from edgefl.controller.presence import Presence
     from edgefl.controller.records import RoundAttempt
     from edgefl.protocol.types import Participant, Rejection
+    from edgefl.store.base import RoundRecord
 
 __all__ = ["AsyncTracker", "async_options", "check_async"]
 
@@ -86,7 +87,8 @@ class AsyncTracker:
     def __init__(self, session_id: str, settings: AsyncSettings) -> None:
         self.session_id = session_id
         self.settings = settings
-        self.busy: dict[str, tuple[int, str]] = {}  # device -> (round of its task, region)
+        self.busy: dict[str, int] = {}  # device -> the round of its outstanding task
+        self.regions: dict[str, str] = {}  # device -> region, as presence last saw it
         self.versions: dict[int, str] = {}  # round -> the model version it trained on
         self.stale_refused = 0  # rejections for staleness seen in partials, in this session
 
@@ -109,7 +111,8 @@ class AsyncTracker:
     def select(self, online: dict[str, str], attempt: RoundAttempt) -> list[str]:
         """The idle online devices this round dispatches to (write-offs first)."""
         r, s = attempt.round, self.settings.max_staleness
-        for dev, (since, _region) in list(self.busy.items()):
+        self.regions.update(online)
+        for dev, since in list(self.busy.items()):
             if since < r - s:  # its answer would be older than S versions: refused anyway
                 del self.busy[dev]
         idle = sorted(d for d in online if d not in self.busy)
@@ -121,21 +124,29 @@ class AsyncTracker:
                 idle = sorted(rng.sample(idle, room))
         return idle
 
-    def dispatched(self, devices: list[str], online: dict[str, str], attempt: RoundAttempt) -> None:
-        self.versions[attempt.round] = attempt.model_in
+    def dispatched(self, devices: list[str], r: int, model_in: str) -> None:
+        self.versions[r] = model_in
         for dev in devices:
-            self.busy[dev] = (attempt.round, online[dev])
-        for old in [k for k in self.versions if k < attempt.round - self.settings.max_staleness]:
+            self.busy[dev] = r
+        for old in [k for k in self.versions if k < r - self.settings.max_staleness]:
             del self.versions[old]
 
+    def restore(self, records: list[RoundRecord]) -> None:
+        """Rebuild who is busy from the session's round records (a restarted controller):
+        each attempt's selected devices, then who answered in it. Without this, a partial
+        crediting a task from before the restart would be refused whole as unplanned."""
+        for rec in sorted(records, key=lambda rec: (rec.round, rec.attempt)):
+            self.dispatched(rec.devices, rec.round, rec.model_in)
+            self.seen(rec.participants, rec.rejected)
+
     def busy_regions(self) -> set[str]:
-        return {region for _, region in self.busy.values()}
+        return {self.regions[d] for d in self.busy if d in self.regions}
 
     def widen(self, slots: dict[Any, list[str]]) -> None:
         """Let each region's partial credit its busy devices too (stale answers)."""
         for (region, member), devs in slots.items():
             if member is None:
-                extra = {d for d, (_, reg) in self.busy.items() if reg == region}
+                extra = {d for d in self.busy if self.regions.get(d) == region}
                 slots[(region, member)] = sorted(set(devs) | extra)
 
     def refuse_partial(self, partial: Partial, plan: dict[str, Any]) -> list[Rejection]:
@@ -155,7 +166,7 @@ class AsyncTracker:
         for p in participants:
             base = int(p["metrics"].get("base_round", -1))
             held = self.busy.get(p["device"])
-            if held is not None and held[0] <= base:
+            if held is not None and held <= base:
                 del self.busy[p["device"]]
         for rej in rejected:
             if rej["reason"].startswith("stale"):

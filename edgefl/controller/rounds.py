@@ -294,7 +294,7 @@ class RoundRunner:
         )
         buffer = config.buffer_size
         if fedbuff is not None:
-            fedbuff.dispatched(selected, online, attempt)
+            fedbuff.dispatched(selected, attempt.round, attempt.model_in)
             fedbuff.widen(slots)
             buffer = fedbuff.settings.buffer
         refusals: list[Rejection] = []
@@ -407,6 +407,7 @@ class RoundRunner:
             self.fedbuff = None
         elif self.fedbuff is None or self.fedbuff.session_id != attempt.session_id:
             self.fedbuff = AsyncTracker(attempt.session_id, config.asynchronous)
+            self.fedbuff.restore(self.store.list_rounds(attempt.session_id))
         return self.fedbuff
 
     def _dispatch(
