@@ -297,3 +297,15 @@ def test_a_restarted_controller_rebuilds_busy_devices_from_the_round_records() -
     assert slots[("r0", None)] == ["a", "c"]  # c's late answer may still be credited
     # round 4 (S = 2): c's task of round 1 is written off, so c is idle again
     assert "c" in tracker.select(online, RoundAttempt("s", 4, 0, "v3"))
+
+
+def test_a_decline_for_an_older_round_is_noted_once() -> None:
+    window = Window()
+    for r in (1, 2):
+        window.add(_plan("s", r, ["a", "b"]), {"a", "b"})
+    assert window.answered("s:1:0", "a")  # recorded in the open round: a is idle again
+    assert not window.answered("s:1:0", "a")  # once
+    assert not window.answered("s:1:0", "z")  # not selected for that task
+    assert not window.answered("s:9:0", "a")  # no task of the window
+    base = window.resolve("s:1:0")
+    assert isinstance(base, Base) and "a" in base.reported  # an update after it is a duplicate

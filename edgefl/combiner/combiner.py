@@ -670,6 +670,13 @@ class Combiner:
             reason = msg["reason"][:512]
             if current and rnd is not None and device in rnd.devices:
                 rnd.declines[reason] += 1
+            elif (  # async: an older round's task, recorded so the controller frees the device
+                rnd is not None
+                and "async" in rnd.plan
+                and not rnd.flushed
+                and self._window.answered(msg["task_id"], device)
+            ):
+                rnd.rejected.append(Rejection(device=device, reason=f"device declined: {reason}"))
             self._reject(
                 device,
                 f"device declined: {reason}",

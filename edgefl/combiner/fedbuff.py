@@ -78,6 +78,16 @@ class Window:
     def knows(self, task_id: str) -> bool:
         return task_id in self._plans
 
+    def answered(self, task_id: str, device: str) -> bool:
+        """Note a device's final answer (a decline) to a task of the window; True if it is
+        the first answer of a device that task selected, to be recorded in the open round
+        (so the controller knows the device is idle again)."""
+        base = self._plans.get(task_id)
+        if base is None or device not in base.devices or device in base.reported:
+            return False
+        base.reported.add(device)
+        return True
+
     def resolve(self, task_id: str) -> Base | str | None:
         """The base round of an update for ``task_id``, weighted for the open round; a
         ``"stale: ..."`` reason if it is too old; None if it is no round of this window."""
