@@ -870,7 +870,7 @@ class Combiner:
             self._progress_due = False
             self._progress_at = time.monotonic()
             rnd = self._round
-            if rnd is None:
+            if rnd is None or rnd.carry:  # a carry's counts go out with the plan adopting it
                 return
             msg = encode(
                 "progress",
