@@ -516,7 +516,7 @@ class Combiner:
             rnd.update_bytes, rnd.tensor_bytes = previous.update_bytes, previous.tensor_bytes
             rnd.rejected = previous.rejected
             rnd.provenance, rnd.provenance_seen = previous.provenance, previous.provenance_seen
-            if rnd.participants:
+            if rnd.participants or rnd.rejected:
                 self._progress()
         else:  # weighed for a round that did not follow: drop them, saying so
             why = f"folded for the round after {previous.plan['task_id']}, which did not follow"
