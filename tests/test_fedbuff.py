@@ -309,3 +309,17 @@ def test_a_decline_for_an_older_round_is_noted_once() -> None:
     assert not window.answered("s:9:0", "a")  # no task of the window
     base = window.resolve("s:1:0")
     assert isinstance(base, Base) and "a" in base.reported  # an update after it is a duplicate
+
+
+def test_the_rest_api_creates_async_sessions_and_refuses_nonsense_with_422() -> None:
+    from edgefl.api.auth import ApiError
+    from edgefl.api.routes.session_control import _config
+    from edgefl.api.schemas import SessionCreate
+
+    body = {"session_id": "a1", "mode": "async", "asynchronous": {"buffer": 3}}
+    config, _weights = _config(SessionCreate(**body), "softmax")
+    assert config.mode == "async" and config.asynchronous == AsyncSettings(buffer=3)
+    assert config.plan_fields()["async"] == {"max_staleness": 4, "exponent": 0.5}
+    with pytest.raises(ApiError) as err:
+        _config(SessionCreate(**{**body, "aggregator": "krum"}), "softmax")
+    assert err.value.status_code == 422 and "holds whole updates" in str(err.value.detail)
