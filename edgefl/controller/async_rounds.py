@@ -125,6 +125,7 @@ class AsyncTracker:
         return idle
 
     def dispatched(self, devices: list[str], r: int, model_in: str) -> None:
+        """Round ``r`` (trained on ``model_in``) sent tasks to ``devices``: busy now."""
         self.versions[r] = model_in
         for dev in devices:
             self.busy[dev] = r
