@@ -6,6 +6,7 @@ malformed updates are refused, so the rounds carry rejections as well as partici
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Iterator
