@@ -24,12 +24,15 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, inspect, text
 from typer.testing import CliRunner
 
+from edgefl.api.app import create_app
 from edgefl.api.server import DashboardServer
 from edgefl.auth.tokens import AuthConfig, Role, generate_secret
 from edgefl.cli.main import app as cli
+from edgefl.client import APIClient
 from edgefl.controller.controller import Controller
 from edgefl.controller.model_versions import ModelRepository
 from edgefl.packages.build import build_package
@@ -429,7 +432,8 @@ def test_an_upload_names_its_project_when_the_caller_has_several(world: World, t
     with world.http("ann") as ann:
         res = ann.post("/api/packages", content=data)
         assert res.status_code == 422 and "alpha, beta" in res.json()["detail"]
-        assert ann.post("/api/packages?project=beta", content=data).status_code == 201
+    with APIClient(world.url, world.token("ann")) as api:  # the Python client names it too
+        assert api.upload_package(data, project="beta").digest == _sha(data)
     with world.http("bob", Role.admin, "beta") as bob:
         assert _digests(bob) == [_sha(data)]
     with world.http("vic", Role.admin, "alpha") as vic:
@@ -457,6 +461,29 @@ def test_a_package_without_owners_is_seen_by_the_projects_training_it(
         assert ann.post("/api/packages", content=data).status_code == 200  # claims it
         assert _digests(ann) == [digest]
     assert PackageOwners(blobs).get(digest) == {"alpha"}
+
+
+def test_insecure_mode_shows_every_package_unless_bound_to_a_project(
+    world: World, tmp_path
+) -> None:
+    """No auth: an unbound API shows every package, as before owners; one bound to alpha
+    shows alpha's only, uploads for alpha, and refuses sessions on beta's package."""
+    beta_pkg, alpha_pkg = _package(tmp_path, "beta-insecure"), _package(tmp_path, "alpha-insecure")
+    blobs = FileBlobStore(tmp_path / "models")
+    Controller("mqtt://127.0.0.1:1", world.store, blobs, project="beta").add_package(beta_pkg)
+    bound = TestClient(create_app(world.store, None, insecure=True, project="alpha", blobs=blobs))
+    assert bound.get("/api/packages").json() == []
+    assert bound.get(f"/api/packages/{_sha(beta_pkg)}").status_code == 404
+    assert bound.post("/api/sessions", json={"model": _sha(beta_pkg)}).status_code == 422
+    assert bound.post("/api/packages", content=alpha_pkg).status_code == 201
+    assert [p["digest"] for p in bound.get("/api/packages").json()] == [_sha(alpha_pkg)]
+    assert PackageOwners(blobs).get(_sha(alpha_pkg)) == {"alpha"}
+    anyone = TestClient(create_app(world.store, None, insecure=True, blobs=blobs))
+    assert [p["digest"] for p in anyone.get("/api/packages").json()] == sorted(
+        [_sha(alpha_pkg), _sha(beta_pkg)]
+    )
+    made = anyone.post("/api/sessions", json={"model": _sha(beta_pkg), "project": "alpha"})
+    assert made.status_code == 201, made.text
 
 
 def _add_owners(root: str, digest: str, projects: list[str]) -> None:
