@@ -382,14 +382,16 @@ class APIClient:
     def package(self, digest: str) -> PackageSummary:
         return self._get(f"/api/packages/{_seg(digest)}", PackageSummary)
 
-    def upload_package(self, data: bytes) -> PackageSummary:
-        """Operator: store a package (checked by the server as the controller checks it);
-        a session then names its ``digest``."""
+    def upload_package(self, data: bytes, project: str | None = None) -> PackageSummary:
+        """Operator: store a package (checked by the server as the controller checks it) for
+        ``project`` (default: the API's, or the caller's only one as operator); a session
+        of that project then names its ``digest``."""
         res = self.request(
             "POST",
             "/api/packages",
             content=data,
             headers={"Content-Type": "application/octet-stream"},
+            params={} if project is None else {"project": project},
         )
         return PackageSummary.model_validate(res.json())
 

@@ -6,6 +6,7 @@ malformed updates are refused, so the rounds carry rejections as well as partici
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -273,7 +274,11 @@ def test_package_upload_is_checked_stored_for_the_controller_and_listed(
         text = {"Content-Type": "text/plain"}
         wrong_type = http.post("/api/packages", content=data, headers=text)
         assert wrong_type.status_code == 415
-    assert [p.name for p in live.models_dir.glob("pkg-*")] == [f"pkg-{digest}"]
+    # the package, and beside it the projects that added it (docs/storage.md 4.1)
+    stored = sorted(p.name for p in live.models_dir.glob("pkg-*"))
+    assert stored == [f"pkg-{digest}", f"pkg-{digest}.owners"]
+    owners = json.loads((live.models_dir / f"pkg-{digest}.owners").read_text())
+    assert owners == {"format": 1, "projects": [live.project]}
 
 
 def test_package_uploads_over_the_cap_are_refused(tmp_path) -> None:

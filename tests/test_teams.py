@@ -9,22 +9,35 @@ any list, and get 404 (not 403) for each of beta's objects.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, inspect, text
 from typer.testing import CliRunner
 
+from edgefl.api.app import create_app
 from edgefl.api.server import DashboardServer
 from edgefl.auth.tokens import AuthConfig, Role, generate_secret
 from edgefl.cli.main import app as cli
+from edgefl.client import APIClient
+from edgefl.controller.controller import Controller
 from edgefl.controller.model_versions import ModelRepository
+from edgefl.packages.build import build_package
+from edgefl.packages.digits_models import digits_softmax_onnx
+from edgefl.packages.owners import OwnersError, PackageOwners
 from edgefl.store import make_store
 from edgefl.store.base import (
     CombinerChange,
@@ -352,6 +365,198 @@ def test_an_api_bound_to_one_project_admits_its_members_only(world: World, tmp_p
         assert httpx.get(f"{base}/api/sessions", headers=bob).status_code == 401
     finally:
         server.stop()
+
+
+def _package(tmp_path: Path, name: str) -> bytes:
+    """A real model package (the digits softmax exported to ONNX); the name sets its digest."""
+    model = tmp_path / "softmax.onnx"
+    model.write_bytes(digits_softmax_onnx())
+    return build_package(model, name=name, labels=10).dumps()
+
+
+def _digests(http: httpx.Client) -> list[str]:
+    res = http.get("/api/packages")
+    assert res.status_code == 200, res.text
+    assert res.headers["X-Total-Count"] == str(len(res.json()))
+    return [p["digest"] for p in res.json()]
+
+
+def test_packages_are_scoped_to_the_projects_that_added_them(world: World, tmp_path) -> None:
+    """beta's package is unknown to alpha (list, get, session creation all as for a missing
+    one); identical bytes uploaded by both projects are visible to both."""
+    mine, shared = _package(tmp_path, "beta-only"), _package(tmp_path, "shared")
+    beta_digest, shared_digest = _sha(mine), _sha(shared)
+    nowhere = "0" * 64
+    with world.http("bob", Role.admin, "beta") as bob, world.http("ann") as ann:
+        assert bob.post("/api/packages", content=mine).status_code == 201  # his only project
+        assert _digests(bob) == [beta_digest]
+        with world.http("vic", Role.viewer, "alpha") as vic:
+            assert _digests(vic) == []
+            missing = vic.get(f"/api/packages/{nowhere}")
+            hidden = vic.get(f"/api/packages/{beta_digest}")
+            assert (hidden.status_code, missing.status_code) == (404, 404)
+            assert hidden.json()["detail"] == missing.json()["detail"].replace(nowhere, beta_digest)
+        assert _digests(ann) == [] and ann.get(f"/api/packages/{beta_digest}").status_code == 404
+        # alpha cannot train beta's package: refused exactly as a package never uploaded
+        for digest in (beta_digest, nowhere):
+            res = ann.post("/api/sessions", json={"model": digest, "rounds": 1})
+            assert res.status_code == 422, res.text
+            assert res.json()["detail"].startswith(f"no package {digest} in this server's")
+        assert ann.post("/api/packages?project=beta", content=mine).status_code == 404
+        # the same bytes from both projects: stored once, owned by both, seen by both
+        first = ann.post("/api/packages", content=shared)
+        assert first.status_code == 201 and first.json()["digest"] == shared_digest
+        assert _digests(bob) == [beta_digest]  # not beta's until beta adds it
+        assert bob.get(f"/api/packages/{shared_digest}").status_code == 404
+        again = bob.post("/api/packages", content=shared)
+        assert again.status_code == 200 and again.json()["digest"] == shared_digest
+        assert _digests(bob) == sorted([beta_digest, shared_digest])
+        assert _digests(ann) == [shared_digest]
+        assert ann.get(f"/api/packages/{shared_digest}").json()["size"] == len(shared)
+        made = ann.post("/api/sessions", json={"model": shared_digest, "rounds": 1})
+        assert made.status_code == 201, made.text
+        assert made.json()["config"]["package"] == shared_digest
+        assert bob.get(f"/api/packages/{shared_digest}").json()["sessions"] == []  # alpha's
+        assert ann.get(f"/api/packages/{shared_digest}").json()["sessions"] == [
+            made.json()["session_id"]
+        ]
+    owners = PackageOwners(FileBlobStore(tmp_path / "models"))
+    assert owners.get(shared_digest) == {"alpha", "beta"} and owners.get(beta_digest) == {"beta"}
+
+
+def test_an_upload_names_its_project_when_the_caller_has_several(world: World, tmp_path) -> None:
+    """An operator of two projects must say which one an upload is for (422 naming both);
+    a viewer of the named project gets 403, a stranger to it 404."""
+    data = _package(tmp_path, "two-teams")
+    world.store.add_member("beta", "ann", "operator", "bob (admin)")
+    with world.http("ann") as ann:
+        res = ann.post("/api/packages", content=data)
+        assert res.status_code == 422 and "alpha, beta" in res.json()["detail"]
+    with APIClient(world.url, world.token("ann")) as api:  # the Python client names it too
+        assert api.upload_package(data, project="beta").digest == _sha(data)
+    with world.http("bob", Role.admin, "beta") as bob:
+        assert _digests(bob) == [_sha(data)]
+    with world.http("vic", Role.admin, "alpha") as vic:
+        assert _digests(vic) == []
+        assert vic.post("/api/packages", content=data).status_code == 403  # viewer in alpha
+        assert vic.post("/api/packages?project=beta", content=data).status_code == 404
+
+
+def test_a_package_without_owners_is_seen_by_the_projects_training_it(
+    world: World, tmp_path
+) -> None:
+    """A package stored before owners existed (no sidecar) belongs to no project: only the
+    projects whose sessions train it see it, and an upload claims it."""
+    data = _package(tmp_path, "legacy")
+    digest = _sha(data)
+    blobs = FileBlobStore(tmp_path / "models")
+    blobs.put(f"pkg-{digest}", data)  # as an older edgefl stored it
+    cfg = {"rounds": 1, "package": digest}
+    world.store.create_session(SessionRecord("sB2", "beta", cfg, "created", 0, "", 4.0, 4.0))
+    with world.http("bob", Role.viewer, "beta") as bob, world.http("ann") as ann:
+        assert _digests(bob) == [digest]
+        assert bob.get(f"/api/packages/{digest}").json()["sessions"] == ["sB2"]
+        assert _digests(ann) == [] and ann.get(f"/api/packages/{digest}").status_code == 404
+        assert ann.post("/api/sessions", json={"model": digest}).status_code == 422
+        assert ann.post("/api/packages", content=data).status_code == 200  # claims it
+        assert _digests(ann) == [digest]
+    assert PackageOwners(blobs).get(digest) == {"alpha"}
+
+
+def test_insecure_mode_shows_every_package_unless_bound_to_a_project(
+    world: World, tmp_path
+) -> None:
+    """No auth: an unbound API shows every package, as before owners; one bound to alpha
+    shows alpha's only, uploads for alpha, and refuses sessions on beta's package."""
+    beta_pkg, alpha_pkg = _package(tmp_path, "beta-insecure"), _package(tmp_path, "alpha-insecure")
+    blobs = FileBlobStore(tmp_path / "models")
+    Controller("mqtt://127.0.0.1:1", world.store, blobs, project="beta").add_package(beta_pkg)
+    bound = TestClient(create_app(world.store, None, insecure=True, project="alpha", blobs=blobs))
+    assert bound.get("/api/packages").json() == []
+    assert bound.get(f"/api/packages/{_sha(beta_pkg)}").status_code == 404
+    assert bound.post("/api/sessions", json={"model": _sha(beta_pkg)}).status_code == 422
+    assert bound.post("/api/packages", content=alpha_pkg).status_code == 201
+    assert [p["digest"] for p in bound.get("/api/packages").json()] == [_sha(alpha_pkg)]
+    assert PackageOwners(blobs).get(_sha(alpha_pkg)) == {"alpha"}
+    anyone = TestClient(create_app(world.store, None, insecure=True, blobs=blobs))
+    assert [p["digest"] for p in anyone.get("/api/packages").json()] == sorted(
+        [_sha(alpha_pkg), _sha(beta_pkg)]
+    )
+    made = anyone.post("/api/sessions", json={"model": _sha(beta_pkg), "project": "alpha"})
+    assert made.status_code == 201, made.text
+
+
+def _add_owners(root: str, digest: str, projects: list[str]) -> None:
+    owners = PackageOwners(FileBlobStore(root))
+    for p in projects:
+        owners.add(digest, p)
+
+
+ADD_IN_A_PROCESS = """
+import sys
+from edgefl.packages.owners import PackageOwners
+from edgefl.store.blobs import FileBlobStore
+owners = PackageOwners(FileBlobStore(sys.argv[1]))
+sys.stdin.read()  # every process is ready: all start adding at once
+for p in sys.argv[3:]:
+    owners.add(sys.argv[2], p)
+"""
+
+
+def test_owners_writes_from_threads_and_processes_lose_nothing(tmp_path) -> None:
+    """Read-modify-write of one sidecar: a lock within the process, and ``flock`` on the
+    model folder across processes, so no concurrent add overwrites another."""
+    digest, N = "ab" * 32, 40  # N adds per thread and per process
+    root = str(tmp_path / "models")
+    FileBlobStore(root)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", ADD_IN_A_PROCESS, root, digest]
+            + [f"p{i}-{j}" for j in range(N)],
+            env=env,
+            stdin=subprocess.PIPE,
+        )
+        for i in range(3)
+    ]
+    threads = [
+        threading.Thread(target=_add_owners, args=(root, digest, [f"t{i}-{j}" for j in range(N)]))
+        for i in range(4)
+    ]
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.close()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert [p.wait(60) for p in procs] == [0, 0, 0]
+    want = {f"{k}{i}-{j}" for k, n in (("t", 4), ("p", 3)) for i in range(n) for j in range(N)}
+    owners = PackageOwners(FileBlobStore(root))
+    assert owners.get(digest) == want
+    assert owners.add(digest, "t0-0") is False  # already an owner: nothing written
+    raw = json.loads((tmp_path / "models" / f"pkg-{digest}.owners").read_text())
+    assert raw == {"format": 1, "projects": sorted(want)}
+    (tmp_path / "models" / f"pkg-{digest}.owners").write_text('{"format": 2, "projects": []}')
+    assert owners.get(digest) == frozenset()  # unreadable: nobody is shown it
+    with pytest.raises(OwnersError, match="format 2"):
+        owners.add(digest, "x")  # and it is never overwritten
+
+
+def test_the_controller_records_its_project_when_it_adds_a_package(tmp_path) -> None:
+    data = _package(tmp_path, "from-controller")
+    blobs = FileBlobStore(tmp_path / "models")
+    store = make_store(f"sqlite:///{tmp_path / 'c.db'}")
+    try:
+        controller = Controller("mqtt://127.0.0.1:1", store, blobs, project="beta")
+        assert controller.add_package(data).digest == _sha(data)  # no broker needed
+        assert PackageOwners(blobs).get(_sha(data)) == {"beta"}
+    finally:
+        store.close()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def test_the_members_cli(world: World) -> None:

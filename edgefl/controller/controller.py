@@ -36,6 +36,7 @@ from edgefl.controller.stop_requests import StopWatch
 from edgefl.controller.telemetry_forward import TelemetryForwarder
 from edgefl.observability.hooks import session_scope
 from edgefl.packages.format import ModelPackage
+from edgefl.packages.owners import PackageOwners
 from edgefl.protocol import MessageError, Topics, decode, encode
 from edgefl.protocol.messages import package_ref
 from edgefl.protocol.types import Weights
@@ -171,12 +172,14 @@ class Controller:
         """Validate a model package and keep it (content-addressed); a session names its digest.
 
         Raises PackageError naming what is wrong: the controller never hands devices a
-        package that its own checks refuse.
+        package that its own checks refuse. Its project is recorded as an owner, so the
+        REST API shows the package to that project's members (``packages.owners``).
         """
         package = ModelPackage.loads(data)
         key = package_blob_key(package.digest)
         if not self.blobs.exists(key):
             self.blobs.put(key, data)
+        PackageOwners(self.blobs).add(package.digest, self.project)
         return package
 
     def load_package(self, digest: str) -> tuple[ModelPackage, bytes]:

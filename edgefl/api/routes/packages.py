@@ -4,6 +4,10 @@ An upload is checked by the same reader as ``edgefl package inspect`` and the co
 ``add_package`` (``ModelPackage.loads``: format, manifest, every file's digest, weights)
 and stored content-addressed under ``pkg-<sha256>`` in the controller's model folder, where
 ``Controller.load_package`` finds it when a session names that digest.
+
+Packages are scoped to projects (docs/security.md 4a): a caller sees a package when one of
+their projects that this API serves owns it (uploaded or added it: ``packages.owners``) or
+has a session training it. Any other package answers 404, exactly like a missing one.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ import logging
 import threading
 from pathlib import Path
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from edgefl.api.auth import ApiError, Principal
+from edgefl.api.auth import ApiError, Principal, forbidden
 from edgefl.api.routes.deps import (
     ApiContext,
     Ctx,
@@ -29,6 +33,7 @@ from edgefl.api.schemas import PackageSummary
 from edgefl.auth.tokens import Role
 from edgefl.controller.controller import package_blob_key
 from edgefl.packages.format import ModelPackage, PackageError
+from edgefl.packages.owners import OwnersError, PackageOwners
 from edgefl.protocol.messages import package_ref
 from edgefl.store.base import BlobStore
 
@@ -96,6 +101,29 @@ def _users(ctx: ApiContext, who: Principal) -> dict[str, list[str]]:
     return out
 
 
+def _served(ctx: ApiContext, who: Principal) -> list[str] | None:
+    """The caller's projects that this API serves; None: every one (insecure, unbound)."""
+    scope = ctx.scope(who)
+    return [scope] if isinstance(scope, str) else scope
+
+
+def _visible(blobs: BlobStore, digest: str, projects: list[str] | None, used: bool) -> bool:
+    """Whether a package is the business of ``projects``: one of them owns it, or (``used``)
+    one of their sessions trains it, which also covers packages stored before owners."""
+    if projects is None or used:
+        return True
+    return not PackageOwners(blobs).get(digest).isdisjoint(projects)
+
+
+def visible_to_project(ctx: ApiContext, digest: str, project: str) -> bool:
+    """Whether ``project`` may use the package (to create a session with it): it owns the
+    package or one of its sessions already trains it."""
+    if ctx.blobs is None:
+        return False
+    used = any(s.config.get("package") == digest for s in ctx.store.list_sessions(project))
+    return _visible(ctx.blobs, digest, [project], used)
+
+
 def _describe(blobs: BlobStore, digest: str, sessions: list[str]) -> PackageSummary | None:
     with _summaries_lock:
         known = _summaries.get(digest)
@@ -119,10 +147,11 @@ def list_packages(
     ctx: ApiContext = Ctx,
     who: Principal = as_viewer,
 ) -> list[PackageSummary]:
-    """The packages in the controller's model folder, by digest, with the sessions using them."""
+    """The packages of the caller's projects, by digest, with the sessions using them."""
     blobs = _blobs(ctx)
     users = _users(ctx, who)
-    digests = _stored_digests(blobs)
+    projects = _served(ctx, who)
+    digests = [d for d in _stored_digests(blobs) if _visible(blobs, d, projects, d in users)]
     chosen = paginate(digests, params, request, response)
     described = [_describe(blobs, d, users.get(d, [])) for d in chosen]
     return [d for d in described if d is not None]
@@ -130,14 +159,42 @@ def list_packages(
 
 @router.get("/{digest}", response_model=PackageSummary)
 def get_package(digest: str, ctx: ApiContext = Ctx, who: Principal = as_viewer) -> PackageSummary:
-    """One package by its SHA-256 (hex); 404 if it was never added."""
+    """One package by its SHA-256 (hex); 404 if it is missing or not the caller's projects'."""
     blobs = _blobs(ctx)
-    if digest not in _stored_digests(blobs):
+    users = _users(ctx, who).get(digest, [])
+    # another project's package is as unknown as a missing one: its existence must not leak
+    if digest not in _stored_digests(blobs) or not _visible(
+        blobs, digest, _served(ctx, who), bool(users)
+    ):
         raise ApiError(404, f"no model package {digest!r} in this server's model folder")
-    found = _describe(blobs, digest, _users(ctx, who).get(digest, []))
+    found = _describe(blobs, digest, users)
     if found is None:
         raise ApiError(500, f"the stored package {digest[:16]}... is unreadable; its log says why")
     return found
+
+
+def _upload_project(ctx: ApiContext, who: Principal, asked: str | None) -> str:
+    """The project an upload is for: ``?project=``, else the API's bound project, else the
+    caller's only project where they are operator or more (422 naming them when there are
+    several); 404/403 as for any project (``ApiContext.require``)."""
+    project = asked or ctx.project
+    if project is None:
+        mine = who.projects
+        if mine is None:  # insecure mode on an unbound API: as a session is created
+            project = "default"
+        else:
+            ops = [p for p in mine if who.can(p, Role.operator)]
+            if not ops:
+                raise forbidden(f"{who.name} is not {Role.operator.value} of any project here")
+            if len(ops) > 1:
+                raise ApiError(
+                    422,
+                    f"which project is this package for? {who.name} is operator or more in "
+                    f"{', '.join(ops)}: name one with ?project=",
+                )
+            project = ops[0]
+    ctx.require(project, who, Role.operator)
+    return project
 
 
 async def _read_capped(request: Request, cap: int) -> bytes:
@@ -168,15 +225,24 @@ async def _read_capped(request: Request, cap: int) -> bytes:
     responses={200: {"model": PackageSummary, "description": "already stored (same digest)"}},
 )
 async def upload_package(
-    request: Request, response: Response, ctx: ApiContext = Ctx, who: Principal = as_operator
+    request: Request,
+    response: Response,
+    project: str | None = Query(
+        None,
+        description="the project the package is for (default: the API's project, or the "
+        "caller's only project where they are operator or more)",
+    ),
+    ctx: ApiContext = Ctx,
+    who: Principal = as_operator,
 ) -> PackageSummary:
-    """Validate a package exactly as the controller does and store it where sessions find it.
+    """Validate a package as the controller does and store it for a project's sessions.
 
     The body is the package file itself. 201 with ``Location`` when stored, 200 when the same
-    bytes were there already, 422 naming the problem when the reader refuses it, 413 past the
-    size cap. Operators and admins may upload.
+    bytes were there already (the project is then added as one of its owners), 422 naming the
+    problem when the reader refuses it or the project is ambiguous, 413 past the size cap.
+    Operators and admins of the project may upload.
     """
-    ctx.require_somewhere(who, Role.operator)
+    owner = _upload_project(ctx, who, project)
     blobs = _blobs(ctx)
     kind = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip()
     if kind not in PACKAGE_TYPES:
@@ -206,6 +272,14 @@ async def upload_package(
             len(data),
             who.name,
         )
+    try:
+        added = await run_in_threadpool(PackageOwners(blobs).add, digest, owner)
+    except OSError as exc:
+        raise ApiError(507, f"cannot record the package's project: {exc}") from None
+    except OwnersError as exc:  # never overwritten: the other owners would be lost
+        raise ApiError(500, f"cannot record the package's project: {exc}") from None
+    if added:
+        security_log.warning("package %s added to project %s by %s", digest[:16], owner, who.name)
     response.status_code = 200 if existed else 201
     response.headers["Location"] = f"/api/packages/{digest}"
     summary = _summary(pkg, digest, len(data), _users(ctx, who).get(digest, []))

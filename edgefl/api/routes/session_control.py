@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from edgefl.api.auth import ApiError, Principal, forbidden
 from edgefl.api.routes.deps import ApiContext, Ctx, as_operator
+from edgefl.api.routes.packages import visible_to_project
 from edgefl.api.routes.sessions import summary
 from edgefl.api.schemas import BUILTIN_MODELS, SessionCreate, SessionDetail, SessionSummary
 from edgefl.auth.tokens import Role
@@ -108,6 +109,21 @@ def _config(body: SessionCreate, model: str) -> tuple[SessionConfig, Weights | N
         raise ApiError(422, f"invalid session: {why}") from None
 
 
+def _no_package(digest: str | None) -> ApiError:
+    return ApiError(
+        422,
+        f"no package {digest} in this server's model folder: upload it first (POST /api/packages)",
+    )
+
+
+def _sees_package(ctx: ApiContext, who: Principal, project: str, digest: str) -> bool:
+    """Whether the session's project may train the package (``visible_to_project``); an
+    insecure API serving every project checks nothing, as before packages had owners."""
+    if who.projects is None and ctx.project is None:
+        return True
+    return visible_to_project(ctx, digest, project)
+
+
 @router.post("", status_code=201, response_model=SessionDetail)
 def create_session(
     body: SessionCreate, response: Response, ctx: ApiContext = Ctx, who: Principal = as_operator
@@ -132,6 +148,9 @@ def create_session(
         )
     start = _start_from(ctx, project, body.initial_model)
     config, weights = _config(body, body.model or _model_of(ctx, start))
+    # another project's package is refused as a missing one is (its existence must not leak)
+    if config.package is not None and not _sees_package(ctx, who, project, config.package):
+        raise _no_package(config.package)
     try:
         sess = new_session(
             ctx.store,
@@ -147,11 +166,7 @@ def create_session(
             raise ApiError(
                 409, f"the blob of {start.version!r} is not in this server's model folder"
             ) from None
-        raise ApiError(
-            422,
-            f"no package {config.package} in this server's model folder: upload it first "
-            "(POST /api/packages)",
-        ) from None
+        raise _no_package(config.package) from None
     except PackageError as exc:
         raise ApiError(422, f"the stored package is unusable: {exc}") from None
     except ValueError as exc:
