@@ -242,6 +242,17 @@ def expect(pipe: Connection, what: str, timeout: float = 600.0) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def reporting(pipe: Connection) -> Iterator[None]:
+    """A child process's body: an exception goes to the parent as ``("error", text)`` (so
+    ``expect`` raises it there at once) and is raised again here."""
+    try:
+        yield
+    except Exception as exc:
+        pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+
+
 class Children:
     """Child processes with a pipe each, terminated on exit whatever happened."""
 

@@ -35,7 +35,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import Children, CpuMeter, broker, emit, expect, log, median, setup_logging
+from _common import (
+    Children,
+    CpuMeter,
+    broker,
+    emit,
+    expect,
+    log,
+    median,
+    reporting,
+    setup_logging,
+)
 
 REGION = "region-0"
 DEVICES_PER_PROCESS = 20
@@ -53,7 +63,7 @@ def initial_weights() -> dict[str, np.ndarray]:
 
 def controller(url: str, workdir: str, project: str, pipe: Connection) -> None:
     setup_logging()
-    try:
+    with reporting(pipe):
         from edgefl.controller import SessionConfig
         from edgefl.deploy import Deployment
 
@@ -88,14 +98,11 @@ def controller(url: str, workdir: str, project: str, pipe: Connection) -> None:
                 )
             )
             pipe.recv()
-    except Exception as exc:
-        pipe.send(("error", f"{type(exc).__name__}: {exc}"))
-        raise
 
 
 def member(url: str, project: str, name: str, pipe: Connection) -> None:
     setup_logging()
-    try:
+    with reporting(pipe):
         from edgefl.combiner import Combiner, CombinerConfig
 
         comb = Combiner(
@@ -106,14 +113,11 @@ def member(url: str, project: str, name: str, pipe: Connection) -> None:
         pipe.send(("done", dict(comb.stats)))
         pipe.recv()
         comb.stop()
-    except Exception as exc:
-        pipe.send(("error", f"{type(exc).__name__}: {exc}"))
-        raise
 
 
 def devices(url: str, project: str, first: int, pipe: Connection) -> None:
     setup_logging()
-    try:
+    with reporting(pipe):
         from device_agent.agent import DeviceAgent
         from device_agent.config import AgentConfig
         from device_agent.trainers.base import CallableTrainer, TrainResult
@@ -140,9 +144,6 @@ def devices(url: str, project: str, first: int, pipe: Connection) -> None:
         pipe.recv()
         for a in agents:
             a.stop()
-    except Exception as exc:
-        pipe.send(("error", f"{type(exc).__name__}: {exc}"))
-        raise
 
 
 def run_pool(url: str, size: int, workdir: str) -> dict[str, Any]:

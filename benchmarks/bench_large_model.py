@@ -56,6 +56,7 @@ from _common import (
     log,
     mb,
     median,
+    reporting,
     setup_logging,
 )
 
@@ -143,7 +144,7 @@ def server(
     """Combiner and/or controller; the controller runs a session of ``rounds`` on 'go'
     (``paced``: pausing after each round until the orchestrator says 'continue')."""
     setup_logging()
-    try:
+    with reporting(pipe):
         from edgefl.controller import SessionConfig
         from edgefl.deploy import Deployment
 
@@ -209,16 +210,13 @@ def server(
                 )
             )
             pipe.recv()
-    except Exception as exc:
-        pipe.send(("error", f"{type(exc).__name__}: {exc}"))
-        raise
 
 
 # edgefl: the devices' process ----------------------------------------------------------------
 def devices(url: str, first: int, count: int, pipe: Connection) -> None:
     """``count`` real agents whose trainer adds 0.001 to every weight."""
     setup_logging()
-    try:
+    with reporting(pipe):
         from device_agent.agent import DeviceAgent
         from device_agent.config import AgentConfig
         from device_agent.trainers.base import CallableTrainer, TrainResult
@@ -247,9 +245,6 @@ def devices(url: str, first: int, count: int, pipe: Connection) -> None:
         pipe.recv()
         for a in agents:
             a.stop()
-    except Exception as exc:
-        pipe.send(("error", f"{type(exc).__name__}: {exc}"))
-        raise
 
 
 # raw paho ------------------------------------------------------------------------------------

@@ -134,42 +134,50 @@ class Presence:
         log.warning("%s", text)
 
     def on_combiner_status(self, topic: str, payload: bytes) -> None:
-        if not payload:
+        """A region's only combiner's status, on ``{region}/comb/status``."""
+        got = self._combiner_message(topic, payload, self.topics.parse_combiner_topic)
+        if got is None:
             return
-        try:
-            region, _ = self.topics.parse_combiner_topic(topic)
-            msg = decode(payload, "status")
-            _check_state(msg["state"])
-        except (TopicError, MessageError) as exc:
-            self.refused += 1
-            log.warning("ignoring bad combiner status on %s: %s", topic, exc)
-            return
+        (region, _), msg = got
         with self._lock:
             self._combiners[region] = msg["state"]
-            self.changed.notify_all()
-            if self.on_change is not None:
-                self.on_change("combiner", region, str(msg.get("combiner", "")), msg)
+            self._changed_combiner(region, str(msg.get("combiner", "")), msg)
 
     def on_pool_member_status(self, topic: str, payload: bytes) -> None:
         """A combiner pool member's status: the region is served while any member is up."""
-        if not payload:
+        got = self._combiner_message(topic, payload, self.topics.parse_pool_member_status)
+        if got is None:
             return
-        try:
-            region, member = self.topics.parse_pool_member_status(topic)
-            msg = decode(payload, "status")
-            _check_state(msg["state"])
-        except (TopicError, MessageError) as exc:
-            self.refused += 1
-            log.warning("ignoring bad pool member status on %s: %s", topic, exc)
-            return
+        (region, member), msg = got
         with self._lock:
             members = self._members.setdefault(region, {})
             if members.get(member) != msg["state"]:
                 log.info("combiner pool of %s: %s is %s", region, member, msg["state"])
             members[member] = msg["state"]
-            self.changed.notify_all()
-            if self.on_change is not None:
-                self.on_change("combiner", region, member, msg)
+            self._changed_combiner(region, member, msg)
+
+    def _combiner_message(
+        self, topic: str, payload: bytes, parse: Callable[[str], tuple[str, str]]
+    ) -> tuple[tuple[str, str], dict[str, Any]] | None:
+        """The parsed topic and status message of a combiner or pool member; None (counted
+        and logged) for a malformed one, and for a cleared retained status."""
+        if not payload:
+            return None
+        try:
+            where = parse(topic)
+            msg = decode(payload, "status")
+            _check_state(msg["state"])
+        except (TopicError, MessageError) as exc:
+            self.refused += 1
+            log.warning("ignoring bad combiner status on %s: %s", topic, exc)
+            return None
+        return where, msg
+
+    def _changed_combiner(self, region: str, name: str, msg: dict[str, Any]) -> None:
+        """Under the lock: wake the session loop, tell the observer."""
+        self.changed.notify_all()
+        if self.on_change is not None:
+            self.on_change("combiner", region, name, msg)
 
     def pool_members(self, region: str) -> list[str]:
         """The online members of ``region``'s combiner pool, sorted (empty: no pool there)."""

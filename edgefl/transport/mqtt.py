@@ -398,6 +398,16 @@ class MqttConnection:
         Raises ``ValueError`` for a filter the broker's quirks forbid (``check_topic``).
         """
         check_topic(self.quirks, topic_filter)
+        self.client.message_callback_add(topic_filter, self._callback(handler))
+        with self._lock:
+            self._subs[topic_filter] = qos
+        if self.connected.is_set():
+            self.client.subscribe(topic_filter, qos=qos)
+
+    def _callback(
+        self, handler: Handler
+    ) -> Callable[[paho.Client, object, paho.MQTTMessage], None]:
+        """A paho message callback calling ``handler(topic, payload)``; it never raises."""
 
         def _cb(_client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
             # paho decodes PUBLISH payloads with struct.unpack, which always yields bytes
@@ -407,11 +417,7 @@ class MqttConnection:
             except Exception:  # a bad message must never kill the network thread
                 log.exception("%s: handler for %s failed", self.client_id, msg.topic)
 
-        self.client.message_callback_add(topic_filter, _cb)
-        with self._lock:
-            self._subs[topic_filter] = qos
-        if self.connected.is_set():
-            self.client.subscribe(topic_filter, qos=qos)
+        return _cb
 
     def subscribe_many(self, topic_filters: Sequence[str], handler: Handler, qos: int = 1) -> None:
         """``subscribe`` to many filters with one handler, in a few SUBSCRIBE packets.
@@ -421,16 +427,9 @@ class MqttConnection:
         """
         for f in topic_filters:
             check_topic(self.quirks, f)
-
-        def _cb(_client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
-            payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
-            try:
-                handler(msg.topic, payload)
-            except Exception:  # a bad message must never kill the network thread
-                log.exception("%s: handler for %s failed", self.client_id, msg.topic)
-
+        cb = self._callback(handler)
         for f in topic_filters:
-            self.client.message_callback_add(f, _cb)
+            self.client.message_callback_add(f, cb)
         with self._lock:
             for f in topic_filters:
                 self._subs[f] = qos
