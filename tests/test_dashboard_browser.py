@@ -243,7 +243,11 @@ def test_dashboard_follows_a_live_session(mosquitto, tmp_path, browser) -> None:
         _, rounds = dep.run_session(ctl, rounds=6, min_devices=10, round_timeout_s=30)
         # the stream pushes the store's changes within half a second
         page.wait_for_function(f"document.querySelectorAll('{ROWS}').length === 6", timeout=10_000)
-        assert page.inner_text("#session-status") == "completed"
+        # the session's own record changes after its last round's: it may come a push later
+        page.wait_for_function(
+            "document.getElementById('session-status').textContent === 'completed'",
+            timeout=10_000,
+        )
         assert page.inner_text("#round-count").replace(" ", "") == "6/6"
         shown = float(page.inner_text("#accuracy"))
         assert shown == pytest.approx(rounds[-1].metrics["accuracy"], abs=1e-4)
