@@ -67,6 +67,7 @@ def _run_canonical_session(
     combiner_urls: Sequence[str],
     device_urls: Sequence[str],
     pool_urls: Sequence[str] = (),
+    n_rounds: int = ROUNDS,
 ) -> None:
     """Combiners, then devices, then the controller; a 20-round FedAvg session that must equal
     the reference run, with no device ever having to ask for a model (retained chunks found).
@@ -104,7 +105,7 @@ def _run_canonical_session(
         # a controller that starts last still sees every device and combiner
         assert len(ctl.presence.wait_for(N_DEVICES, 20)) == N_DEVICES
         config = SessionConfig(
-            rounds=ROUNDS,
+            rounds=n_rounds,
             min_devices=N_DEVICES,
             round_timeout_s=30,
             train={"lr": 0.1, "batch_size": 32},
@@ -119,13 +120,14 @@ def _run_canonical_session(
     elapsed = time.monotonic() - t0
 
     accs = completed_accuracies(rounds)
-    assert len(accs) == ROUNDS, [(r.round, r.status) for r in rounds]
-    assert abs(accs[-1] - CANONICAL_FINAL) <= 0.003
-    assert accs == pytest.approx(digits.reference_run(N_DEVICES, ROUNDS), abs=1e-9)
+    assert len(accs) == n_rounds, [(r.round, r.status) for r in rounds]
+    if n_rounds == ROUNDS:
+        assert abs(accs[-1] - CANONICAL_FINAL) <= 0.003
+    assert accs == pytest.approx(digits.reference_run(N_DEVICES, n_rounds), abs=1e-9)
     for rec in rounds:
         assert {p["region"] for p in rec.participants} == set(REGIONS)
         assert len(rec.participants) == N_DEVICES
-    assert completed == N_DEVICES * ROUNDS
+    assert completed == N_DEVICES * n_rounds
     if pool_urls:  # the pool shared its region's updates, none twice
         accepted = [m.stats["accepted"] for m in members]
         in_region = sum(1 for rec in rounds for p in rec.participants if p["region"] == REGIONS[0])
@@ -360,4 +362,5 @@ def test_combiner_pool_across_nats_nodes_reproduces_reference(
     """A pool needs no shared subscriptions, which NATS's MQTT gateway lacks: region-0's two
     members sit on nodes 1 and 2, its devices are spread over all three nodes."""
     urls = [f"{u}?broker=nats" for u in nats_cluster.urls]
-    _run_canonical_session(tmp_path, urls[0], urls[1:], urls, pool_urls=urls[1:])
+    # 8 rounds, each equal to the reference's (the 20-round run is the test above)
+    _run_canonical_session(tmp_path, urls[0], urls[1:], urls, pool_urls=urls[1:], n_rounds=8)

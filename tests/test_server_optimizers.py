@@ -12,8 +12,8 @@ from tests.harness import Deployment, completed_accuracies
 
 
 @pytest.mark.parametrize("aggregator", ["fedadam", "fedavgm"])
-def test_server_optimizer_reaches_fedavg_accuracy(broker_url, tmp_path, aggregator: str) -> None:
-    dep = Deployment(broker_url, tmp_path)
+def test_server_optimizer_reaches_fedavg_accuracy(mosquitto, tmp_path, aggregator: str) -> None:
+    dep = Deployment(mosquitto.url, tmp_path)
     try:
         dep.start_combiners(2)
         dep.start_fleet(10)

@@ -17,7 +17,17 @@ from tests.harness import Deployment, completed_accuracies
 
 
 @pytest.mark.slow
-def test_two_regions_reproduce_reference_20_devices(deployment) -> None:
+def test_two_regions_reproduce_reference_20_devices(mosquitto, tmp_path) -> None:
+    """On Mosquitto; the same 20-device, 2-region session on the embedded broker is the
+    demo's, which tests/test_demo_cli.py checks against the reference too."""
+    deployment = Deployment(mosquitto.url, tmp_path)
+    try:
+        _two_regions(deployment)
+    finally:
+        deployment.close()
+
+
+def _two_regions(deployment: Deployment) -> None:
     deployment.start_combiners(2)
     deployment.start_fleet(20)
     sink = JsonLinesSink(deployment.workdir / "telemetry.jsonl")
