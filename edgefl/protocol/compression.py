@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
@@ -139,7 +139,7 @@ class Sparse:
     values: np.ndarray
 
 
-Encoded = Dense | Sparse
+Encoded = Union[Dense, Sparse]  # not `|`: devices run Python 3.9
 
 
 def decode_delta(
